@@ -1,0 +1,32 @@
+# Everything runs from the project's own virtual environment, created on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MODEL ?= microsoft/kosmos-2-patch14-224
+TINY ?= .cache/tiny-kosmos2
+
+.PHONY: install test lint demo serve bench tiny clean
+
+install: $(STAMP)
+
+# A CPU build of torch where there is no NVIDIA GPU keeps the install small; the constraints pin what CI tested.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	command -v nvidia-smi >/dev/null 2>&1 || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m ruff check .
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+tiny: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m serve tiny $(TINY)
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info

@@ -1,0 +1,122 @@
+"""Image decoding, checks and the Kosmos-2 resize, on the CPU.
+
+``prepare_image(data)`` turns encoded bytes into the 224x224x3 uint8 array the model sees, made exactly as
+the Kosmos-2 processor makes it (every image squashed to 224x224 with PIL's bicubic filter, transparency
+composited on white), plus the original width and height for mapping boxes back. Normalization to the
+CLIP mean and standard deviation happens later, on the engine's device (``serve.engine.normalize_pixels``).
+
+Limits are checked from the header, before any pixel is decoded, so a decompression bomb costs nothing.
+Unlike the Hugging Face processor, the EXIF orientation is applied, so boxes match the image as viewers
+show it.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from serve.errors import InvalidImage, PayloadTooLarge
+
+SIZE = 224
+"""Side of the square model input."""
+
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+"""Encodings accepted; anything else is refused without trying other decoders."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an image may be: encoded size, decoded pixels, and shape."""
+
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 50_000_000
+    max_aspect_ratio: float = 50.0
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """The model input (224x224x3 uint8, RGB) and the original image's size."""
+
+    pixels: np.ndarray
+    width: int
+    height: int
+
+
+def prepare_image(data: bytes, limits: ImageLimits = ImageLimits()) -> PreparedImage:
+    """Decode, check and resize one encoded image; raises :class:`InvalidImage` or :class:`PayloadTooLarge`."""
+    if len(data) > limits.max_bytes:
+        raise PayloadTooLarge(f"the image is {len(data)} bytes; the limit is {limits.max_bytes}", param="image_url")
+    image = open_image(data, limits)
+    return PreparedImage(resize(to_rgb(image)), image.width, image.height)
+
+
+def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Decode the first frame after checking format and size from the header; EXIF orientation applied."""
+    if not data:
+        raise InvalidImage("the image is empty", param="image_url")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit below is ours
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except UnidentifiedImageError:
+        raise InvalidImage(
+            f"the data is not an image in a supported format ({', '.join(FORMATS)})", param="image_url"
+        ) from None
+    except Image.DecompressionBombError:
+        raise InvalidImage(
+            f"the image declares far more pixels than the limit of {limits.max_pixels}", param="image_url"
+        ) from None
+    except Exception as exc:  # a corrupt header can raise almost anything inside Pillow's plugins
+        raise InvalidImage(f"the image header cannot be read ({type(exc).__name__})", param="image_url") from None
+    check_size(image.width, image.height, limits)
+    try:
+        image.seek(0)
+        image.load()
+        return ImageOps.exif_transpose(image)
+    except Exception as exc:
+        raise InvalidImage(f"the image is truncated or corrupt ({exc})", param="image_url") from None
+
+
+def check_size(width: int, height: int, limits: ImageLimits) -> None:
+    """Refuse empty, over-large or extremely elongated images."""
+    if width < 1 or height < 1:
+        raise InvalidImage(f"the image is {width}x{height}; it has no pixels", param="image_url")
+    if width * height > limits.max_pixels:
+        raise InvalidImage(
+            f"the image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}",
+            param="image_url",
+        )
+    ratio = max(width, height) / min(width, height)
+    if ratio > limits.max_aspect_ratio:
+        raise InvalidImage(
+            f"the image is {width}x{height}, an aspect ratio of {ratio:.0f}:1; the limit is "
+            f"{limits.max_aspect_ratio:g}:1",
+            param="image_url",
+        )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB as the Kosmos-2 processor makes it: transparency on white; 16-bit and float scaled to 8 bits."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode != "F":
+            values = values / 257.0  # 16-bit range onto 8 bits
+        elif values.max(initial=0.0) <= 1.0:
+            values = values * 255.0  # float images in [0, 1]
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+    if "A" not in image.getbands() and image.info.get("transparency") is None:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def resize(image: Image.Image) -> np.ndarray:
+    """Squash to 224x224 with bicubic filtering, as the processor does (no aspect kept; its crop is a no-op)."""
+    return np.array(image.resize((SIZE, SIZE), Image.Resampling.BICUBIC), dtype=np.uint8)

@@ -1,0 +1,92 @@
+"""Loading Kosmos-2 (weights and processor) from a Hugging Face id or a local folder.
+
+``load_model("microsoft/kosmos-2-patch14-224")`` reads the checkpoint from a local folder, the Hugging Face
+cache, or the hub, in the dtype and on the device asked for (``auto``: float16 on CUDA, float32 on CPU).
+With ``load_format="dummy"`` the weights are random, drawn on the device, for benchmarking the real
+architecture where the checkpoint cannot be had (``python -m serve tiny DIR --real-size`` writes its config).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, Kosmos2ForConditionalGeneration, Kosmos2Processor
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "microsoft/kosmos-2-patch14-224"
+
+
+class ModelUnavailable(RuntimeError):
+    """The model cannot be loaded from anywhere this machine can reach."""
+
+
+@dataclass
+class LoadedModel:
+    """A Kosmos-2 model in eval mode, where it runs, and its processor."""
+
+    model: Kosmos2ForConditionalGeneration
+    processor: Kosmos2Processor
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` is float16 on CUDA (the precision Kosmos-2 was trained in) and float32 elsewhere."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in names:
+        raise ValueError(f"dtype must be one of auto, {', '.join(names)}; got {dtype!r}")
+    return names[dtype]
+
+
+def load_processor(model: str) -> Kosmos2Processor:
+    """The model's processor, with the PIL image backend so that every machine preprocesses alike."""
+    try:
+        return Kosmos2Processor.from_pretrained(model, backend="pil")
+    except OSError as exc:
+        raise _unavailable(model, exc) from None
+
+
+def load_model(
+    model: str = DEFAULT_MODEL, *, device: str = "auto", dtype: str = "auto", load_format: str = "auto"
+) -> LoadedModel:
+    """Load weights and processor; raises :class:`ModelUnavailable` with one sentence saying what to do."""
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
+    processor = load_processor(model)
+    try:
+        if load_format == "dummy":
+            config = AutoConfig.from_pretrained(model)
+            with torch.device(target):
+                network = Kosmos2ForConditionalGeneration._from_config(config, dtype=torch_dtype)
+        elif load_format == "auto":
+            network = Kosmos2ForConditionalGeneration.from_pretrained(model, dtype=torch_dtype).to(target)
+        else:
+            raise ValueError(f"load_format must be auto or dummy, got {load_format!r}")
+    except OSError as exc:
+        raise _unavailable(model, exc) from None
+    network.eval().requires_grad_(False)
+    log.info("loaded %s (%s weights) on %s in %s", model, load_format, target, torch_dtype)
+    return LoadedModel(network, processor, target, torch_dtype)
+
+
+def _unavailable(model: str, exc: OSError) -> ModelUnavailable:
+    if Path(model).is_dir():
+        return ModelUnavailable(f"the folder {model!r} does not hold a Kosmos-2 model and processor ({exc})")
+    return ModelUnavailable(
+        f"cannot load {model!r}: it is not a local folder, not in the Hugging Face cache, and the hub cannot be "
+        f"reached; download it where the hub is reachable, or serve the tiny offline model instead with "
+        f"`python -m serve tiny ./tiny-kosmos2 && python -m serve run --model ./tiny-kosmos2`"
+    )

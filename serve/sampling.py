@@ -1,0 +1,124 @@
+"""Per-request generation parameters and the choice of each next token, shared by both engine paths.
+
+Every request gets exactly its own parameters inside a batch: greedy or temperature/top-p sampling, a seed,
+a token limit and a no-repeat n-gram size. Sampling draws one uniform number per step from the request's own
+seeded generator and inverts the nucleus distribution with it, so a seeded request gives the same tokens
+whatever else shares its batch. Greedy rows without an n-gram ban take a vectorized path with no Python per
+row.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request. ``temperature`` 0 means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    no_repeat_ngram_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be at least 0, got {self.no_repeat_ngram_size}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class TokenChooser:
+    """The per-request state of token choice: the n-gram table and the seeded random stream."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int]) -> None:
+        self.params = params
+        self.history = [int(t) for t in prompt_ids]
+        self.n = params.no_repeat_ngram_size
+        self.ngrams: dict[tuple[int, ...], set[int]] = defaultdict(set)
+        if self.n:
+            for start in range(len(self.history) - self.n + 1):
+                self._record(start)
+        seed = params.seed if params.seed is not None else int(np.random.SeedSequence().entropy % 2**63)
+        self.random = np.random.Generator(np.random.Philox(seed))
+
+    @property
+    def simple(self) -> bool:
+        """Greedy with no ban: chosen by a plain argmax with the rest of the batch."""
+        return self.params.greedy and not self.n
+
+    def banned(self) -> list[int]:
+        """Tokens that would repeat an n-gram already in the sequence (prompt included, as transformers does)."""
+        if not self.n or len(self.history) < self.n - 1:
+            return []
+        prefix = tuple(self.history[len(self.history) - self.n + 1 :]) if self.n > 1 else ()
+        return list(self.ngrams.get(prefix, ()))
+
+    def append(self, token: int) -> None:
+        self.history.append(token)
+        if self.n and len(self.history) >= self.n:
+            self._record(len(self.history) - self.n)
+
+    def _record(self, start: int) -> None:
+        gram = self.history[start : start + self.n]
+        self.ngrams[tuple(gram[:-1])].add(gram[-1])
+
+
+def choose_tokens(logits: torch.Tensor, choosers: Sequence[TokenChooser]) -> list[int]:
+    """Next token of each row of ``logits`` (rows x vocabulary) under its request's parameters."""
+    tokens = logits.argmax(dim=-1)
+    special = [i for i, c in enumerate(choosers) if not c.simple]
+    if special:
+        rows = torch.tensor(special, device=logits.device)
+        tokens[rows] = _choose_special(logits[rows].float(), [choosers[i] for i in special])
+    return tokens.tolist()
+
+
+def _choose_special(logits: torch.Tensor, choosers: Sequence[TokenChooser]) -> torch.Tensor:
+    bans = [(row, token) for row, c in enumerate(choosers) for token in c.banned()]
+    if bans:
+        rows, cols = zip(*bans)
+        logits[list(rows), list(cols)] = -float("inf")
+    chosen = logits.argmax(dim=-1)
+    sampled = [row for row, c in enumerate(choosers) if not c.params.greedy]
+    if sampled:
+        temperature = torch.tensor([choosers[r].params.temperature for r in sampled], device=logits.device)
+        top_p = torch.tensor([choosers[r].params.top_p for r in sampled], device=logits.device)
+        uniform = torch.tensor([choosers[r].random.random() for r in sampled], device=logits.device)
+        chosen[sampled] = sample_nucleus(logits[sampled] / temperature[:, None], top_p, uniform)
+    return chosen
+
+
+def sample_nucleus(logits: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling from each row's top-p nucleus with the given uniform numbers in [0, 1).
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches ``top_p`` (at least one).
+
+    >>> logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    >>> sample_nucleus(logits, torch.tensor([1.0]), torch.tensor([0.6])).item()
+    1
+    >>> sample_nucleus(logits, torch.tensor([0.5]), torch.tensor([0.99])).item()  # nucleus is token 0 alone
+    0
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(before >= top_p[:, None], 0.0)
+    cumulative = sorted_probs.cumsum(dim=-1)
+    target = uniform[:, None] * cumulative[:, -1:]
+    index = torch.searchsorted(cumulative, target, right=True).clamp(max=probs.shape[-1] - 1)
+    return order.gather(-1, index).squeeze(-1)

@@ -1,0 +1,117 @@
+"""Token ids of prompts and clean, grounded text of answers: the tokenizer side of preprocessing.
+
+``TextCodec.encode`` builds exactly the ids the Kosmos-2 processor builds for an image and a prompt
+(``<s><image>`` 64 image slots ``</image>`` then the prompt); ``TextCodec.answer`` turns generated ids into the
+clean answer and its entities, as the processor's ``post_process_generation`` would on the whole sequence.
+``AnswerStream`` yields the same answer piece by piece while tokens arrive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from transformers import Kosmos2Processor
+
+from serve.grounding import TAG_PATTERN, Box, Entity, drop_prefix, extract_entities, to_pixels
+from serve.tasks import Prompt
+
+
+@dataclass(frozen=True)
+class GroundedEntity:
+    """An entity with its boxes both normalized and in the original image's pixels."""
+
+    phrase: str
+    span: tuple[int, int]
+    boxes: list[Box]
+    boxes_px: list[Box]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The clean text of an answer and its grounded entities."""
+
+    text: str
+    entities: list[GroundedEntity]
+
+
+class TextCodec:
+    """Prompt encoding and answer decoding with one model's tokenizer."""
+
+    def __init__(self, processor: Kosmos2Processor, image_tokens: int = 64) -> None:
+        self.tokenizer = processor.tokenizer
+        self.image_tokens = image_tokens
+        self.first_image_id = self.tokenizer.unk_token_id + 1
+        self._image_markup = " ".join([processor.boi_token] * (image_tokens + 1) + [processor.eoi_token])
+        self.eoi_id = self.tokenizer.convert_tokens_to_ids(processor.eoi_token)
+
+    def encode(self, prompt_text: str) -> np.ndarray:
+        """Prompt ids (int32) as the processor makes them for one image and this text."""
+        text = f"{self.tokenizer.bos_token}{self._image_markup} {prompt_text.strip()}"
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids[2 : 2 + self.image_tokens] = range(self.first_image_id, self.first_image_id + self.image_tokens)
+        return np.asarray(ids, dtype=np.int32)
+
+    def decode_after_image(self, prompt_ids: Sequence[int], generated: Sequence[int]) -> str:
+        """Text of the prompt after ``</image>`` and the generated ids, special tokens skipped."""
+        tail = list(prompt_ids[list(prompt_ids).index(self.eoi_id) + 1 :])
+        return self.tokenizer.decode(tail + list(generated), skip_special_tokens=True)
+
+    def answer(
+        self, prompt: Prompt, prompt_ids: Sequence[int], generated: Sequence[int], width: int, height: int
+    ) -> Answer:
+        """Clean text and entities of a finished generation, boxes also scaled to ``width`` x ``height``."""
+        clean, entities = extract_entities(self.decode_after_image(prompt_ids, generated))
+        if not prompt.echo:
+            clean, entities = drop_prefix(clean, entities, self.prompt_length(prompt_ids))
+        return Answer(clean, [ground(e, width, height) for e in entities])
+
+    def prompt_length(self, prompt_ids: Sequence[int]) -> int:
+        """Characters of the prompt's own clean text (what a non-echo answer leaves out)."""
+        return len(TAG_PATTERN.sub("", self.decode_after_image(prompt_ids, [])).strip())
+
+
+def ground(entity: Entity, width: int, height: int) -> GroundedEntity:
+    """Attach pixel boxes in the original image to an entity."""
+    return GroundedEntity(
+        entity.phrase, entity.span, entity.boxes, [to_pixels(box, width, height) for box in entity.boxes]
+    )
+
+
+class AnswerStream:
+    """Incremental clean text of an answer: each ``push`` returns the new text that is now certain.
+
+    Text stays held back while it could still change: trailing spaces (the final text is stripped) and
+    anything after an unclosed ``<`` (a tag could still close). The pieces joined equal ``Answer.text``.
+    """
+
+    def __init__(self, codec: TextCodec, prompt: Prompt, prompt_ids: Sequence[int]) -> None:
+        self.codec = codec
+        self.prompt_ids = list(prompt_ids)
+        self.generated: list[int] = []
+        self.skip = 0 if prompt.echo else codec.prompt_length(prompt_ids)
+        self.sent = 0
+
+    def push(self, tokens: Sequence[int]) -> str:
+        self.generated.extend(tokens)
+        raw = self.codec.decode_after_image(self.prompt_ids, self.generated)
+        opening = raw.rfind("<")
+        if opening > raw.rfind(">"):
+            raw = raw[:opening]
+        stable = _answer_text(TAG_PATTERN.sub("", raw), self.skip).rstrip()
+        return self._take(stable)
+
+    def finish(self, final_text: str) -> str:
+        """The rest of the answer, given the final clean text."""
+        return self._take(final_text)
+
+    def _take(self, text: str) -> str:
+        piece = text[self.sent :]
+        self.sent = max(self.sent, len(text))
+        return piece
+
+
+def _answer_text(clean: str, skip: int) -> str:
+    clean = clean.lstrip()
+    return clean[skip:].lstrip() if skip else clean

@@ -1,0 +1,52 @@
+"""Shared fixtures: the tiny Kosmos-2 built once per session, its codec and engine, and test images."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--real-model", default=None, help="path or id of the real Kosmos-2 checkpoint")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--real-model"):
+        return
+    skip = pytest.mark.skip(reason="needs the real checkpoint: pass --real-model PATH")
+    for item in items:
+        if "real_model" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory):
+    from serve.tiny import write_tiny
+
+    return write_tiny(tmp_path_factory.mktemp("tiny") / "kosmos2")
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_dir):
+    from serve.model import load_model
+
+    return load_model(str(tiny_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def codec(loaded):
+    from serve.text import TextCodec
+
+    return TextCodec(loaded.processor)
+
+
+@pytest.fixture(scope="session")
+def hf_engine(loaded):
+    from serve.engine import HFEngine
+
+    return HFEngine(loaded)

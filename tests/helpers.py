@@ -1,0 +1,26 @@
+"""Test images: smooth, photograph-like pictures in any format."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def photo(width: int = 320, height: int = 240, seed: int = 0) -> Image.Image:
+    """A smooth, photograph-like RGB test image (gradients and a disc, plus a little noise)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    cx, cy, r = rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.7) * height, min(width, height) / 4
+    disc = ((x - cx) ** 2 + (y - cy) ** 2 < r**2).astype(np.float32)
+    base = np.stack([x / width, y / height, 0.5 + 0.5 * np.sin(x / 17.0)], axis=-1) * 200
+    base += disc[..., None] * rng.uniform(-80, 80, size=3)
+    base += rng.normal(0, 6, size=base.shape)
+    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()

@@ -1,0 +1,55 @@
+"""The tiny model is reproducible and real; loading fails with one clear sentence when it must."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from serve.model import ModelUnavailable, load_model, resolve_dtype
+from serve.tiny import write_tiny
+
+
+def digests(directory) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+def test_tiny_is_byte_identical_and_small(tmp_path, tiny_dir):
+    again = write_tiny(tmp_path / "again")
+    assert digests(again) == digests(tiny_dir)
+    assert sum(p.stat().st_size for p in again.iterdir()) < 2_000_000
+
+
+def test_tiny_runs_the_real_code_paths(loaded):
+    processor, config = loaded.processor, loaded.model.config
+    assert type(processor).__name__ == "Kosmos2Processor"
+    assert config.latent_query_num == 64
+    assert len(processor.tokenizer) == config.text_config.vocab_size
+    vocab = processor.tokenizer.get_vocab()
+    assert "<phrase>" in vocab and "<patch_index_1023>" in vocab and "</delimiter_of_multi_objects/>" in vocab
+
+
+def test_unreachable_model_names_itself_and_the_way_out(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelUnavailable) as info:
+        load_model("microsoft/kosmos-2-does-not-exist", device="cpu")
+    message = str(info.value)
+    assert "microsoft/kosmos-2-does-not-exist" in message and "python -m serve tiny" in message
+
+
+def test_real_size_config_loads_with_dummy_weights_lazily(tmp_path):
+    from transformers import AutoConfig, Kosmos2Processor
+
+    directory = write_tiny(tmp_path / "real", real_size=True)
+    config = AutoConfig.from_pretrained(directory)
+    assert (config.text_config.layers, config.text_config.embed_dim, config.text_config.vocab_size) == (24, 2048, 65037)
+    assert len(Kosmos2Processor.from_pretrained(directory).tokenizer) == 65037
+
+
+def test_dtype_choices():
+    import torch
+
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    with pytest.raises(ValueError):
+        resolve_dtype("float8", torch.device("cpu"))

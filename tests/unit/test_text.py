@@ -1,0 +1,72 @@
+"""Prompt ids equal the processor's; answers equal its post-processing; streamed pieces add up to the answer."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve.tasks import Task, build_prompt
+from serve.text import AnswerStream
+from tests.helpers import photo
+
+PROMPTS = [
+    (Task.CAPTION, None, None),
+    (Task.DETAILED_CAPTION, None, None),
+    (Task.VQA, "What colour is the car on the left?", None),
+    (Task.GROUND, "the small red circle", None),
+    (Task.DESCRIBE_REGION, None, (0.1, 0.2, 0.6, 0.9)),
+    (Task.RAW, "<grounding> An image of<phrase> a dog</phrase>", None),
+    (Task.VQA, "Ünïcödé and emoji 🙂 — what?", None),
+]
+
+
+@pytest.mark.parametrize(("task", "text", "region"), PROMPTS)
+def test_encode_equals_processor(codec, loaded, task, text, region):
+    prompt = build_prompt(task, text, region)
+    expected = loaded.processor(text=prompt.text, images=photo(), return_tensors="pt")
+    ids = codec.encode(prompt.text)
+    assert ids.tolist() == expected["input_ids"][0].tolist()
+    assert expected["image_embeds_position_mask"][0].nonzero().flatten().tolist() == list(range(2, 66))
+
+
+GENERATED = [
+    "<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863></object> warming himself by"
+    "<phrase> a fire</phrase><object><patch_index_0005><patch_index_0911></object>.",
+    "<object><patch_index_0000><patch_index_1023></object> sits there",
+    " a dog and a cat",
+]
+
+
+@pytest.mark.parametrize("generated", GENERATED)
+@pytest.mark.parametrize(("task", "text", "region"), PROMPTS[:5])
+def test_answer_equals_processor_post_processing(codec, loaded, task, text, region, generated):
+    processor = loaded.processor
+    prompt = build_prompt(task, text, region)
+    prompt_ids = codec.encode(prompt.text).tolist()
+    new_ids = processor.tokenizer(generated, add_special_tokens=False)["input_ids"]
+    answer = codec.answer(prompt, prompt_ids, new_ids + [2], 640, 480)
+    full = processor.batch_decode([prompt_ids + new_ids + [2]], skip_special_tokens=True)[0]
+    clean, entities = processor.post_process_generation(full)
+    if not prompt.echo:  # the answer leaves out the prompt's own words (the question, the instruction)
+        cut = len(processor.post_process_generation(processor.decode(prompt_ids, skip_special_tokens=True))[0])
+        shift = cut + len(clean[cut:]) - len(clean[cut:].lstrip())
+        clean = clean[shift:]
+        entities = [(name, (s - shift, e - shift), boxes) for name, (s, e), boxes in entities if s >= shift]
+    assert answer.text == clean
+    for ours, (name, span, boxes) in zip(answer.entities, entities, strict=True):
+        assert (ours.span, ours.boxes) == (span, boxes)
+        assert ours.phrase == ("" if name.startswith("<patch_index_") else name)
+        assert ours.boxes_px == [(x1 * 640, y1 * 480, x2 * 640, y2 * 480) for x1, y1, x2, y2 in boxes]
+
+
+@pytest.mark.parametrize("generated", GENERATED)
+@pytest.mark.parametrize(("task", "text", "region"), PROMPTS[:5])
+def test_stream_adds_up_to_the_answer(codec, loaded, task, text, region, generated):
+    prompt = build_prompt(task, text, region)
+    prompt_ids = codec.encode(prompt.text).tolist()
+    new_ids = loaded.processor.tokenizer(generated, add_special_tokens=False)["input_ids"]
+    stream = AnswerStream(codec, prompt, prompt_ids)
+    pieces = [stream.push([token]) for token in new_ids]
+    final = codec.answer(prompt, prompt_ids, new_ids, 100, 100).text
+    pieces.append(stream.finish(final))
+    assert "".join(pieces) == final
+    assert sum(1 for p in pieces if p) > 1 or len(final.split()) <= 1
