@@ -1,6 +1,6 @@
 """Image decoding, checks and the Kosmos-2 resize, on the CPU.
 
-``prepare_image(data)`` turns encoded bytes into the 224x224x3 uint8 array the model sees, made exactly as
+``prepare_image(data, limits)`` turns encoded bytes into the 224x224x3 uint8 array the model sees, made exactly as
 the Kosmos-2 processor makes it (every image squashed to 224x224 with PIL's bicubic filter, transparency
 composited on white), plus the original width and height for mapping boxes back. Normalization to the
 CLIP mean and standard deviation happens later, on the engine's device (``serve.engine.normalize_pixels``).
@@ -30,11 +30,11 @@ FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """What an image may be: encoded size, decoded pixels, and shape."""
+    """What an image may be: encoded size, decoded pixels, and shape (``LimitsConfig.image_limits()``)."""
 
-    max_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 50_000_000
-    max_aspect_ratio: float = 50.0
+    max_bytes: int
+    max_pixels: int
+    max_aspect_ratio: float
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class PreparedImage:
     height: int
 
 
-def prepare_image(data: bytes, limits: ImageLimits = ImageLimits()) -> PreparedImage:
+def prepare_image(data: bytes, limits: ImageLimits) -> PreparedImage:
     """Decode, check and resize one encoded image; raises :class:`InvalidImage` or :class:`PayloadTooLarge`."""
     if len(data) > limits.max_bytes:
         raise PayloadTooLarge(f"the image is {len(data)} bytes; the limit is {limits.max_bytes}", param="image_url")

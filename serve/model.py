@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, Kosmos2ForConditionalGeneration, Kosmos2Processor
 
-log = logging.getLogger(__name__)
+from serve.config import DEFAULT_MODEL
 
-DEFAULT_MODEL = "microsoft/kosmos-2-patch14-224"
+log = logging.getLogger(__name__)
 
 
 class ModelUnavailable(RuntimeError):

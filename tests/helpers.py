@@ -7,6 +7,11 @@ import io
 import numpy as np
 from PIL import Image
 
+from serve.config import LimitsConfig
+
+LIMITS = LimitsConfig().image_limits()
+"""The service's default image limits."""
+
 
 def photo(width: int = 320, height: int = 240, seed: int = 0) -> Image.Image:
     """A smooth, photograph-like RGB test image (gradients and a disc, plus a little noise)."""

@@ -11,7 +11,7 @@ from serve.engine import GenerationRequest, normalize_pixels
 from serve.images import prepare_image
 from serve.sampling import SamplingParams
 from serve.tasks import Task, build_prompt
-from tests.helpers import encode, photo
+from tests.helpers import LIMITS, encode, photo
 
 QUESTIONS = [
     "what is this?",
@@ -31,7 +31,7 @@ def make_requests(codec, params: list[SamplingParams]) -> list[GenerationRequest
         question = QUESTIONS[i % len(QUESTIONS)]
         task = Task.CAPTION if i % 3 == 2 else Task.VQA
         prompt = build_prompt(task, None if task is Task.CAPTION else question)
-        pixels = prepare_image(encode(photo(200 + 10 * i, 150, seed=i))).pixels
+        pixels = prepare_image(encode(photo(200 + 10 * i, 150, seed=i)), LIMITS).pixels
         requests.append(GenerationRequest(pixels, codec.encode(prompt.text), p))
     return requests
 
@@ -63,7 +63,7 @@ def test_batches_equal_requests_alone(hf_engine, greedy_requests, alone, size):
 def test_alone_equals_transformers_generate(loaded, hf_engine, codec):
     """One request at a time, where transformers is right, our loop reproduces ``generate`` exactly."""
     for i, question in enumerate(QUESTIONS[:4]):
-        image = Image.fromarray(prepare_image(encode(photo(seed=i))).pixels)
+        image = Image.fromarray(prepare_image(encode(photo(seed=i)), LIMITS).pixels)
         prompt = build_prompt(Task.VQA, question)
         for ngram in (0, 3):
             inputs = loaded.processor(text=prompt.text, images=image, return_tensors="pt")

@@ -14,7 +14,7 @@ from PIL import Image, ImageFile
 from serve.engine import ModelGeometry, normalize_pixels
 from serve.errors import InvalidImage, PayloadTooLarge
 from serve.images import ImageLimits, prepare_image
-from tests.helpers import encode, photo
+from tests.helpers import LIMITS, encode, photo
 
 
 def hf_pixels(loaded, image: Image.Image) -> torch.Tensor:
@@ -22,7 +22,7 @@ def hf_pixels(loaded, image: Image.Image) -> torch.Tensor:
 
 
 def our_pixels(loaded, data: bytes) -> torch.Tensor:
-    prepared = prepare_image(data)
+    prepared = prepare_image(data, LIMITS)
     batch = torch.from_numpy(prepared.pixels[None])
     return normalize_pixels(batch, ModelGeometry(loaded), torch.float32)[0]
 
@@ -57,31 +57,31 @@ def test_pixels_equal_processor(loaded, name):
     ours = our_pixels(loaded, data)
     assert ours.shape == expected.shape == (3, 224, 224)
     assert torch.allclose(ours, expected, atol=1e-5, rtol=0), (ours - expected).abs().max()
-    prepared = prepare_image(data)
+    prepared = prepare_image(data, LIMITS)
     assert (prepared.width, prepared.height) == decoded.size
     assert prepared.pixels.dtype == np.uint8 and prepared.pixels.shape == (224, 224, 3)
 
 
 def test_cmyk_and_16_bit_are_converted():
-    cmyk = prepare_image(encode(photo(64, 48).convert("CMYK"), "JPEG"))
+    cmyk = prepare_image(encode(photo(64, 48).convert("CMYK"), "JPEG"), LIMITS)
     assert cmyk.pixels.shape == (224, 224, 3) and (cmyk.width, cmyk.height) == (64, 48)
     deep = np.full((40, 50), 65535, dtype=np.uint16)
     deep[:, :25] = 257 * 100
-    sixteen = prepare_image(encode(Image.fromarray(deep), "PNG"))
+    sixteen = prepare_image(encode(Image.fromarray(deep), "PNG"), LIMITS)
     assert sixteen.pixels[:, 0].tolist() == [[100, 100, 100]] * 224
     assert sixteen.pixels[:, -1].tolist() == [[255, 255, 255]] * 224
 
 
 def test_transparency_is_composited_on_white():
     clear = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
-    assert prepare_image(encode(clear, "PNG")).pixels.min() == 255
+    assert prepare_image(encode(clear, "PNG"), LIMITS).pixels.min() == 255
 
 
 def test_animated_gif_uses_first_frame():
     frames = [Image.new("RGB", (32, 32), colour) for colour in [(255, 0, 0), (0, 0, 255)]]
     buffer = io.BytesIO()
     frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
-    pixels = prepare_image(buffer.getvalue()).pixels
+    pixels = prepare_image(buffer.getvalue(), LIMITS).pixels
     assert pixels[..., 0].min() > 200 and pixels[..., 2].max() < 50
 
 
@@ -89,7 +89,7 @@ def test_exif_orientation_is_applied():
     image = photo(80, 40)
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
-    prepared = prepare_image(encode(image, "JPEG", exif=exif))
+    prepared = prepare_image(encode(image, "JPEG", exif=exif), LIMITS)
     assert (prepared.width, prepared.height) == (40, 80)
 
 
@@ -106,7 +106,7 @@ def test_exif_orientation_is_applied():
 )
 def test_bad_bytes_are_refused(data):
     with pytest.raises(InvalidImage):
-        prepare_image(data)
+        prepare_image(data, LIMITS)
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -129,7 +129,7 @@ def test_bombs_are_refused_before_decoding(monkeypatch):
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     for width, height in [(100_000, 100_000), (10_000, 6_000), (60_000, 60)]:
         with pytest.raises(InvalidImage) as info:
-            prepare_image(png_header(width, height))
+            prepare_image(png_header(width, height), LIMITS)
         assert "limit" in info.value.message
     with pytest.raises(PayloadTooLarge):
-        prepare_image(b"x" * 101, ImageLimits(max_bytes=100))
+        prepare_image(b"x" * 101, ImageLimits(max_bytes=100, max_pixels=10**6, max_aspect_ratio=50))

@@ -1,0 +1,187 @@
+"""A small async client for this service's API, used by bench, eval and the tests.
+
+It builds requests (image as a data URI, task, text, region, sampling fields) and parses answers with their
+entities, so no one writes request JSON twice. Errors come back as :class:`APIError` with the envelope's
+fields. For the official ``openai`` SDK, see the README and ``serve/demo.py``.
+
+    >>> chat_request(b"\\x89PNG...", task="ground", text="the dog")["task"]
+    'ground'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+MIME_BY_MAGIC = {
+    b"\x89PNG": "image/png",
+    b"\xff\xd8": "image/jpeg",
+    b"GIF8": "image/gif",
+    b"RIFF": "image/webp",
+    b"BM": "image/bmp",
+}
+
+
+class APIError(Exception):
+    """An error answer from the service (the OpenAI envelope), or a transport failure (status 0)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "",
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(f"{status} {type}: {message}")
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.retry_after = retry_after
+
+
+@dataclass
+class Completion:
+    """A parsed chat completion: the answer, its entities and the server's token counts."""
+
+    content: str
+    entities: list[dict[str, Any]]
+    finish_reason: str
+    usage: dict[str, int]
+    raw: dict[str, Any] = field(repr=False)
+
+
+def image_data_uri(image: bytes | str | Path) -> str:
+    """A data URI for encoded image bytes or a file."""
+    data = image if isinstance(image, bytes) else Path(image).read_bytes()
+    mime = next((m for magic, m in MIME_BY_MAGIC.items() if data.startswith(magic)), "application/octet-stream")
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def chat_request(
+    image: bytes | str | Path,
+    *,
+    task: str | None = None,
+    text: str | None = None,
+    region: list[float] | tuple[float, ...] | None = None,
+    model: str | None = None,
+    stream: bool = False,
+    **params: Any,
+) -> dict[str, Any]:
+    """The JSON body of a chat completion; ``params`` are fields such as max_tokens, temperature, seed."""
+    content: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": image_data_uri(image)}}]
+    if text is not None:
+        content.append({"type": "text", "text": text})
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": content}], "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    extras = {"model": model, "task": task, "region": list(region) if region is not None else None, **params}
+    body.update({k: v for k, v in extras.items() if v is not None})
+    return body
+
+
+def raise_for_error(response: httpx.Response, body: bytes) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        error = json.loads(body)["error"]
+    except (ValueError, KeyError, TypeError):
+        error = {"message": body.decode(errors="replace")[:500], "type": ""}
+    retry = response.headers.get("retry-after")
+    raise APIError(
+        response.status_code,
+        error.get("message", ""),
+        error.get("type", ""),
+        error.get("param"),
+        error.get("code"),
+        float(retry) if retry else None,
+    )
+
+
+class KosmosClient:
+    """Async client for one service URL; use ``async with KosmosClient(url) as client``."""
+
+    def __init__(
+        self, base_url: str, *, api_key: str | None = None, timeout: float = 120.0, max_connections: int = 256
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            headers=headers,
+            timeout=timeout,
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+
+    async def __aenter__(self) -> KosmosClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.http.aclose()
+
+    async def post(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST a chat completion body and return the JSON answer; raises :class:`APIError`."""
+        try:
+            response = await self.http.post("/v1/chat/completions", json=body)
+        except httpx.HTTPError as exc:
+            raise APIError(0, f"{type(exc).__name__}: {exc}", "transport") from exc
+        raise_for_error(response, response.content)
+        return response.json()
+
+    async def complete(self, image: bytes | str | Path, **kwargs: Any) -> Completion:
+        """One completion; keyword arguments as for :func:`chat_request`."""
+        raw = await self.post(chat_request(image, **kwargs))
+        choice = raw["choices"][0]
+        return Completion(
+            choice["message"]["content"],
+            choice["message"].get("entities", []),
+            choice["finish_reason"],
+            raw["usage"],
+            raw,
+        )
+
+    async def stream(self, image: bytes | str | Path, **kwargs: Any) -> AsyncIterator[dict[str, Any]]:
+        """Yield the chunks of a streamed completion (the usage chunk last); raises :class:`APIError`."""
+        body = chat_request(image, stream=True, **kwargs)
+        try:
+            async with self.http.stream("POST", "/v1/chat/completions", json=body) as response:
+                if response.status_code >= 400:
+                    raise_for_error(response, await response.aread())
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    payload = line.removeprefix("data: ")
+                    if payload == "[DONE]":
+                        return
+                    chunk = json.loads(payload)
+                    if "error" in chunk:
+                        error = chunk["error"]
+                        raise APIError(500, error.get("message", ""), error.get("type", ""), code=error.get("code"))
+                    yield chunk
+        except httpx.HTTPError as exc:
+            raise APIError(0, f"{type(exc).__name__}: {exc}", "transport") from exc
+        raise APIError(0, "the stream ended without [DONE]", "transport")
+
+    async def models(self) -> list[str]:
+        response = await self.http.get("/v1/models")
+        raise_for_error(response, response.content)
+        return [card["id"] for card in response.json()["data"]]
+
+    async def wait_ready(self, timeout: float = 120.0) -> None:
+        """Wait until ``/health`` answers 200; raises ``TimeoutError``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if (await self.http.get("/health", timeout=5.0)).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.http.base_url} was not ready within {timeout:.0f} s")
+            await asyncio.sleep(0.5)

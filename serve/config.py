@@ -1,0 +1,168 @@
+"""The one typed configuration of the service, checked when it is built.
+
+Every knob lives here, with its default: the model, the engine, request limits, HTTP, and each deployment's
+resources, queue bounds and autoscaling. ``serve.app.build_app`` turns a ``ServiceConfig`` into the bound
+Serve application; a Serve config file passes the same fields as the application's ``args``
+(``configs/local.yaml``). Unknown or ill-typed fields are refused with a message naming the field.
+
+    >>> ServiceConfig().served_model_name
+    'kosmos-2-patch14-224'
+    >>> ServiceConfig.model_validate({"engine": {"max_batch_size": 0}})
+    Traceback (most recent call last):
+    ...
+    serve.config.ConfigError: engine.max_batch_size: Input should be greater than or equal to 1
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from serve.images import ImageLimits
+
+DEFAULT_MODEL = "microsoft/kosmos-2-patch14-224"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the field and what is wrong."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AutoscalingConfig(_Strict):
+    """Serve's autoscaling for one deployment (``min_replicas == max_replicas`` fixes the count)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+    look_back_period_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class DeploymentConfig(_Strict):
+    """Resources and queue bounds of one deployment's replicas."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_queued_requests: int = Field(-1, ge=-1, description="-1: unbounded")
+    autoscaling: AutoscalingConfig = AutoscalingConfig()
+
+
+class ModelConfig(_Strict):
+    source: str = Field(DEFAULT_MODEL, description="Hugging Face id or local folder")
+    served_name: str | None = Field(None, description="the id clients send as 'model'; default: the folder name")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: str = "auto"
+    load_format: Literal["auto", "dummy"] = Field("auto", description="dummy: random weights, for benchmarks")
+
+
+class EngineConfig(_Strict):
+    """Generation: which engine, how many sequences at once, and how long they may be."""
+
+    kind: Literal["fast", "hf"] = Field("fast", description="fast: continuous batching; hf: the reference")
+    max_batch_size: int = Field(64, ge=1, le=1024)
+    max_seq_len: int = Field(256, ge=96, le=2048, description="prompt (about 70 tokens) plus answer")
+    cuda_graphs: bool = True
+    batch_wait_s: float = Field(0.005, ge=0, description="hf engine: how long to gather a batch")
+
+
+class LimitsConfig(_Strict):
+    """What one request may ask for."""
+
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_image_bytes: int = Field(12 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(50_000_000, ge=1)
+    max_aspect_ratio: float = Field(50.0, ge=1)
+    default_max_tokens: int = Field(64, ge=1)
+    request_timeout_s: float = Field(120.0, gt=0)
+
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(self.max_image_bytes, self.max_image_pixels, self.max_aspect_ratio)
+
+
+class HTTPConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    allow_remote_images: bool = False
+    remote_image_hosts: list[str] = Field(default_factory=list, description="allowed hosts; empty: any public")
+    remote_image_timeout_s: float = Field(10.0, gt=0)
+    api_keys_env: str = Field("KOSMOS_API_KEYS", description="comma-separated keys; unset: no auth")
+    api_keys_file: str | None = Field(None, description="one key a line")
+
+
+def _default_generator() -> DeploymentConfig:
+    return DeploymentConfig(num_cpus=1, num_gpus=1, max_ongoing_requests=512)
+
+
+class ServiceConfig(_Strict):
+    """Everything the service needs; build it with ``ServiceConfig.model_validate(dict)`` or ``load_config``."""
+
+    model: ModelConfig = ModelConfig()
+    engine: EngineConfig = EngineConfig()
+    limits: LimitsConfig = LimitsConfig()
+    http: HTTPConfig = HTTPConfig()
+    ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.5, max_ongoing_requests=512)
+    preprocessor: DeploymentConfig = DeploymentConfig(num_cpus=1, max_ongoing_requests=32)
+    generator: DeploymentConfig = Field(default_factory=_default_generator)
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> ServiceConfig:  # type: ignore[override]
+        try:
+            return super().model_validate(obj or {}, **kwargs)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc)) from None
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model.served_name or Path(self.model.source.rstrip("/")).name
+
+    def api_keys(self) -> frozenset[str]:
+        """Keys from the environment variable and the file; empty when auth is off."""
+        keys = {k.strip() for k in os.environ.get(self.http.api_keys_env, "").split(",") if k.strip()}
+        if self.http.api_keys_file:
+            lines = Path(self.http.api_keys_file).read_text().splitlines()
+            keys |= {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+        return frozenset(keys)
+
+
+def _describe(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in error['loc']) or 'config'}: {error['msg'].removeprefix('Value error, ')}"
+        for error in exc.errors()
+    )
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> ServiceConfig:
+    """A config from a YAML file (plain fields, or a Serve config file's first application ``args``)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if "applications" in loaded:
+            loaded = loaded["applications"][0].get("args", {})
+        data = loaded
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition("__")
+        data.setdefault(section, {})[key] = value
+    return ServiceConfig.model_validate(data)
