@@ -3,6 +3,10 @@
 The engine knows nothing of HTTP, Ray or tokenization: it takes 224x224 uint8 pixels, prompt token ids and
 sampling parameters, and returns token ids. Two paths implement it:
 
+Both take requests with :meth:`Engine.submit` and a :class:`Sink` that receives tokens and the result, and do
+their work in :meth:`Engine.step`, so one thread can drive either (``serve.engine_loop``); ``generate`` runs a
+list of requests to completion, for tests and benchmarks.
+
 - :class:`HFEngine` (here): the Hugging Face modules with a dynamic cache, one static batch at a time. It is
   the reference the fast path is tested against, and the fallback. It fixes a defect of transformers'
   Kosmos-2 batched generation, which derives position ids from the cache length, so every left-padded row
@@ -15,20 +19,23 @@ Run a quick check against the tiny model with ``python -m serve tiny /tmp/tiny``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import itertools
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 from transformers import DynamicCache
 
+from serve.config import EngineConfig
+from serve.errors import InvalidRequest
 from serve.model import LoadedModel
 from serve.sampling import SamplingParams, TokenChooser, choose_tokens
 
 FinishReason = Literal["stop", "length"]
-TokenCallback = Callable[[int, list[int]], None]
-"""Called with (request index, new token ids) as tokens are generated, for streaming."""
 
 
 @dataclass
@@ -84,32 +91,131 @@ def encode_images(loaded: LoadedModel, geometry: ModelGeometry, pixels: Sequence
     return model.image_to_text_projection(features)[0]
 
 
-class HFEngine:
-    """The reference path: a static batch through the Hugging Face modules with correct position ids."""
+class Sink(Protocol):
+    """Where an engine delivers one request's tokens (when ``streaming``) and its end."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    streaming: bool
+
+    def tokens(self, token_ids: list[int]) -> None: ...
+
+    def finish(self, result: GenerationResult) -> None: ...
+
+    def fail(self, error: BaseException) -> None: ...
+
+
+class Collector:
+    """A sink that keeps the result, for :meth:`Engine.generate`."""
+
+    streaming = False
+
+    def __init__(self) -> None:
+        self.result: GenerationResult | None = None
+        self.error: BaseException | None = None
+
+    def tokens(self, token_ids: list[int]) -> None:
+        pass
+
+    def finish(self, result: GenerationResult) -> None:
+        self.result = result
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+
+
+@dataclass
+class Pending:
+    """A submitted request waiting for the engine."""
+
+    id: int
+    request: GenerationRequest
+    sink: Sink
+
+
+class Engine(ABC):
+    """Requests in, tokens out: the queue and checks both engine paths share."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
         self.loaded = loaded
+        self.config = config
         self.geometry = ModelGeometry(loaded)
+        self.waiting: deque[Pending] = deque()
+        self._ids = itertools.count()
+
+    def check(self, request: GenerationRequest) -> None:
+        """Refuse a request the engine cannot run, with a message for the client."""
+        if request.pixels.shape != (224, 224, 3) or request.pixels.dtype != np.uint8:
+            raise InvalidRequest(f"pixels must be 224x224x3 uint8, got {request.pixels.shape} {request.pixels.dtype}")
+        end = request.image_offset + self.geometry.image_tokens
+        if request.prompt_ids.ndim != 1 or len(request.prompt_ids) < end:
+            raise InvalidRequest("the prompt has no room for the image tokens")
+        total = len(request.prompt_ids) + request.params.max_new_tokens
+        if total > self.config.max_seq_len:
+            raise InvalidRequest(
+                f"the prompt ({len(request.prompt_ids)} tokens, 64 of them the image) plus max_tokens "
+                f"({request.params.max_new_tokens}) exceeds the {self.config.max_seq_len} tokens a sequence may hold",
+                param="max_tokens",
+            )
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> int:
+        """Queue a request; returns its id (for :meth:`cancel`). Raises :class:`InvalidRequest`."""
+        self.check(request)
+        pending = Pending(next(self._ids), request, sink)
+        self.waiting.append(pending)
+        return pending.id
+
+    def cancel(self, request_id: int) -> None:
+        """Drop a request that is waiting (subclasses also stop running ones)."""
+        self.waiting = deque(p for p in self.waiting if p.id != request_id)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting)
+
+    @abstractmethod
+    def step(self) -> None:
+        """Do the next unit of work: deliver tokens and results to the sinks."""
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Run ``requests`` to completion and return their results in order."""
+        sinks = [Collector() for _ in requests]
+        for request, sink in zip(requests, sinks):
+            self.submit(request, sink)
+        while self.has_work:
+            self.step()
+        for sink in sinks:
+            if sink.error is not None:
+                raise sink.error
+        return [sink.result for sink in sinks]
+
+
+class HFEngine(Engine):
+    """The reference path: static batches through the Hugging Face modules, with correct position ids."""
+
+    def step(self) -> None:
+        batch = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.config.max_batch_size))]
+        try:
+            results = self.run_batch([p.request for p in batch], [p.sink for p in batch])
+        except Exception as exc:  # e.g. out of memory: fail this batch, keep serving
+            for pending in batch:
+                pending.sink.fail(exc)
+            return
+        for pending, result in zip(batch, results):
+            pending.sink.finish(result)
 
     @torch.inference_mode()
-    def generate(
-        self, requests: Sequence[GenerationRequest], on_tokens: TokenCallback | None = None
-    ) -> list[GenerationResult]:
+    def run_batch(self, requests: Sequence[GenerationRequest], sinks: Sequence[Sink]) -> list[GenerationResult]:
         """Generate for every request in one batch; each gets exactly its own parameters."""
-        if not requests:
-            return []
         device, geometry = self.loaded.device, self.geometry
         text_model = self.loaded.model.text_model
         image_embeds = encode_images(self.loaded, geometry, [r.pixels for r in requests])
         input_ids, attention, image_mask = self._left_pad(requests)
-        positions = self._positions(attention)
         cache = DynamicCache(config=text_model.config)
         out = text_model(
             input_ids=input_ids,
             attention_mask=attention,
             image_embeds=image_embeds,
             image_embeds_position_mask=image_mask,
-            position_ids=positions,
+            position_ids=self._positions(attention),
             past_key_values=cache,
             use_cache=True,
         )
@@ -127,8 +233,8 @@ class HFEngine:
                     finish[i] = "stop"
                     continue
                 generated[i].append(token)
-                if on_tokens is not None:
-                    on_tokens(i, [token])
+                if sinks[i].streaming:
+                    sinks[i].tokens([token])
                 if len(generated[i]) >= requests[i].params.max_new_tokens:
                     finish[i] = "length"
             if all(reason is not None for reason in finish):
@@ -162,12 +268,17 @@ class HFEngine:
             start = pad + request.image_offset
             image_mask[row, start : start + self.geometry.image_tokens] = True
         device = self.loaded.device
-        return (
-            torch.from_numpy(ids).to(device),
-            torch.from_numpy(attention).to(device),
-            torch.from_numpy(image_mask).to(device),
-        )
+        return tuple(torch.from_numpy(a).to(device) for a in (ids, attention, image_mask))
 
     def _positions(self, attention: torch.Tensor) -> torch.Tensor:
         """Kosmos-2 positions: real tokens count from pad id + 1; padding sits on the pad id (a zero vector)."""
         return (attention.cumsum(dim=1) * attention + self.geometry.pad_id).long()
+
+
+def build_engine(loaded: LoadedModel, config: EngineConfig) -> Engine:
+    """The engine ``config.kind`` names, around a loaded model."""
+    if config.kind == "hf":
+        return HFEngine(loaded, config)
+    from serve.fastpath import FastEngine
+
+    return FastEngine(loaded, config)

@@ -84,11 +84,12 @@ def choose_tokens(logits: torch.Tensor, choosers: Sequence[TokenChooser]) -> lis
     special = [i for i, c in enumerate(choosers) if not c.simple]
     if special:
         rows = torch.tensor(special, device=logits.device)
-        tokens[rows] = _choose_special(logits[rows].float(), [choosers[i] for i in special])
+        tokens[rows] = choose_special(logits[rows].float(), [choosers[i] for i in special])
     return tokens.tolist()
 
 
-def _choose_special(logits: torch.Tensor, choosers: Sequence[TokenChooser]) -> torch.Tensor:
+def choose_special(logits: torch.Tensor, choosers: Sequence[TokenChooser]) -> torch.Tensor:
+    """Next tokens of rows that ban n-grams or sample (``logits`` is modified in place)."""
     bans = [(row, token) for row, c in enumerate(choosers) for token in c.banned()]
     if bans:
         rows, cols = zip(*bans)

@@ -47,6 +47,7 @@ def codec(loaded):
 
 @pytest.fixture(scope="session")
 def hf_engine(loaded):
+    from serve.config import EngineConfig
     from serve.engine import HFEngine
 
-    return HFEngine(loaded)
+    return HFEngine(loaded, EngineConfig(kind="hf", max_batch_size=8))

@@ -126,7 +126,30 @@ def test_mixed_parameters_in_one_batch(hf_engine, codec):
             assert len(result.token_ids) == request.params.max_new_tokens
 
 
-def test_streaming_callback_sees_every_token(hf_engine, greedy_requests, alone):
-    seen: dict[int, list[int]] = {}
-    hf_engine.generate(greedy_requests, on_tokens=lambda i, tokens: seen.setdefault(i, []).extend(tokens))
-    assert [seen.get(i, []) for i in range(8)] == [a.token_ids for a in alone]
+class Recorder:
+    """A streaming sink that records every token it is given."""
+
+    streaming = True
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+        self.result = None
+
+    def tokens(self, token_ids):
+        self.seen.extend(token_ids)
+
+    def finish(self, result):
+        self.result = result
+
+    def fail(self, error):
+        raise error
+
+
+def test_streaming_sinks_see_every_token(hf_engine, greedy_requests, alone):
+    sinks = [Recorder() for _ in greedy_requests]
+    for request, sink in zip(greedy_requests, sinks):
+        hf_engine.submit(request, sink)
+    while hf_engine.has_work:
+        hf_engine.step()
+    assert [s.seen for s in sinks] == [a.token_ids for a in alone]
+    assert [s.result for s in sinks] == alone

@@ -1,0 +1,109 @@
+"""The fast engine on the tiny model in float32 on the CPU: exactly the reference engine's tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from serve.config import EngineConfig
+from serve.engine import GenerationRequest, build_engine
+from serve.errors import InvalidRequest
+from serve.fastpath import FastEngine
+from serve.images import prepare_image
+from serve.sampling import SamplingParams
+from serve.tasks import Task, build_prompt
+from tests.helpers import LIMITS, encode, photo
+from tests.integration.test_hf_engine import QUESTIONS, Recorder
+
+
+def requests_for(codec, params: list[SamplingParams]) -> list[GenerationRequest]:
+    out = []
+    for i, p in enumerate(params):
+        task = [Task.VQA, Task.GROUND, Task.CAPTION, Task.DETAILED_CAPTION][i % 4]
+        text = QUESTIONS[i % len(QUESTIONS)] if task in (Task.VQA, Task.GROUND) else None
+        pixels = prepare_image(encode(photo(160 + 7 * i, 120, seed=100 + i)), LIMITS).pixels
+        out.append(GenerationRequest(pixels, codec.encode(build_prompt(task, text).text), p))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fast(loaded):
+    return FastEngine(loaded, EngineConfig(kind="fast", max_batch_size=6, max_seq_len=160))
+
+
+@pytest.fixture(scope="module")
+def workload(codec):
+    """Fourteen requests of mixed prompt lengths and token limits: more than the six slots."""
+    return requests_for(codec, [SamplingParams(max_new_tokens=4 + 5 * (i % 7)) for i in range(14)])
+
+
+@pytest.fixture(scope="module")
+def reference(hf_engine, workload):
+    return [hf_engine.generate([r])[0] for r in workload]
+
+
+def test_workload_exercises_the_engine(workload, reference):
+    assert len({len(r.prompt_ids) for r in workload}) >= 4
+    assert {r.finish_reason for r in reference} == {"stop", "length"}
+    assert len({len(r.token_ids) for r in reference if r.finish_reason == "stop"}) >= 3  # EOS at several steps
+
+
+def test_all_at_once_equals_reference(fast, workload, reference):
+    assert fast.generate(workload) == reference
+    assert not fast.running and sorted(fast.free) == list(range(6))
+
+
+def test_requests_joining_mid_flight(fast, workload, reference):
+    sinks = [Recorder() for _ in workload]
+    for request, sink in zip(workload[:3], sinks[:3]):
+        fast.submit(request, sink)
+    fast.step()
+    fast.step()
+    for index in range(3, len(workload)):
+        fast.submit(workload[index], sinks[index])
+        fast.step()
+    while fast.has_work:
+        fast.step()
+    assert [s.result for s in sinks] == reference
+    assert [s.seen for s in sinks] == [r.token_ids for r in reference]
+
+
+def test_sampling_and_bans_match_reference_and_repeat(fast, hf_engine, codec):
+    params = [
+        SamplingParams(max_new_tokens=20, temperature=0.9, seed=11),
+        SamplingParams(max_new_tokens=20, temperature=1.3, top_p=0.8, seed=12),
+        SamplingParams(max_new_tokens=20, no_repeat_ngram_size=3),
+        SamplingParams(max_new_tokens=20),
+        SamplingParams(max_new_tokens=20, temperature=1.0, seed=11, no_repeat_ngram_size=2),
+    ]
+    requests = requests_for(codec, params)
+    expected = [hf_engine.generate([r])[0] for r in requests]
+    assert fast.generate(requests) == expected
+    assert fast.generate(requests[::-1]) == expected[::-1]
+
+
+def test_cancel_frees_the_slot_and_spares_the_others(fast, workload, reference):
+    sinks = [Recorder() for _ in workload[:4]]
+    ids = [fast.submit(r, s) for r, s in zip(workload[:4], sinks)]
+    fast.step()
+    fast.cancel(ids[1])
+    while fast.has_work:
+        fast.step()
+    assert sinks[1].result is None
+    assert [sinks[i].result for i in (0, 2, 3)] == [reference[i] for i in (0, 2, 3)]
+    assert sorted(fast.free) == list(range(6))
+
+
+def test_too_long_is_refused(fast, workload):
+    request = workload[0]
+    too_long = GenerationRequest(request.pixels, request.prompt_ids, SamplingParams(max_new_tokens=150))
+    with pytest.raises(InvalidRequest) as info:
+        fast.submit(too_long, Recorder())
+    assert info.value.param == "max_tokens"
+
+
+def test_build_engine_picks_the_kind(loaded):
+    assert isinstance(build_engine(loaded, EngineConfig(max_batch_size=2)), FastEngine)
+    with pytest.raises(ValueError):
+        FastEngine(loaded, EngineConfig(max_seq_len=2048))  # the tiny model has 512 positions
+    assert np.array_equal(FastEngine(loaded, EngineConfig(max_batch_size=2)).free, [0, 1])
