@@ -28,5 +28,13 @@ lint: $(STAMP)
 tiny: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m serve tiny $(TINY)
 
+# The tiny offline model served locally, one request per task with the openai client, then a clean stop.
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m serve demo
+
+# Serve MODEL in the foreground (the real checkpoint needs the hub or a local copy, and a GPU to be fast).
+serve: $(STAMP)
+	$(PY) -m serve run --model $(MODEL)
+
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

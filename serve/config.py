@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from serve.images import ImageLimits
 
@@ -75,6 +75,13 @@ class ModelConfig(_Strict):
     device: str = "auto"
     load_format: Literal["auto", "dummy"] = Field("auto", description="dummy: random weights, for benchmarks")
 
+    @field_validator("source")
+    @classmethod
+    def _absolute_if_local(cls, source: str) -> str:
+        """A local folder becomes an absolute path, so that replicas find it wherever they run."""
+        path = Path(source).expanduser()
+        return str(path.resolve()) if path.exists() else source
+
 
 class EngineConfig(_Strict):
     """Generation: which engine, how many sequences at once, and how long they may be."""
@@ -106,6 +113,7 @@ class HTTPConfig(_Strict):
     allow_remote_images: bool = False
     remote_image_hosts: list[str] = Field(default_factory=list, description="allowed hosts; empty: any public")
     remote_image_timeout_s: float = Field(10.0, gt=0)
+    allow_private_addresses: bool = Field(False, description="let image URLs reach private networks (intranets)")
     api_keys_env: str = Field("KOSMOS_API_KEYS", description="comma-separated keys; unset: no auth")
     api_keys_file: str | None = Field(None, description="one key a line")
 
@@ -124,6 +132,7 @@ class ServiceConfig(_Strict):
     ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.5, max_ongoing_requests=512)
     preprocessor: DeploymentConfig = DeploymentConfig(num_cpus=1, max_ongoing_requests=32)
     generator: DeploymentConfig = Field(default_factory=_default_generator)
+    cpu_fallback: bool = Field(True, description="run the Generator on CPUs when the running cluster has no GPU")
 
     @classmethod
     def model_validate(cls, obj: Any, **kwargs: Any) -> ServiceConfig:  # type: ignore[override]
@@ -157,9 +166,11 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> ServiceConf
     data: dict[str, Any] = {}
     if path is not None:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if "applications" in loaded:
-            loaded = loaded["applications"][0].get("args", {})
         data = loaded
+        if "applications" in loaded:  # a Serve config file: our fields are the app's args
+            data = dict(loaded["applications"][0].get("args") or {})
+            http = {k: v for k, v in (loaded.get("http_options") or {}).items() if k in ("host", "port")}
+            data["http"] = {**http, **data.get("http", {})}
     for dotted, value in overrides.items():
         if value is None:
             continue

@@ -20,6 +20,7 @@ Run a quick check against the tiny model with ``python -m serve tiny /tmp/tiny``
 from __future__ import annotations
 
 import itertools
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Sequence
@@ -129,6 +130,18 @@ class Pending:
     id: int
     request: GenerationRequest
     sink: Sink
+    arrived: float = field(default_factory=time.monotonic)
+
+
+def check_length(prompt_tokens: int, max_new_tokens: int, max_seq_len: int) -> None:
+    """Refuse a request whose prompt and answer cannot fit in a sequence."""
+    if prompt_tokens + max_new_tokens > max_seq_len:
+        raise InvalidRequest(
+            f"the prompt ({prompt_tokens} tokens, 64 of them the image) plus max_tokens ({max_new_tokens}) "
+            f"exceeds the {max_seq_len} tokens a sequence may hold; ask for at most "
+            f"{max(max_seq_len - prompt_tokens, 0)} tokens",
+            param="max_tokens",
+        )
 
 
 class Engine(ABC):
@@ -148,13 +161,7 @@ class Engine(ABC):
         end = request.image_offset + self.geometry.image_tokens
         if request.prompt_ids.ndim != 1 or len(request.prompt_ids) < end:
             raise InvalidRequest("the prompt has no room for the image tokens")
-        total = len(request.prompt_ids) + request.params.max_new_tokens
-        if total > self.config.max_seq_len:
-            raise InvalidRequest(
-                f"the prompt ({len(request.prompt_ids)} tokens, 64 of them the image) plus max_tokens "
-                f"({request.params.max_new_tokens}) exceeds the {self.config.max_seq_len} tokens a sequence may hold",
-                param="max_tokens",
-            )
+        check_length(len(request.prompt_ids), request.params.max_new_tokens, self.config.max_seq_len)
 
     def submit(self, request: GenerationRequest, sink: Sink) -> int:
         """Queue a request; returns its id (for :meth:`cancel`). Raises :class:`InvalidRequest`."""
@@ -171,9 +178,15 @@ class Engine(ABC):
     def has_work(self) -> bool:
         return bool(self.waiting)
 
+    @property
+    def running_count(self) -> int:
+        """Sequences being generated between steps."""
+        return 0
+
     @abstractmethod
-    def step(self) -> None:
-        """Do the next unit of work: deliver tokens and results to the sinks."""
+    def step(self) -> float | None:
+        """Do the next unit of work, delivering tokens and results to the sinks; or return how many seconds
+        to wait for more requests first."""
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Run ``requests`` to completion and return their results in order."""
@@ -181,7 +194,9 @@ class Engine(ABC):
         for request, sink in zip(requests, sinks):
             self.submit(request, sink)
         while self.has_work:
-            self.step()
+            wait = self.step()
+            if wait:
+                time.sleep(wait)
         for sink in sinks:
             if sink.error is not None:
                 raise sink.error
@@ -191,16 +206,21 @@ class Engine(ABC):
 class HFEngine(Engine):
     """The reference path: static batches through the Hugging Face modules, with correct position ids."""
 
-    def step(self) -> None:
+    def step(self) -> float | None:
+        if len(self.waiting) < self.config.max_batch_size:
+            wait = self.waiting[0].arrived + self.config.batch_wait_s - time.monotonic()
+            if wait > 0:
+                return wait  # gather the requests that arrive together into one batch
         batch = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.config.max_batch_size))]
         try:
             results = self.run_batch([p.request for p in batch], [p.sink for p in batch])
         except Exception as exc:  # e.g. out of memory: fail this batch, keep serving
             for pending in batch:
                 pending.sink.fail(exc)
-            return
+            return None
         for pending, result in zip(batch, results):
             pending.sink.finish(result)
+        return None
 
     @torch.inference_mode()
     def run_batch(self, requests: Sequence[GenerationRequest], sinks: Sequence[Sink]) -> list[GenerationResult]:

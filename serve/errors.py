@@ -27,6 +27,10 @@ class ServiceError(Exception):
         self.param = param
         self.code = code or self.default_code
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Keep ``param``, ``code`` and the rest when the error crosses a process boundary (Ray pickles it)."""
+        return (_rebuild, (type(self), self.message, self.__dict__))
+
 
 class InvalidRequest(ServiceError):
     """The request is malformed or asks for something the service cannot do (400)."""
@@ -65,20 +69,8 @@ class PayloadTooLarge(ServiceError):
     default_code = "payload_too_large"
 
 
-class Overloaded(ServiceError):
-    """The service is at capacity; retry after ``retry_after`` seconds (429)."""
-
-    status = 429
-    type = "rate_limit_error"
-    default_code = "overloaded"
-
-    def __init__(self, message: str, *, retry_after: float = 1.0, **kwargs: Any) -> None:
-        super().__init__(message, **kwargs)
-        self.retry_after = retry_after
-
-
 class Unavailable(ServiceError):
-    """The service, or a replica it needed, is not ready or was lost (503)."""
+    """The service is at capacity, not ready, or lost a replica it needed; retry after ``retry_after`` (503)."""
 
     status = 503
     type = "service_unavailable"
@@ -95,6 +87,13 @@ class Timeout(ServiceError):
     status = 504
     type = "timeout"
     default_code = "timeout"
+
+
+def _rebuild(cls: type[ServiceError], message: str, state: dict[str, Any]) -> ServiceError:
+    error = Exception.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
 
 
 def error_response(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:

@@ -104,6 +104,10 @@ class FastEngine(Engine):
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    @property
+    def running_count(self) -> int:
+        return len(self.running)
+
     def cancel(self, request_id: int) -> None:
         super().cancel(request_id)
         for slot, sequence in list(self.running.items()):
@@ -111,11 +115,12 @@ class FastEngine(Engine):
                 self._release(slot)
 
     @torch.inference_mode()
-    def step(self) -> None:
+    def step(self) -> float | None:
         if self.waiting and self.free:
             self._admit()
         if self.running:
             self._decode()
+        return None
 
     # -- admission: vision, prefill, first token ---------------------------------------------------------
 

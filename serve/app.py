@@ -1,0 +1,64 @@
+"""The one builder: a ``ServiceConfig`` in, the bound Serve application out.
+
+    serve run configs/local.yaml                     # Serve's CLI, args from the file
+    python -m serve run --model ./tiny-kosmos2       # ours: starts Ray and Serve, prints the URL
+
+Three deployments, each with its resources, queue bounds and autoscaling from the config:
+``Ingress`` (HTTP) -> ``Preprocessor`` (CPU replicas) -> ``Generator`` (GPU replicas).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve import Application
+
+from serve.config import DeploymentConfig, ServiceConfig
+from serve.generator import Generator
+from serve.ingress import HTTPIngress
+from serve.preprocess import Preprocessor
+
+log = logging.getLogger("ray.serve")
+
+APP_NAME = "kosmos2"
+
+
+def build_app(args: ServiceConfig | dict[str, Any] | None = None) -> Application:
+    """Bind the three deployments from a config (or the dict of a Serve config file's ``args``)."""
+    config = args if isinstance(args, ServiceConfig) else ServiceConfig.model_validate(args)
+    generator_resources = _gpu_or_fallback(config)
+    generator = _deployment(Generator, "Generator", generator_resources).bind(config)
+    preprocessor = _deployment(Preprocessor, "Preprocessor", config.preprocessor).bind(config, generator)
+    ingress = _deployment(HTTPIngress, "Ingress", config.ingress)
+    return ingress.bind(config, preprocessor, generator)
+
+
+def _deployment(cls: type, name: str, resources: DeploymentConfig):
+    scaling = resources.autoscaling
+    replicas: dict[str, Any] = (
+        {"num_replicas": scaling.min_replicas}
+        if scaling.min_replicas == scaling.max_replicas
+        else {"autoscaling_config": scaling.serve_options()}
+    )
+    return serve.deployment(
+        cls,
+        name=name,
+        ray_actor_options={"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus},
+        max_ongoing_requests=resources.max_ongoing_requests,
+        max_queued_requests=resources.max_queued_requests,
+        **replicas,
+    )
+
+
+def _gpu_or_fallback(config: ServiceConfig) -> DeploymentConfig:
+    """The Generator's resources; without GPUs in a running cluster (and fallback on), CPU ones."""
+    resources = config.generator
+    if resources.num_gpus == 0 or not config.cpu_fallback or not ray.is_initialized():
+        return resources
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return resources
+    log.warning("the Ray cluster has no GPU: the Generator will run on the CPU (cpu_fallback is on)")
+    return resources.model_copy(update={"num_gpus": 0.0})

@@ -1,0 +1,163 @@
+"""An engine on its own thread, driven by asyncio callers: the Generator's bridge to the GPU.
+
+The thread owns the engine: it takes submitted requests, calls ``engine.step()`` while there is work, and
+sleeps otherwise. Callers on the event loop only enqueue and await, so GPU work never blocks the loop and
+requests that arrive together are batched by the engine itself. A caller that is cancelled (the client
+went away) cancels its request in the engine, which frees its cache slot at once.
+
+    loop = EngineLoop(engine)
+    result = await loop.generate(request)
+    async for item in loop.stream(request): ...   # lists of new token ids, then the GenerationResult
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from serve.engine import Engine, GenerationRequest, GenerationResult
+
+log = logging.getLogger(__name__)
+
+
+class _LoopSink:
+    """Delivers engine events to an asyncio loop, from the engine thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, streaming: bool) -> None:
+        self.loop = loop
+        self.streaming = streaming
+        self.events: asyncio.Queue[list[int] | GenerationResult | BaseException] = asyncio.Queue()
+
+    def tokens(self, token_ids: list[int]) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, token_ids)
+
+    def finish(self, result: GenerationResult) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, result)
+
+    def fail(self, error: BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, error)
+
+
+@dataclass
+class EngineStats:
+    """What the loop has done, for metrics: queue depth, running sequences, steps and tokens."""
+
+    waiting: int = 0
+    running: int = 0
+    steps: int = 0
+    finished: int = 0
+    generated_tokens: int = 0
+
+
+class EngineLoop:
+    """Runs ``engine`` on a daemon thread; its coroutines may be called from any event loop."""
+
+    def __init__(self, engine: Engine, idle_wait_s: float = 0.05) -> None:
+        self.engine = engine
+        self.idle_wait_s = idle_wait_s
+        self.stats = EngineStats()
+        self._inbox: queue.SimpleQueue[tuple[str, int, GenerationRequest | None, _LoopSink | None]] = (
+            queue.SimpleQueue()
+        )
+        self._wake = threading.Event()
+        self._tickets = itertools.count()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Generate for one request; raises the engine's error, or cancels the request if cancelled."""
+        async for item in self._events(request, streaming=False):
+            if isinstance(item, GenerationResult):
+                return item
+        raise RuntimeError("the engine ended a request without a result")
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[list[int] | GenerationResult]:
+        """Yield lists of new token ids as they are generated, then the result."""
+        async for item in self._events(request, streaming=True):
+            yield item
+
+    async def _events(self, request: GenerationRequest, streaming: bool) -> AsyncIterator:
+        self.engine.check(request)  # pure checks, safe off the engine thread; raise before queueing
+        sink = _LoopSink(asyncio.get_running_loop(), streaming)
+        ticket = next(self._tickets)
+        self._send("submit", ticket, request, sink)
+        done = False
+        try:
+            while not done:
+                item = await sink.events.get()
+                if isinstance(item, BaseException):
+                    raise item
+                done = isinstance(item, GenerationResult)
+                yield item
+        finally:
+            if not done:
+                self._send("cancel", ticket, None, None)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _send(self, kind: str, ticket: int, request: GenerationRequest | None, sink: _LoopSink | None) -> None:
+        self._inbox.put((kind, ticket, request, sink))
+        self._wake.set()
+
+    def _run(self) -> None:
+        engine_ids: dict[int, int] = {}
+        while not self._stopped:
+            self._wake.clear()
+            while not self._inbox.empty():
+                kind, ticket, request, sink = self._inbox.get()
+                if kind == "submit":
+                    try:
+                        engine_ids[ticket] = self.engine.submit(
+                            request, _Counting(sink, self.stats, engine_ids, ticket)
+                        )
+                    except Exception as exc:
+                        sink.fail(exc)
+                elif ticket in engine_ids:
+                    self.engine.cancel(engine_ids.pop(ticket))
+            if not self.engine.has_work:
+                self._wake.wait(self.idle_wait_s)
+                continue
+            try:
+                wait = self.engine.step()
+            except Exception:  # engines fail their requests themselves; this guards the loop
+                log.exception("engine step failed")
+                wait = None
+            if wait:
+                self._wake.wait(wait)
+            self.stats.steps += 1
+            self.stats.waiting = len(self.engine.waiting)
+            self.stats.running = self.engine.running_count
+
+
+class _Counting:
+    """Wraps a sink to count results and tokens, and to forget the ticket when the request ends."""
+
+    def __init__(self, sink: _LoopSink, stats: EngineStats, engine_ids: dict[int, int], ticket: int) -> None:
+        self.sink, self.stats, self.engine_ids, self.ticket = sink, stats, engine_ids, ticket
+        self.streaming = sink.streaming
+
+    def tokens(self, token_ids: list[int]) -> None:
+        self.sink.tokens(token_ids)
+
+    def finish(self, result: GenerationResult) -> None:
+        self.engine_ids.pop(self.ticket, None)
+        self.stats.finished += 1
+        self.stats.generated_tokens += result.completion_tokens
+        self.sink.finish(result)
+
+    def fail(self, error: BaseException) -> None:
+        self.engine_ids.pop(self.ticket, None)
+        self.sink.fail(error)

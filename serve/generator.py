@@ -1,0 +1,68 @@
+"""The GPU tier: the engine behind an asyncio facade, deployed by ``serve.app`` on GPU replicas.
+
+``Generator`` loads the model, starts the engine on its own thread (``EngineLoop``) and turns prepared
+requests into generated tokens. Requests that arrive together are batched by the engine; the replica's
+event loop only enqueues and awaits. Without a GPU it runs on the CPU and says so in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+
+import numpy as np
+import ray
+
+from serve.config import ServiceConfig
+from serve.engine import GenerationRequest, GenerationResult, build_engine
+from serve.engine_loop import EngineLoop
+from serve.jobs import Generated, Prepared
+from serve.model import load_model
+
+log = logging.getLogger("ray.serve")
+
+
+class Generator:
+    """Deployed on GPU replicas (falls back to the CPU where there is none)."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        model = config.model
+        loaded = load_model(model.source, device=model.device, dtype=model.dtype, load_format=model.load_format)
+        if loaded.device.type == "cpu":
+            log.warning("Generator: no GPU visible; generating on the CPU with %s (slow)", loaded.dtype)
+        self.loop = EngineLoop(build_engine(loaded, config.engine))
+        log.info("Generator ready: %s engine on %s", config.engine.kind, loaded.device)
+
+    async def ready(self) -> bool:
+        return self.loop.alive
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; a dead engine thread gets the replica replaced."""
+        if not self.loop.alive:
+            raise RuntimeError("the engine thread has stopped")
+
+    async def stats(self) -> dict[str, int]:
+        return asdict(self.loop.stats)
+
+    async def generate(self, prepared: Prepared) -> Generated:
+        result = await self.loop.generate(await _request(prepared))
+        return _generated(result, prepared)
+
+    async def stream(self, prepared: Prepared) -> AsyncIterator[list[int] | Generated]:
+        """Lists of new token ids as they come, then the :class:`Generated` record."""
+        async for item in self.loop.stream(await _request(prepared)):
+            yield _generated(item, prepared) if isinstance(item, GenerationResult) else item
+
+
+async def _request(prepared: Prepared) -> GenerationRequest:
+    pixels = prepared.pixels
+    if isinstance(pixels, ray.ObjectRef):
+        pixels = await pixels
+    return GenerationRequest(np.asarray(pixels), np.asarray(prepared.prompt_ids), prepared.params)
+
+
+def _generated(result: GenerationResult, prepared: Prepared) -> Generated:
+    return Generated(
+        result.token_ids, result.finish_reason, result.prompt_tokens, result.completion_tokens, prepared.info
+    )

@@ -1,0 +1,270 @@
+"""The HTTP edge: OpenAI-compatible routes on FastAPI, deployed by ``serve.app`` as the Serve ingress.
+
+It authenticates, reads and validates the body (size first), turns the request into a job, and chains the
+deployments: ``Preprocessor.prepare`` -> ``Generator.generate`` -> ``Preprocessor.finish``, passing each
+response on without fetching it, so that only small records reach this process. Streaming requests are
+prepared before the stream opens (so bad input still gets a plain error), then relayed as server-sent
+events. Every error, from here or from a replica, leaves through ``serve.errors.error_response``; every
+request leaves one structured log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from ray import exceptions as ray_errors
+from ray import serve
+from ray.serve import exceptions as serve_errors
+from starlette.exceptions import HTTPException
+
+from serve.config import ServiceConfig
+from serve.errors import (
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    Timeout,
+    Unauthorized,
+    Unavailable,
+    error_response,
+)
+from serve.jobs import Finished, job_from_request
+from serve.preprocess import TextPiece
+from serve.protocol import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    EntityOut,
+    ModelCard,
+    ModelList,
+    ResponseMessage,
+    Usage,
+    completion_id,
+    sse,
+)
+
+log = logging.getLogger("ray.serve")
+
+api = FastAPI(title="Kosmos-2", description="Grounded vision-language completions, OpenAI-compatible.")
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Unknown routes and methods answer in the OpenAI envelope too."""
+    if exc.status_code == 404:
+        error: ServiceError = NotFound(f"no route {request.method} {request.url.path}", code="not_found")
+    else:
+        error = InvalidRequest(str(exc.detail), code=f"http_{exc.status_code}")
+        error.status = exc.status_code
+    return _error(error)
+
+
+def _error(exc: BaseException) -> JSONResponse:
+    status, body, headers = error_response(exc)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def translate(exc: BaseException) -> BaseException:
+    """Our error for an exception raised here or in a replica (Ray wraps those)."""
+    if isinstance(exc, ray_errors.RayTaskError):
+        exc = exc.cause if exc.cause is not None else exc
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, serve_errors.BackPressureError):
+        return Unavailable("the service is at capacity; retry shortly", code="overloaded", retry_after=1)
+    if isinstance(exc, ray_errors.RayActorError | serve_errors.DeploymentUnavailableError):
+        return Unavailable("a replica serving this request was lost; retry", code="replica_lost", retry_after=1)
+    if isinstance(exc, asyncio.TimeoutError):
+        return Timeout("the request took longer than this server allows")
+    if isinstance(exc, ValueError):
+        return InvalidRequest(str(exc))
+    return exc
+
+
+def parse_body(body: bytes) -> ChatCompletionRequest:
+    """The request model, or an ``InvalidRequest`` naming the first offending parameter."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("the body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise InvalidRequest(f"{where}: {first['msg']}", param=str(first["loc"][0]) if first["loc"] else None) from None
+
+
+def entities_out(finished: Finished) -> list[EntityOut]:
+    return [
+        EntityOut(phrase=e.phrase, span=e.span, boxes=e.boxes, boxes_px=e.boxes_px) for e in finished.answer.entities
+    ]
+
+
+def usage_of(finished: Finished) -> Usage:
+    return Usage(
+        prompt_tokens=finished.prompt_tokens,
+        completion_tokens=finished.completion_tokens,
+        total_tokens=finished.prompt_tokens + finished.completion_tokens,
+    )
+
+
+class Ingress:
+    """Routes and the chain of calls; holds no model. Bound with handles to the two other deployments."""
+
+    def __init__(self, config: ServiceConfig, preprocessor, generator) -> None:
+        self.config = config
+        self.preprocessor = preprocessor
+        self.generator = generator
+        self.keys = [key.encode() for key in config.api_keys()]
+        self.created = int(time.time())
+
+    @api.get("/health")
+    async def health(self) -> Response:
+        """200 when both tiers answer, else 503."""
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(self.preprocessor.ready.remote(), self.generator.ready.remote()), timeout=10
+            )
+        except Exception:
+            return _error(Unavailable("the service is not ready", code="not_ready", retry_after=5))
+        return JSONResponse({"status": "ok"})
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+        except ServiceError as exc:
+            return _error(exc)
+        card = ModelCard(id=self.config.served_model_name, created=self.created)
+        return JSONResponse(ModelList(data=[card]).model_dump())
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        started, request_id = time.monotonic(), completion_id()
+        record: dict[str, Any] = {"id": request_id, "task": None, "stream": False}
+        try:
+            self._authorize(request)
+            parsed = parse_body(await self._read_body(request))
+            job = job_from_request(parsed, self.config, request_id)
+            record.update(task=job.task.value, stream=parsed.stream)
+            timeout = self.config.limits.request_timeout_s
+            prepared = await asyncio.wait_for(self.preprocessor.prepare.remote(job), timeout)
+            if isinstance(prepared, ServiceError):
+                raise prepared
+            if parsed.stream:
+                include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+                events = self.preprocessor.options(stream=True).stream.remote(prepared)
+                chunks = self._stream(events, request_id, include_usage, started + timeout, record, started)
+                return StreamingResponse(chunks, media_type="text/event-stream")
+            generated = self.generator.generate.remote(prepared)
+            finished = await asyncio.wait_for(
+                self.preprocessor.finish.remote(generated), timeout - (time.monotonic() - started)
+            )
+        except Exception as exc:
+            response = _error(translate(exc))
+            self._log(record, response.status_code, started)
+            return response
+        completion = ChatCompletion(
+            id=request_id,
+            model=self.config.served_model_name,
+            choices=[
+                Choice(
+                    message=ResponseMessage(content=finished.answer.text, entities=entities_out(finished)),
+                    finish_reason=finished.finish_reason,
+                )
+            ],
+            usage=usage_of(finished),
+        )
+        record.update(prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens)
+        self._log(record, 200, started)
+        return JSONResponse(completion.model_dump())
+
+    async def _stream(
+        self, events, request_id: str, include_usage: bool, deadline: float, record: dict[str, Any], started: float
+    ) -> AsyncIterator[str]:
+        """Server-sent chunks; the last content chunk carries the entities and the finish reason."""
+        created, model = int(time.time()), self.config.served_model_name
+
+        def chunk(delta: Delta, finish: str | None = None) -> str:
+            choice = ChunkChoice(delta=delta, finish_reason=finish)
+            return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice]))
+
+        status, done = 200, False
+        try:
+            yield chunk(Delta(role="assistant", content=""))
+            held: str | None = None  # each piece waits for the next event, so that the last one can carry entities
+            iterator = events.__aiter__()
+            while True:
+                event = await asyncio.wait_for(iterator.__anext__(), max(deadline - time.monotonic(), 0.001))
+                if isinstance(event, TextPiece):
+                    if held is not None:
+                        yield chunk(Delta(content=held))
+                    held = event.text
+                    continue
+                assert isinstance(event, Finished)
+                yield chunk(Delta(content=held or "", entities=entities_out(event)), event.finish_reason)
+                if include_usage:
+                    usage = ChatCompletionChunk(
+                        id=request_id, created=created, model=model, choices=[], usage=usage_of(event)
+                    )
+                    yield sse(usage)
+                record.update(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
+                done = True
+                break
+        except Exception as exc:  # the stream is open: the error becomes an event
+            status, body, _ = error_response(translate(exc))
+            done = True
+            yield sse(body)
+        finally:
+            if not done:  # the client went away: stop the generation too
+                events.cancel()
+                status = 499
+            self._log(record, status, started)
+        yield sse("[DONE]")
+
+    def _authorize(self, request: Request) -> None:
+        if not self.keys:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip().encode()
+        matched = False
+        for key in self.keys:  # compare against every key, in constant time each
+            matched |= hmac.compare_digest(given, key)
+        if scheme.lower() != "bearer" or not matched:
+            raise Unauthorized("missing or invalid API key; send 'Authorization: Bearer <key>'")
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.config.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit}")
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
+        return bytes(body)
+
+    def _log(self, record: dict[str, Any], status: int, started: float) -> None:
+        record.update(status=status, latency_s=round(time.monotonic() - started, 4))
+        log.info(json.dumps({"event": "request", **record}))
+
+
+HTTPIngress = serve.ingress(api)(Ingress)
+"""``Ingress`` with its routes bound to ``api``: done at import time, so that every replica that imports this
+module gets the same routes."""

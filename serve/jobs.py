@@ -1,0 +1,112 @@
+"""What travels between the deployments, and how a chat request becomes a job.
+
+Ingress -> Preprocessor: a :class:`Job` (the client's image reference, task, text and parameters).
+Preprocessor -> Generator: a :class:`Prepared` (the engine request; its pixels sit in Ray's object store so
+that the Ingress, which waits for it, never holds them) and its :class:`PromptInfo`. Generator ->
+Preprocessor: a :class:`Generated` (the engine's result with the info passed through untouched), turned
+into the :class:`Answer` the Ingress sends back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from serve.config import ServiceConfig
+from serve.errors import InvalidRequest, NotFound, PayloadTooLarge
+from serve.grounding import Box
+from serve.protocol import MAX_TEXT_CHARS, ChatCompletionRequest, ImagePart, TextPart
+from serve.sampling import SamplingParams
+from serve.tasks import Prompt, Task
+from serve.text import Answer
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request, checked for shape but not yet decoded."""
+
+    request_id: str
+    image_url: str
+    task: Task
+    text: str | None
+    region: Box | None
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class PromptInfo:
+    """What post-processing needs: the prompt, its ids and the original image size."""
+
+    request_id: str
+    task: Task
+    prompt: Prompt
+    prompt_ids: list[int]
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The engine's input: pixels (a Ray object reference, or the array itself), ids and parameters."""
+
+    pixels: Any
+    prompt_ids: Any
+    params: SamplingParams
+    info: PromptInfo
+
+
+@dataclass(frozen=True)
+class Generated:
+    """The engine's output for one request, with its prompt info."""
+
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    info: PromptInfo
+
+
+@dataclass(frozen=True)
+class Finished:
+    """An answer ready for the client."""
+
+    answer: Answer
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def job_from_request(request: ChatCompletionRequest, config: ServiceConfig, request_id: str) -> Job:
+    """Check the request's shape (one user message, one image, the task's inputs) and build the job."""
+    if request.model is not None and request.model != config.served_model_name:
+        raise NotFound(
+            f"the model {request.model!r} does not exist; this server serves {config.served_model_name!r}",
+            param="model",
+        )
+    users = [m for m in request.messages if m.role == "user"]
+    others = sorted({m.role for m in request.messages if m.role != "user"})
+    if others or len(users) != 1:
+        raise InvalidRequest(
+            "Kosmos-2 takes exactly one user message (with one image and optional text); "
+            f"got {len(users)} user message(s)" + (f" and {', '.join(others)} message(s)" if others else ""),
+            param="messages",
+        )
+    content = users[0].content
+    parts = [TextPart(type="text", text=content)] if isinstance(content, str) else list(content or [])
+    images = [p for p in parts if isinstance(p, ImagePart)]
+    if len(images) != 1:
+        raise InvalidRequest(f"the message needs exactly one image_url part, got {len(images)}", param="messages")
+    text = " ".join(p.text.strip() for p in parts if isinstance(p, TextPart) and p.text.strip()) or None
+    if text is not None and len(text) > MAX_TEXT_CHARS:
+        raise PayloadTooLarge(f"the text is {len(text)} characters; the limit is {MAX_TEXT_CHARS}", param="messages")
+    task = request.task or (Task.VQA if text else Task.CAPTION)
+    max_tokens = request.max_completion_tokens or request.max_tokens or config.limits.default_max_tokens
+    params = SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=request.temperature if request.temperature is not None else 0.0,
+        top_p=request.top_p if request.top_p is not None else 1.0,
+        seed=request.seed,
+        no_repeat_ngram_size=request.no_repeat_ngram_size or 0,
+    )
+    region = tuple(request.region) if request.region is not None else None
+    return Job(request_id, images[0].image_url.url, task, text, region, params)

@@ -1,0 +1,109 @@
+"""The CPU tier: before generation, image and prompt; after it, the answer with its entities.
+
+``Preprocessor`` is a plain class that ``serve.app`` deploys on CPU replicas. ``prepare`` decodes the image
+(a base64 data URI, or a remote URL where the config allows it), checks and resizes it, builds the task's
+prompt and its token ids, and puts the pixels in Ray's object store. ``finish`` detokenizes and extracts
+entities. ``stream`` does both around the Generator's token stream, yielding text as it becomes certain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import ray
+
+from serve.config import ServiceConfig
+from serve.engine import check_length
+from serve.errors import InvalidImage, InvalidRequest, PayloadTooLarge, ServiceError
+from serve.images import PreparedImage, prepare_image
+from serve.jobs import Finished, Generated, Job, Prepared, PromptInfo
+from serve.model import load_processor
+from serve.remote import fetch_image
+from serve.tasks import build_prompt
+from serve.text import AnswerStream, TextCodec
+
+
+@dataclass(frozen=True)
+class TextPiece:
+    """Streamed answer text that is now certain."""
+
+    text: str
+
+
+def decode_data_uri(url: str, max_bytes: int) -> bytes:
+    """Bytes of a base64 ``data:`` URI, refusing oversized or malformed ones before decoding much."""
+    header, comma, payload = url.partition(",")
+    if not comma or not header.endswith(";base64"):
+        raise InvalidRequest("image_url.url must be a base64 data URI: data:image/png;base64,...", param="image_url")
+    if len(payload) * 3 // 4 > max_bytes + 2:
+        raise PayloadTooLarge(
+            f"the image is about {len(payload) * 3 // 4} bytes; the limit is {max_bytes}", param="image_url"
+        )
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidImage("the data URI's payload is not valid base64", param="image_url") from None
+
+
+class Preprocessor:
+    """Deployed on CPU replicas; holds the tokenizer, never the model."""
+
+    def __init__(self, config: ServiceConfig, generator=None) -> None:
+        self.config = config
+        self.codec = TextCodec(load_processor(config.model.source))
+        self.limits = config.limits.image_limits()
+        self.generator = generator
+
+    async def ready(self) -> bool:
+        return True
+
+    async def prepare(self, job: Job) -> Prepared | ServiceError:
+        """Decode and check the image, build the prompt. Bad input is an answer here, not a failure: the
+        error naming the problem is returned (so the replica does not log it as a crash) for the Ingress."""
+        try:
+            prompt = build_prompt(job.task, job.text, job.region)
+            prompt_ids = self.codec.encode(prompt.text)
+            check_length(len(prompt_ids), job.params.max_new_tokens, self.config.engine.max_seq_len)
+            image = await self._image(job.image_url)
+        except ServiceError as exc:
+            return exc
+        info = PromptInfo(job.request_id, job.task, prompt, prompt_ids.tolist(), image.width, image.height)
+        return Prepared(ray.put(image.pixels), prompt_ids, job.params, info)
+
+    async def _image(self, url: str) -> PreparedImage:
+        limits = self.limits
+        if url.startswith("data:"):
+            data = decode_data_uri(url, limits.max_bytes)
+        elif url.startswith(("http://", "https://")):
+            data = await fetch_image(url, self.config.http, limits.max_bytes)
+        else:
+            raise InvalidRequest(
+                "image_url.url must be a data URI (or an http(s) URL where enabled)", param="image_url"
+            )
+        return await asyncio.to_thread(prepare_image, data, limits)
+
+    async def finish(self, generated: Generated) -> Finished:
+        """The answer's clean text and entities."""
+        info = generated.info
+        answer = self.codec.answer(info.prompt, info.prompt_ids, generated.token_ids, info.width, info.height)
+        return Finished(answer, generated.finish_reason, generated.prompt_tokens, generated.completion_tokens)
+
+    async def stream(self, prepared: Prepared) -> AsyncIterator[TextPiece | Finished]:
+        """Stream the answer of a prepared request: text pieces, then the finished answer."""
+        info = prepared.info
+        pieces = AnswerStream(self.codec, info.prompt, info.prompt_ids)
+        async for item in self.generator.options(stream=True).stream.remote(prepared):
+            if isinstance(item, Generated):
+                finished = await self.finish(item)
+                rest = pieces.finish(finished.answer.text)
+                if rest:
+                    yield TextPiece(rest)
+                yield finished
+                return
+            text = pieces.push(item)
+            if text:
+                yield TextPiece(text)
