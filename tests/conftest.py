@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -51,3 +54,30 @@ def hf_engine(loaded):
     from serve.engine import HFEngine
 
     return HFEngine(loaded, EngineConfig(kind="hf", max_batch_size=8))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def service(tiny_dir):
+    """The real Serve application on 127.0.0.1 with the tiny model (configs/local.yaml); yields its config.
+
+    ``service.http.port`` is a free port; the URL is ``f"http://127.0.0.1:{service.http.port}"``."""
+    from serve import launch
+    from serve.config import load_config
+
+    config = load_config(ROOT / "configs/local.yaml", model__source=str(tiny_dir), http__port=free_port())
+    launch.start(config, num_cpus=2)
+    yield config
+    launch.stop()
+
+
+@pytest.fixture(scope="session")
+def service_url(service) -> str:
+    return f"http://{service.http.host}:{service.http.port}"
