@@ -249,7 +249,7 @@ class HFEngine(Engine):
                 if finish[i] is not None:
                     continue
                 choosers[i].append(token)
-                if token == geometry.eos_id:
+                if token == geometry.eos_id and not requests[i].params.ignore_eos:
                     finish[i] = "stop"
                     continue
                 generated[i].append(token)

@@ -93,6 +93,7 @@ class FastEngine(Engine):
         self.generated = np.zeros((slots, length), dtype=np.int64)
         self.counts = np.zeros(slots, dtype=np.int64)
         self.limits = np.zeros(slots, dtype=np.int64)
+        self.stops = np.zeros(slots, dtype=bool)  # whether the end token ends the sequence
         self.special: set[int] = set()
         self.streaming: set[int] = set()
         self.buckets = batch_buckets(slots)
@@ -144,6 +145,7 @@ class FastEngine(Engine):
             self.lengths[slot] = len(request.prompt_ids)
             self.counts[slot] = 0
             self.limits[slot] = request.params.max_new_tokens
+            self.stops[slot] = not request.params.ignore_eos
             if not self.running[slot].chooser.simple:
                 self.special.add(slot)
             if pending.sink.streaming:
@@ -261,15 +263,15 @@ class FastEngine(Engine):
 
     def _accept(self, slots: np.ndarray, tokens: np.ndarray) -> None:
         """Record one new token per slot (``tokens[i]`` for ``slots[i]``), stream it, and end sequences."""
-        ended = tokens == self.geometry.eos_id
+        ended = (tokens == self.geometry.eos_id) & self.stops[slots]
         kept = slots[~ended]
         self.generated[kept, self.counts[kept]] = tokens[~ended]
         self.counts[kept] += 1
         self.last_token[slots] = tokens
-        for slot, token in zip(slots.tolist(), tokens.tolist()):
+        for slot, token, end in zip(slots.tolist(), tokens.tolist(), ended.tolist()):
             if slot in self.special:
                 self.running[slot].chooser.append(token)
-            if slot in self.streaming and token != self.geometry.eos_id:
+            if slot in self.streaming and not end:
                 self.running[slot].sink.tokens([token])
         for slot in slots[ended].tolist():
             self._finish(slot, "stop")

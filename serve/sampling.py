@@ -19,13 +19,15 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens for one request. ``temperature`` 0 means greedy."""
+    """How to pick tokens for one request. ``temperature`` 0 means greedy; ``ignore_eos`` makes the end token
+    an ordinary one, so that exactly ``max_new_tokens`` come out (for benchmarks)."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     no_repeat_ngram_size: int = 0
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

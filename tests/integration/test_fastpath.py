@@ -107,3 +107,17 @@ def test_build_engine_picks_the_kind(loaded):
     with pytest.raises(ValueError):
         FastEngine(loaded, EngineConfig(max_seq_len=2048))  # the tiny model has 512 positions
     assert np.array_equal(FastEngine(loaded, EngineConfig(max_batch_size=2)).free, [0, 1])
+
+
+def test_ignore_eos_forces_the_length(fast, hf_engine, workload, reference):
+    """Benchmarks force exactly N tokens: the end token is then an ordinary one, in both engines."""
+    stopped = [i for i, r in enumerate(reference) if r.finish_reason == "stop"][:3]
+    forced = [
+        GenerationRequest(workload[i].pixels, workload[i].prompt_ids, SamplingParams(30, ignore_eos=True))
+        for i in stopped
+    ]
+    results = fast.generate(forced)
+    assert results == [hf_engine.generate([r])[0] for r in forced]
+    for index, result in zip(stopped, results):
+        assert result.finish_reason == "length" and len(result.token_ids) == 30
+        assert result.token_ids[: len(reference[index].token_ids) + 1] == reference[index].token_ids + [2]

@@ -1,0 +1,255 @@
+"""Run a predictor over a dataset, score every expression, and write the results (resumable).
+
+``evaluate(examples, predictor, out)`` appends one line per expression to ``OUT/predictions.jsonl`` as answers
+arrive, then writes ``OUT/summary.json``, ``OUT/report.md`` and ``OUT/examples.png``. Run it again with the same
+``OUT`` and it predicts only what is missing or failed (a partial last line from a crash is dropped), so an
+interrupted evaluation costs nothing twice. Scores are recomputed from the stored entities every time, with
+``eval.refexp``. The command line is ``python -m eval run`` (``eval/__main__.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from eval.datasets import RefExample, check_unique
+from eval.examples import draw_examples
+from eval.predictors import Prediction, Predictor
+from eval.refexp import PredictedEntity, Score, Tally, score, tally
+from eval.report import render_report
+from serve.grounding import Box
+
+SCHEMA_VERSION = 1
+"""Version of the layout of ``predictions.jsonl`` and ``summary.json``."""
+
+PACKAGES = ("torch", "transformers", "httpx", "numpy", "pillow")
+
+
+class RunError(RuntimeError):
+    """The output folder holds something this run cannot continue from."""
+
+
+@dataclass
+class PredictionRecord:
+    """One line of ``predictions.jsonl``: the expression, the answer, and its score."""
+
+    id: str
+    dataset: str
+    split: str
+    expression: str
+    image: str
+    image_id: str
+    width: int
+    height: int
+    gt_box: Box
+    predictor: str
+    text: str
+    entities: list[PredictedEntity]
+    finish_reason: str | None
+    error: str | None
+    pred_boxes: list[Box] = field(default_factory=list)
+    """Boxes (pixels, xyxy) of the entities whose phrase is the expression; the first is scored."""
+    iou: float = 0.0
+    correct: bool = False
+    any_box_iou: float = 0.0
+    any_box_correct: bool = False
+    no_box: bool = True
+    phrase_mismatch: bool = False
+
+    @classmethod
+    def build(cls, example: RefExample, prediction: Prediction, predictor: str) -> PredictionRecord:
+        record = cls(
+            id=example.id,
+            dataset=example.dataset,
+            split=example.split,
+            expression=example.expression,
+            image=example.image_path,
+            image_id=example.image_id,
+            width=example.width,
+            height=example.height,
+            gt_box=example.box,
+            predictor=predictor,
+            text=prediction.text,
+            entities=prediction.entities,
+            finish_reason=prediction.finish_reason,
+            error=prediction.error,
+        )
+        record.apply(record.score())
+        return record
+
+    def score(self) -> Score:
+        return score(self.expression, self.gt_box, self.entities, self.width, self.height)
+
+    def apply(self, s: Score) -> None:
+        self.pred_boxes, self.iou, self.correct = s.boxes_px, s.iou, s.correct
+        self.any_box_iou, self.any_box_correct = s.any_box_iou, s.any_box_correct
+        self.no_box, self.phrase_mismatch = s.no_box, s.phrase_mismatch
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, line: str) -> PredictionRecord:
+        data = json.loads(line)
+        data["entities"] = [PredictedEntity(e["phrase"], [tuple(b) for b in e["boxes"]]) for e in data["entities"]]
+        data["gt_box"] = tuple(data["gt_box"])
+        data["pred_boxes"] = [tuple(b) for b in data["pred_boxes"]]
+        return cls(**data)
+
+
+def read_records(path: Path, predictor: str, ids: set[str]) -> dict[str, PredictionRecord]:
+    """The finished records of an earlier run for ``ids`` (last line per id wins).
+
+    The file is rewritten without the lines that do not parse (a crash mid-write) or hold an error, so those
+    are predicted again; lines of expressions outside this run are kept, unscored. A record of another
+    predictor stops the run, since mixing two predictors' answers would score neither.
+    """
+    if not path.exists():
+        return {}
+    records: dict[str, PredictionRecord] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = PredictionRecord.from_json(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+        if record.predictor != predictor:
+            raise RunError(
+                f"{path} holds predictions of the {record.predictor!r} predictor, not {predictor!r}; "
+                "choose another --out"
+            )
+        records[record.id] = record
+    kept = {k: r for k, r in records.items() if r.error is None}
+    temporary = path.with_suffix(".jsonl.tmp")
+    temporary.write_text("".join(r.to_json() + "\n" for r in kept.values()), encoding="utf-8")
+    os.replace(temporary, path)
+    return {k: r for k, r in kept.items() if k in ids}
+
+
+async def predict_all(
+    examples: Sequence[RefExample], predictor: Predictor, path: Path, progress: bool = True
+) -> tuple[dict[str, PredictionRecord], int]:
+    """Predict every example without a finished record in ``path``; returns all records and how many are new."""
+    records = read_records(path, predictor.name, {e.id for e in examples})
+    pending = [e for e in examples if e.id not in records]
+    batches = [pending[i : i + predictor.batch_size] for i in range(0, len(pending), predictor.batch_size)]
+    gate = asyncio.Semaphore(predictor.concurrency)
+    bar = tqdm(total=len(examples), initial=len(examples) - len(pending), unit="expr", disable=not progress)
+    with path.open("a", encoding="utf-8") as sink, bar:
+
+        async def work(batch: list[RefExample]) -> None:
+            async with gate:
+                predictions = await predictor.predict(batch)
+            for example, prediction in zip(batch, predictions):
+                record = PredictionRecord.build(example, prediction, predictor.name)
+                sink.write(record.to_json() + "\n")
+                records[example.id] = record
+            sink.flush()
+            bar.update(len(batch))
+
+        tasks = [asyncio.ensure_future(work(batch)) for batch in batches]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+    return records, len(pending)
+
+
+async def evaluate(
+    examples: Sequence[RefExample],
+    predictor: Predictor,
+    out: str | Path,
+    config: dict[str, Any] | None = None,
+    progress: bool = True,
+    example_count: int = 16,
+) -> dict[str, Any]:
+    """Predict, score and write all outputs to ``out``; returns the summary (also in ``summary.json``)."""
+    if not examples:
+        raise RunError("no expressions to evaluate: check the annotation files and --split")
+    check_unique(examples)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    async with predictor:
+        records, new = await predict_all(examples, predictor, out / "predictions.jsonl", progress)
+    wall = time.perf_counter() - started
+    ordered = [records[e.id] for e in examples]
+    summary = summarize(ordered, {**(config or {}), **predictor.describe()})
+    summary["timing"] = {
+        "wall_s": round(wall, 3),
+        "predicted": new,
+        "expressions_per_s": round(new / wall, 3) if wall > 0 else None,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "report.md").write_text(render_report(summary), encoding="utf-8")
+    draw_examples(examples, ordered, out / "examples.png", count=example_count)
+    return summary
+
+
+def summarize(records: Sequence[PredictionRecord], config: dict[str, Any]) -> dict[str, Any]:
+    """Overall and per-split accuracy of scored records, with the run's config and versions."""
+    scores = [r.score() for r in records]
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault((r.dataset, r.split), []).append(i)
+    errors = sum(r.error is not None for r in records)
+    per_split = [
+        {"dataset": dataset, "split": split, **_tally_dict(tally(scores[i] for i in members), records, members)}
+        for (dataset, split), members in groups.items()
+    ]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        **_tally_dict(tally(scores), records, range(len(records))),
+        "complete": errors == 0,
+        "per_split": per_split,
+        "config": config,
+        "versions": versions(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def versions() -> dict[str, Any]:
+    """Python, platform, the installed versions of the packages that matter, and this checkout's commit."""
+    installed = {}
+    for name in PACKAGES:
+        try:
+            installed[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            installed[name] = None
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": installed,
+        "git_commit": _git_commit(),
+    }
+
+
+def _tally_dict(t: Tally, records: Sequence[PredictionRecord], members: Sequence[int]) -> dict[str, Any]:
+    return {**t.as_dict(), "errors": sum(records[i].error is not None for i in members)}
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
