@@ -46,7 +46,11 @@ def _deployment(cls: type, name: str, resources: DeploymentConfig):
     return serve.deployment(
         cls,
         name=name,
-        ray_actor_options={"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus},
+        ray_actor_options={
+            "num_cpus": resources.num_cpus,
+            "num_gpus": resources.num_gpus,
+            "resources": dict(resources.resources),
+        },
         max_ongoing_requests=resources.max_ongoing_requests,
         max_queued_requests=resources.max_queued_requests,
         **replicas,

@@ -65,6 +65,7 @@ class DeploymentConfig(_Strict):
     num_gpus: float = Field(0.0, ge=0)
     max_ongoing_requests: int = Field(64, ge=1)
     max_queued_requests: int = Field(-1, ge=-1, description="-1: unbounded")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources, for placement")
     autoscaling: AutoscalingConfig = AutoscalingConfig()
 
 
@@ -102,6 +103,8 @@ class LimitsConfig(_Strict):
     max_aspect_ratio: float = Field(50.0, ge=1)
     default_max_tokens: int = Field(64, ge=1)
     request_timeout_s: float = Field(120.0, gt=0)
+    max_inflight: int = Field(512, ge=1, description="requests one Ingress replica holds; beyond: 503 at once")
+    retry_after_s: float = Field(1.0, gt=0, description="what the Retry-After header of a 503 says")
 
     def image_limits(self) -> ImageLimits:
         return ImageLimits(self.max_image_bytes, self.max_image_pixels, self.max_aspect_ratio)
@@ -133,6 +136,16 @@ class ServiceConfig(_Strict):
     preprocessor: DeploymentConfig = DeploymentConfig(num_cpus=1, max_ongoing_requests=32)
     generator: DeploymentConfig = Field(default_factory=_default_generator)
     cpu_fallback: bool = Field(True, description="run the Generator on CPUs when the running cluster has no GPU")
+
+    @model_validator(mode="after")
+    def _admission_before_queueing(self) -> ServiceConfig:
+        if self.ingress.max_ongoing_requests < self.limits.max_inflight:
+            raise ValueError(
+                f"ingress.max_ongoing_requests ({self.ingress.max_ongoing_requests}) must be at least "
+                f"limits.max_inflight ({self.limits.max_inflight}), so that overload is answered at once with a "
+                "503 rather than queued by Serve; raise the first or lower the second"
+            )
+        return self
 
     @classmethod
     def model_validate(cls, obj: Any, **kwargs: Any) -> ServiceConfig:  # type: ignore[override]

@@ -7,6 +7,7 @@ event loop only enqueues and awaits. Without a GPU it runs on the CPU and says s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import asdict
@@ -18,6 +19,7 @@ from serve.config import ServiceConfig
 from serve.engine import GenerationRequest, GenerationResult, build_engine
 from serve.engine_loop import EngineLoop
 from serve.jobs import Generated, Prepared
+from serve.metrics import EngineMetrics
 from serve.model import load_model
 
 log = logging.getLogger("ray.serve")
@@ -32,9 +34,23 @@ class Generator:
         if loaded.device.type == "cpu":
             log.warning("Generator: no GPU visible; generating on the CPU with %s (slow)", loaded.dtype)
         self.loop = EngineLoop(build_engine(loaded, config.engine))
+        self.metrics = EngineMetrics()
+        self._sampler: asyncio.Task | None = None
         log.info("Generator ready: %s engine on %s", config.engine.kind, loaded.device)
 
+    def _sample_metrics(self) -> None:
+        """Start, once, the task that copies the engine's stats into the metrics every second."""
+
+        async def sample() -> None:
+            while True:
+                self.metrics.sample(self.loop.stats)
+                await asyncio.sleep(1.0)
+
+        if self._sampler is None:
+            self._sampler = asyncio.create_task(sample())
+
     async def ready(self) -> bool:
+        self._sample_metrics()
         return self.loop.alive
 
     def check_health(self) -> None:
@@ -46,11 +62,13 @@ class Generator:
         return asdict(self.loop.stats)
 
     async def generate(self, prepared: Prepared) -> Generated:
+        self._sample_metrics()
         result = await self.loop.generate(await _request(prepared))
         return _generated(result, prepared)
 
     async def stream(self, prepared: Prepared) -> AsyncIterator[list[int] | Generated]:
         """Lists of new token ids as they come, then the :class:`Generated` record."""
+        self._sample_metrics()
         async for item in self.loop.stream(await _request(prepared)):
             yield _generated(item, prepared) if isinstance(item, GenerationResult) else item
 

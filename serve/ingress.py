@@ -38,6 +38,7 @@ from serve.errors import (
     error_response,
 )
 from serve.jobs import Finished, job_from_request
+from serve.metrics import RequestMetrics
 from serve.preprocess import TextPiece
 from serve.protocol import (
     ChatCompletion,
@@ -58,6 +59,34 @@ from serve.protocol import (
 log = logging.getLogger("ray.serve")
 
 api = FastAPI(title="Kosmos-2", description="Grounded vision-language completions, OpenAI-compatible.")
+
+
+def _request_body_schema() -> dict[str, Any]:
+    """The chat request's JSON schema for the OpenAPI document (the route reads the raw body itself, so that
+    it can check the size first and answer every error in the OpenAI envelope)."""
+    schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    definitions = schema.pop("$defs", {})
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+        "x-components": definitions,
+    }
+
+
+def _openapi() -> dict[str, Any]:
+    """FastAPI's document, with the request models' definitions moved where OpenAPI expects them."""
+    if api.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        document = get_openapi(title=api.title, version="1", description=api.description, routes=api.routes)
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        for path in document["paths"].values():
+            for operation in path.values():
+                schemas.update(operation.pop("x-components", {}))
+        api.openapi_schema = document
+    return api.openapi_schema
+
+
+api.openapi = _openapi
 
 
 @api.exception_handler(HTTPException)
@@ -132,6 +161,8 @@ class Ingress:
         self.generator = generator
         self.keys = [key.encode() for key in config.api_keys()]
         self.created = int(time.time())
+        self.inflight = 0
+        self.metrics = RequestMetrics()
 
     @api.get("/health")
     async def health(self) -> Response:
@@ -153,10 +184,28 @@ class Ingress:
         card = ModelCard(id=self.config.served_model_name, created=self.created)
         return JSONResponse(ModelList(data=[card]).model_dump())
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=_request_body_schema())
     async def chat_completions(self, request: Request) -> Response:
         started, request_id = time.monotonic(), completion_id()
         record: dict[str, Any] = {"id": request_id, "task": None, "stream": False}
+        if self.inflight >= self.config.limits.max_inflight:
+            response = _error(
+                Unavailable(
+                    "the service is at capacity; retry shortly",
+                    code="overloaded",
+                    retry_after=self.config.limits.retry_after_s,
+                )
+            )
+            self._log(record, response.status_code, started)
+            return response
+        self.inflight += 1
+        try:
+            return await self._chat(request, record, started)
+        finally:
+            self.inflight -= 1
+
+    async def _chat(self, request: Request, record: dict[str, Any], started: float) -> Response:
+        request_id = record["id"]
         try:
             self._authorize(request)
             parsed = parse_body(await self._read_body(request))
@@ -263,6 +312,7 @@ class Ingress:
     def _log(self, record: dict[str, Any], status: int, started: float) -> None:
         record.update(status=status, latency_s=round(time.monotonic() - started, 4))
         log.info(json.dumps({"event": "request", **record}))
+        self.metrics.observe(record)
 
 
 HTTPIngress = serve.ingress(api)(Ingress)
