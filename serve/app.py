@@ -37,24 +37,7 @@ def build_app(args: ServiceConfig | dict[str, Any] | None = None) -> Application
 
 
 def _deployment(cls: type, name: str, resources: DeploymentConfig):
-    scaling = resources.autoscaling
-    replicas: dict[str, Any] = (
-        {"num_replicas": scaling.min_replicas}
-        if scaling.min_replicas == scaling.max_replicas
-        else {"autoscaling_config": scaling.serve_options()}
-    )
-    return serve.deployment(
-        cls,
-        name=name,
-        ray_actor_options={
-            "num_cpus": resources.num_cpus,
-            "num_gpus": resources.num_gpus,
-            "resources": dict(resources.resources),
-        },
-        max_ongoing_requests=resources.max_ongoing_requests,
-        max_queued_requests=resources.max_queued_requests,
-        **replicas,
-    )
+    return serve.deployment(cls, name=name, **resources.serve_options())
 
 
 def _gpu_or_fallback(config: ServiceConfig) -> DeploymentConfig:

@@ -44,7 +44,7 @@ class AutoscalingConfig(_Strict):
     target_ongoing_requests: float = Field(2.0, gt=0)
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(30.0, ge=0)
-    look_back_period_s: float = Field(10.0, gt=0)
+    look_back_period_s: float = Field(30.0, gt=10, description="longer than Serve's 10 s metrics interval")
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoscalingConfig:
@@ -67,6 +67,32 @@ class DeploymentConfig(_Strict):
     max_queued_requests: int = Field(-1, ge=-1, description="-1: unbounded")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources, for placement")
     autoscaling: AutoscalingConfig = AutoscalingConfig()
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _bounded_or_unbounded(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("must be -1 (no limit) or at least 1")
+        return value
+
+    def serve_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``serve.deployment`` for these settings."""
+        scaling = self.autoscaling
+        replicas: dict[str, Any] = (
+            {"num_replicas": scaling.min_replicas}
+            if scaling.min_replicas == scaling.max_replicas
+            else {"autoscaling_config": scaling.serve_options()}
+        )
+        return {
+            "ray_actor_options": {
+                "num_cpus": self.num_cpus,
+                "num_gpus": self.num_gpus,
+                "resources": dict(self.resources),
+            },
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            **replicas,
+        }
 
 
 class ModelConfig(_Strict):

@@ -81,3 +81,27 @@ def service(tiny_dir):
 @pytest.fixture(scope="session")
 def service_url(service) -> str:
     return f"http://{service.http.host}:{service.http.port}"
+
+
+@pytest.fixture(scope="session")
+def deploy_app(service, tiny_dir):
+    """Deploy another application beside the main one, under ``/<name>``, with config overrides; returns its
+    URL. Used for auth, overload and remote-image settings. Deleted at the end of the session."""
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.config import ServiceConfig
+
+    names = []
+
+    def deploy(name: str, overrides: dict) -> str:
+        data = service.model_dump()
+        for section, values in overrides.items():
+            data[section] = {**data[section], **values} if isinstance(values, dict) else values
+        serve.run(build_app(ServiceConfig.model_validate(data)), name=name, route_prefix=f"/{name}")
+        names.append(name)
+        return f"http://{service.http.host}:{service.http.port}/{name}"
+
+    yield deploy
+    for name in names:
+        serve.delete(name)
