@@ -127,13 +127,14 @@ class LimitsConfig(_Strict):
     max_image_bytes: int = Field(12 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(50_000_000, ge=1)
     max_aspect_ratio: float = Field(50.0, ge=1)
+    fast_jpeg: bool = Field(False, description="decode JPEGs at reduced scale: faster, pixels differ slightly")
     default_max_tokens: int = Field(64, ge=1)
     request_timeout_s: float = Field(120.0, gt=0)
     max_inflight: int = Field(512, ge=1, description="requests one Ingress replica holds; beyond: 503 at once")
     retry_after_s: float = Field(1.0, gt=0, description="what the Retry-After header of a 503 says")
 
     def image_limits(self) -> ImageLimits:
-        return ImageLimits(self.max_image_bytes, self.max_image_pixels, self.max_aspect_ratio)
+        return ImageLimits(self.max_image_bytes, self.max_image_pixels, self.max_aspect_ratio, self.fast_jpeg)
 
 
 class HTTPConfig(_Strict):

@@ -35,6 +35,9 @@ class ImageLimits:
     max_bytes: int
     max_pixels: int
     max_aspect_ratio: float
+    fast_jpeg: bool
+    """Decode JPEGs at a reduced scale (libjpeg's DCT scaling, still at least 224x224) before the resize:
+    about 1.8x faster, but the pixels differ slightly from the processor's (README, "Preprocessing")."""
 
 
 @dataclass(frozen=True)
@@ -50,12 +53,17 @@ def prepare_image(data: bytes, limits: ImageLimits) -> PreparedImage:
     """Decode, check and resize one encoded image; raises :class:`InvalidImage` or :class:`PayloadTooLarge`."""
     if len(data) > limits.max_bytes:
         raise PayloadTooLarge(f"the image is {len(data)} bytes; the limit is {limits.max_bytes}", param="image_url")
-    image = open_image(data, limits)
-    return PreparedImage(resize(to_rgb(image)), image.width, image.height)
+    image, width, height = open_image(data, limits)
+    return PreparedImage(resize(to_rgb(image)), width, height)
 
 
-def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
-    """Decode the first frame after checking format and size from the header; EXIF orientation applied."""
+ROTATED = {5, 6, 7, 8}
+"""EXIF orientations that turn the image a quarter, swapping its width and height."""
+
+
+def open_image(data: bytes, limits: ImageLimits) -> tuple[Image.Image, int, int]:
+    """The decoded first frame (EXIF orientation applied) and the original width and height as displayed;
+    format and size are checked from the header first."""
     if not data:
         raise InvalidImage("the image is empty", param="image_url")
     try:
@@ -74,9 +82,14 @@ def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
         raise InvalidImage(f"the image header cannot be read ({type(exc).__name__})", param="image_url") from None
     check_size(image.width, image.height, limits)
     try:
+        width, height = image.size
+        if image.getexif().get(0x0112) in ROTATED:
+            width, height = height, width
+        if limits.fast_jpeg and image.format == "JPEG":
+            image.draft("RGB", (SIZE, SIZE))
         image.seek(0)
         image.load()
-        return ImageOps.exif_transpose(image)
+        return ImageOps.exif_transpose(image), width, height
     except Exception as exc:
         raise InvalidImage(f"the image is truncated or corrupt ({exc})", param="image_url") from None
 

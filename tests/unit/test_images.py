@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from serve.config import LimitsConfig
 from serve.engine import ModelGeometry, normalize_pixels
 from serve.errors import InvalidImage, PayloadTooLarge
 from serve.images import ImageLimits, prepare_image
@@ -132,4 +133,22 @@ def test_bombs_are_refused_before_decoding(monkeypatch):
             prepare_image(png_header(width, height), LIMITS)
         assert "limit" in info.value.message
     with pytest.raises(PayloadTooLarge):
-        prepare_image(b"x" * 101, ImageLimits(max_bytes=100, max_pixels=10**6, max_aspect_ratio=50))
+        prepare_image(b"x" * 101, ImageLimits(max_bytes=100, max_pixels=10**6, max_aspect_ratio=50, fast_jpeg=False))
+
+
+def test_fast_jpeg_is_close_and_keeps_the_original_size():
+    """The opt-in fast path decodes at a reduced scale: the pixels stay close, the reported size is the
+    original one (boxes map to it), and other formats are untouched."""
+    fast = LimitsConfig(fast_jpeg=True).image_limits()
+    for seed in range(3):
+        jpeg = encode(photo(900, 600, seed=seed), "JPEG", quality=92)
+        exact, quick = prepare_image(jpeg, LIMITS), prepare_image(jpeg, fast)
+        assert (quick.width, quick.height) == (exact.width, exact.height) == (900, 600)
+        difference = np.abs(exact.pixels.astype(int) - quick.pixels.astype(int))
+        assert 0 < difference.mean() < 2.0
+    png = encode(photo(900, 600), "PNG")
+    assert np.array_equal(prepare_image(png, fast).pixels, prepare_image(png, LIMITS).pixels)
+    rotated = Image.Exif()
+    rotated[0x0112] = 6
+    turned = prepare_image(encode(photo(900, 600), "JPEG", exif=rotated), fast)
+    assert (turned.width, turned.height) == (600, 900)
