@@ -107,6 +107,7 @@ def job_from_request(request: ChatCompletionRequest, config: ServiceConfig, requ
         top_p=request.top_p if request.top_p is not None else 1.0,
         seed=request.seed,
         no_repeat_ngram_size=request.no_repeat_ngram_size or 0,
+        ignore_eos=request.ignore_eos,
     )
     region = tuple(request.region) if request.region is not None else None
     return Job(request_id, images[0].image_url.url, task, text, region, params)

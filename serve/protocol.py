@@ -1,7 +1,8 @@
 """The wire format: OpenAI-compatible chat completions with Kosmos-2's extensions (pydantic, no torch).
 
 Requests follow OpenAI's ``/v1/chat/completions``: one user message whose content holds one ``image_url``
-part (a data URI) and optional text parts. Extensions: ``task``, ``region`` and ``no_repeat_ngram_size``.
+part (a data URI) and optional text parts. Extensions: ``task``, ``region``, ``no_repeat_ngram_size`` and
+``ignore_eos`` (as in vLLM: exactly ``max_tokens`` tokens, for benchmarks).
 Unknown fields are accepted and ignored, as OpenAI-compatible servers do. Responses add
 ``choices[0].message.entities`` (and ``delta.entities`` when streaming): each phrase with its span in the
 content and its boxes, normalized and in the original image's pixels.
@@ -69,6 +70,7 @@ class ChatCompletionRequest(_Lenient):
     task: Task | None = None
     region: list[float] | None = Field(default=None, min_length=4, max_length=4)
     no_repeat_ngram_size: int | None = Field(default=None, ge=0, le=16)
+    ignore_eos: bool = False
 
 
 class EntityOut(BaseModel):
