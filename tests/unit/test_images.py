@@ -54,6 +54,9 @@ def test_pixels_equal_processor(loaded, name):
     make, fmt = CASES[name]
     data = encode(make(), fmt)
     decoded = Image.open(io.BytesIO(data))  # what a user of the processor would pass
+    if "A" in decoded.getbands():  # transformers composites on white only since 5.2x; this test is the resize's
+        white = Image.new("RGBA", decoded.size, (255, 255, 255, 255))
+        decoded = Image.alpha_composite(white, decoded.convert("RGBA")).convert("RGB")
     expected = hf_pixels(loaded, decoded)
     ours = our_pixels(loaded, data)
     assert ours.shape == expected.shape == (3, 224, 224)

@@ -1,0 +1,201 @@
+"""The performance run: both engine paths side by side, then the service on the same machine under a
+closed-loop sweep and an open-loop point at 80% of its peak; one JSON with the card's name.
+
+    python -m bench.perf_run --out bench/results/perf-h100              # GPU: real-size random weights, fp16
+    python -m bench.perf_run --out /tmp/perf --tiny --quick              # CPU: the tiny model, a smoke run
+
+The workload is the performance goal's: brief grounded captions of 640x480 JPEGs, exactly 32 new tokens
+(``ignore_eos``). Each step is the ordinary CLI (``python -m bench engine``, ``python -m serve run``,
+``python -m bench run``), so every figure can be reproduced alone; ``perf.json`` gathers them with the
+commands that made them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.provenance import provenance
+from serve.tiny import write_tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKLOAD = [
+    "--tasks",
+    "caption:1",
+    "--resolutions",
+    "640x480:1",
+    "--formats",
+    "jpeg:1",
+    "--max-tokens",
+    "32",
+    "--ignore-eos",
+]
+
+
+def run(command: list[str], log: Path) -> None:
+    """Run one step, its output kept in ``log``; stop the whole run if it fails."""
+    print("$", " ".join(command), flush=True)
+    with log.open("w") as out:
+        code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    if code != 0:
+        sys.exit(f"step failed ({code}): see {log}\n" + log.read_text()[-3000:])
+
+
+def start_service(model: list[str], config: str, port: int, log: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "serve", "run", *model, "--config", config, "--port", str(port)]
+    print("$", " ".join(command), flush=True)
+    service = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if service.poll() is not None:
+            sys.exit(f"the service exited ({service.returncode}): see {log}\n" + log.read_text()[-3000:])
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                return service
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    service.terminate()
+    sys.exit(f"the service was not ready in 300 s: see {log}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.perf_run", description=__doc__)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (a smoke run of the script)")
+    parser.add_argument("--quick", action="store_true", help="short points and small batches")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(tempfile.mkdtemp(prefix="kosmos2-"))
+    if args.tiny:
+        write_tiny(model_dir)
+        model, config, batches = ["--model", str(model_dir)], "configs/local.yaml", "1,8"
+        concurrency, duration = "1,4,16", "4"
+    else:
+        write_tiny(model_dir, real_size=True)
+        model = ["--model", str(model_dir), "--load-format", "dummy"]
+        config, batches, concurrency, duration = "configs/perf.yaml", "1,64,256", "1,64,256,512", "15"
+    if args.quick:
+        batches, concurrency, duration = "1,4", "1,8", "3"
+    python = sys.executable
+    engine = [
+        python,
+        "-m",
+        "bench",
+        "engine",
+        *model,
+        "--engine",
+        "hf,fast",
+        "--batch-sizes",
+        batches,
+        "--iterations",
+        "3",
+        *WORKLOAD,
+        "--out",
+        str(out / "engine"),
+    ]
+    if not args.tiny:
+        engine += ["--dtype", "float16"]
+    run(engine, out / "engine.log")
+
+    service = start_service(model, config, args.port, out / "service.log")
+    try:
+        url = f"http://127.0.0.1:{args.port}"
+        load = [
+            "--url",
+            url,
+            "--duration",
+            duration,
+            "--warmup-s",
+            "3",
+            "--grace",
+            "20",
+            "--no-progress",
+            *WORKLOAD,
+            "--engine-baseline",
+            str(out / "engine"),
+        ]
+        sweep = [python, "-m", "bench", "run", "--concurrency", concurrency, *load, "--out", str(out / "service")]
+        run(sweep, out / "sweep.log")
+        points = json.loads((out / "service" / "summary.json").read_text())["points"]
+        peak = max(point["images_per_s"] for point in points)
+        steady = [
+            python,
+            "-m",
+            "bench",
+            "run",
+            "--rate",
+            f"{0.8 * peak:.2f}",
+            "--max-in-flight",
+            "1024",
+            *load,
+            "--out",
+            str(out / "service-80"),
+        ]
+        run(steady, out / "steady.log")
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(timeout=120)
+    perf = combine(out, [" ".join(engine), " ".join(sweep), " ".join(steady)], vars(args))
+    (out / "perf.json").write_text(json.dumps(perf, indent=2) + "\n")
+    print(json.dumps(perf["headline"], indent=2))
+
+
+def combine(out: Path, commands: list[str], options: dict[str, Any]) -> dict[str, Any]:
+    """One record of the run: the card, each engine path and batch, each service load, and the ratios."""
+    engine = json.loads((out / "engine" / "summary.json").read_text())
+    service = json.loads((out / "service" / "summary.json").read_text())
+    steady = json.loads((out / "service-80" / "summary.json").read_text())
+    keep = ("images_per_s", "latency_p50_s", "latency_p99_s", "requests", "errors")
+    engine_points = [
+        {
+            "path": p["path"],
+            "batch_size": p["batch_size"],
+            "images_per_s": p["images_per_s"],
+            "latency_s": p["latency_s"],
+        }
+        for p in engine["points"]
+    ]
+    service_points = [{"concurrency": p.get("concurrency"), **{k: p.get(k) for k in keep}} for p in service["points"]]
+    best = {path: max(p["images_per_s"] for p in engine_points if p["path"] == path) for path in ("hf", "fast")}
+    single = {p["path"]: p["latency_s"] for p in engine_points if p["batch_size"] == 1}
+    peak = max(p["images_per_s"] for p in service_points)
+    alone = next(p for p in service_points if p["concurrency"] == 1)
+    at80 = {k: steady["points"][0].get(k) for k in (*keep, "rate")}
+    return {
+        **provenance({key: str(value) for key, value in options.items()}),
+        "gpu": engine.get("gpu"),
+        "workload": "brief grounded caption, 640x480 JPEG, exactly 32 new tokens",
+        "model": "Kosmos-2 architecture; random weights unless the run used the checkpoint",
+        "engine": engine_points,
+        "service": service_points,
+        "service_at_80_percent": at80,
+        "headline": {
+            "gpu": engine.get("gpu"),
+            "engine_fast_images_per_s": best["fast"],
+            "engine_hf_images_per_s": best["hf"],
+            "fast_over_hf": best["fast"] / best["hf"],
+            "service_images_per_s": peak,
+            "service_over_engine": peak / best["fast"],
+            "p99_at_80_percent_s": at80["latency_p99_s"],
+            "single_request_s": alone["latency_p50_s"],
+            "engine_single_image_s": single.get("fast"),
+            "single_over_engine": alone["latency_p50_s"] / single["fast"] if single.get("fast") else None,
+        },
+        "commands": commands,
+    }
+
+
+if __name__ == "__main__":
+    main()
