@@ -85,7 +85,7 @@ def main() -> None:
     else:
         write_tiny(model_dir, real_size=True)
         model = ["--model", str(model_dir), "--load-format", "dummy"]
-        config, batches, concurrency, duration = "configs/perf.yaml", "1,64,256", "1,64,256,512", "15"
+        config, batches, concurrency, duration = "configs/perf.yaml", "1,64,256,512", "1,64,256,512", "15"
     if args.quick:
         batches, concurrency, duration = "1,4", "1,8", "3"
     python = sys.executable
