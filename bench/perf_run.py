@@ -1,5 +1,6 @@
-"""The performance run: both engine paths side by side, then the service on the same machine under a
-closed-loop sweep and an open-loop point at 80% of its peak; one JSON with the card's name.
+"""The performance run: both engine paths side by side, where the fast engine's time goes, then the service
+on the same machine under a closed-loop sweep and an open-loop point at 80% of its peak; one JSON with the
+card's name.
 
     python -m bench.perf_run --out bench/results/perf-h100              # GPU: real-size random weights, fp16
     python -m bench.perf_run --out /tmp/perf --tiny --quick              # CPU: the tiny model, a smoke run
@@ -105,9 +106,21 @@ def main() -> None:
         "--out",
         str(out / "engine"),
     ]
+    profile = [
+        python,
+        "-m",
+        "bench.engine_profile",
+        *model,
+        "--batch-sizes",
+        batches,
+        "--out",
+        str(out / "profile.json"),
+    ]
     if not args.tiny:
         engine += ["--dtype", "float16"]
+        profile += ["--dtype", "float16"]
     run(engine, out / "engine.log")
+    run(profile, out / "profile.log")
 
     service = start_service(model, config, args.port, out / "service.log")
     try:
@@ -147,7 +160,7 @@ def main() -> None:
     finally:
         service.send_signal(signal.SIGTERM)
         service.wait(timeout=120)
-    perf = combine(out, [" ".join(engine), " ".join(sweep), " ".join(steady)], vars(args))
+    perf = combine(out, [" ".join(c) for c in (engine, profile, sweep, steady)], vars(args))
     (out / "perf.json").write_text(json.dumps(perf, indent=2) + "\n")
     print(json.dumps(perf["headline"], indent=2))
 
@@ -179,6 +192,7 @@ def combine(out: Path, commands: list[str], options: dict[str, Any]) -> dict[str
         "workload": "brief grounded caption, 640x480 JPEG, exactly 32 new tokens",
         "model": "Kosmos-2 architecture; random weights unless the run used the checkpoint",
         "engine": engine_points,
+        "engine_profile": json.loads((out / "profile.json").read_text())["points"],
         "service": service_points,
         "service_at_80_percent": at80,
         "headline": {

@@ -12,12 +12,10 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 
-import numpy as np
-import ray
-
 from serve.config import ServiceConfig
 from serve.engine import GenerationRequest, GenerationResult, build_engine
 from serve.engine_loop import EngineLoop
+from serve.errors import ServiceError
 from serve.jobs import Generated, Prepared
 from serve.metrics import EngineMetrics
 from serve.model import load_model
@@ -61,23 +59,23 @@ class Generator:
     async def stats(self) -> dict[str, int]:
         return asdict(self.loop.stats)
 
-    async def generate(self, prepared: Prepared) -> Generated:
+    async def generate(self, prepared: Prepared | ServiceError) -> Generated | ServiceError:
+        """Tokens for a prepared request (an error from preparation is passed on)."""
         self._sample_metrics()
-        result = await self.loop.generate(await _request(prepared))
+        if isinstance(prepared, ServiceError):
+            return prepared
+        result = await self.loop.generate(_request(prepared))
         return _generated(result, prepared)
 
     async def stream(self, prepared: Prepared) -> AsyncIterator[list[int] | Generated]:
         """Lists of new token ids as they come, then the :class:`Generated` record."""
         self._sample_metrics()
-        async for item in self.loop.stream(await _request(prepared)):
+        async for item in self.loop.stream(_request(prepared)):
             yield _generated(item, prepared) if isinstance(item, GenerationResult) else item
 
 
-async def _request(prepared: Prepared) -> GenerationRequest:
-    pixels = prepared.pixels
-    if isinstance(pixels, ray.ObjectRef):
-        pixels = await pixels
-    return GenerationRequest(np.asarray(pixels), np.asarray(prepared.prompt_ids), prepared.params)
+def _request(prepared: Prepared) -> GenerationRequest:
+    return GenerationRequest(prepared.pixels, prepared.prompt_ids, prepared.params)
 
 
 def _generated(result: GenerationResult, prepared: Prepared) -> Generated:

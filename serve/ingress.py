@@ -2,10 +2,11 @@
 
 It authenticates, reads and validates the body (size first), turns the request into a job, and chains the
 deployments: ``Preprocessor.prepare`` -> ``Generator.generate`` -> ``Preprocessor.finish``, passing each
-response on without fetching it, so that only small records reach this process. Streaming requests are
-prepared before the stream opens (so bad input still gets a plain error), then relayed as server-sent
-events. Every error, from here or from a replica, leaves through ``serve.errors.error_response``; every
-request leaves one structured log line.
+response on without fetching it, so that only small records reach this process. A streaming request is
+prepared by ``Preprocessor.stream``, whose first event says whether it passed its checks before the stream
+opens (so bad input still gets a plain error); its text is then relayed as server-sent events. Every error,
+from here or from a replica, leaves through ``serve.errors.error_response``; every request leaves one
+structured log line.
 """
 
 from __future__ import annotations
@@ -212,18 +213,21 @@ class Ingress:
             job = job_from_request(parsed, self.config, request_id)
             record.update(task=job.task.value, stream=parsed.stream)
             timeout = self.config.limits.request_timeout_s
-            prepared = await asyncio.wait_for(self.preprocessor.prepare.remote(job), timeout)
-            if isinstance(prepared, ServiceError):
-                raise prepared
             if parsed.stream:
                 include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
-                events = self.preprocessor.options(stream=True).stream.remote(prepared)
+                events = self.preprocessor.options(stream=True).stream.remote(job)
+                first = await asyncio.wait_for(events.__anext__(), timeout)
+                if isinstance(first, ServiceError):  # refused before the stream opens: a plain JSON error
+                    raise first
                 chunks = self._stream(events, request_id, include_usage, started + timeout, record, started)
                 return StreamingResponse(chunks, media_type="text/event-stream")
-            generated = self.generator.generate.remote(prepared)
+            # Chained without awaiting the middle calls: the pixels go from Preprocessor to Generator only.
+            prepared = self.preprocessor.prepare.remote(job)
             finished = await asyncio.wait_for(
-                self.preprocessor.finish.remote(generated), timeout - (time.monotonic() - started)
+                self.preprocessor.finish.remote(self.generator.generate.remote(prepared)), timeout
             )
+            if isinstance(finished, ServiceError):
+                raise finished
         except Exception as exc:
             response = _error(translate(exc))
             self._log(record, response.status_code, started)

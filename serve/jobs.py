@@ -1,16 +1,18 @@
 """What travels between the deployments, and how a chat request becomes a job.
 
 Ingress -> Preprocessor: a :class:`Job` (the client's image reference, task, text and parameters).
-Preprocessor -> Generator: a :class:`Prepared` (the engine request; its pixels sit in Ray's object store so
-that the Ingress, which waits for it, never holds them) and its :class:`PromptInfo`. Generator ->
+Preprocessor -> Generator: a :class:`Prepared` (the engine request and its :class:`PromptInfo`). Generator ->
 Preprocessor: a :class:`Generated` (the engine's result with the info passed through untouched), turned
-into the :class:`Answer` the Ingress sends back.
+into the :class:`Finished` answer the Ingress sends back. The Ingress chains these calls without awaiting
+the middle ones, so the pixels travel once, from the Preprocessor to the Generator. Bad input is not an
+exception between deployments but a value: a ``ServiceError`` passed along the chain to the Ingress.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+
+import numpy as np
 
 from serve.config import ServiceConfig
 from serve.errors import InvalidRequest, NotFound, PayloadTooLarge
@@ -47,10 +49,10 @@ class PromptInfo:
 
 @dataclass(frozen=True)
 class Prepared:
-    """The engine's input: pixels (a Ray object reference, or the array itself), ids and parameters."""
+    """The engine's input: 224x224x3 uint8 pixels, int32 prompt ids and parameters, and the prompt info."""
 
-    pixels: Any
-    prompt_ids: Any
+    pixels: np.ndarray
+    prompt_ids: np.ndarray
     params: SamplingParams
     info: PromptInfo
 
@@ -64,6 +66,11 @@ class Generated:
     prompt_tokens: int
     completion_tokens: int
     info: PromptInfo
+
+
+@dataclass(frozen=True)
+class Started:
+    """The first event of a stream: the request passed its checks, so the stream can open."""
 
 
 @dataclass(frozen=True)

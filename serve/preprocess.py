@@ -1,9 +1,10 @@
 """The CPU tier: before generation, image and prompt; after it, the answer with its entities.
 
 ``Preprocessor`` is a plain class that ``serve.app`` deploys on CPU replicas. ``prepare`` decodes the image
-(a base64 data URI, or a remote URL where the config allows it), checks and resizes it, builds the task's
-prompt and its token ids, and puts the pixels in Ray's object store. ``finish`` detokenizes and extracts
-entities. ``stream`` does both around the Generator's token stream, yielding text as it becomes certain.
+(a base64 data URI, or a remote URL where the config allows it), checks and resizes it, and builds the task's
+prompt and its token ids. ``finish`` detokenizes and extracts entities. ``stream`` does both around the
+Generator's token stream, yielding text as it becomes certain. Bad input comes back as a ``ServiceError``
+value (so replicas do not log it as a crash), and errors passed in are passed on.
 """
 
 from __future__ import annotations
@@ -14,13 +15,11 @@ import binascii
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import ray
-
 from serve.config import ServiceConfig
 from serve.engine import check_length
 from serve.errors import InvalidImage, InvalidRequest, PayloadTooLarge, ServiceError
 from serve.images import PreparedImage, prepare_image
-from serve.jobs import Finished, Generated, Job, Prepared, PromptInfo
+from serve.jobs import Finished, Generated, Job, Prepared, PromptInfo, Started
 from serve.model import load_processor
 from serve.remote import fetch_image
 from serve.tasks import build_prompt
@@ -62,8 +61,7 @@ class Preprocessor:
         return True
 
     async def prepare(self, job: Job) -> Prepared | ServiceError:
-        """Decode and check the image, build the prompt. Bad input is an answer here, not a failure: the
-        error naming the problem is returned (so the replica does not log it as a crash) for the Ingress."""
+        """Decode and check the image, build the prompt; or the error naming what is wrong with them."""
         try:
             prompt = build_prompt(job.task, job.text, job.region)
             prompt_ids = self.codec.encode(prompt.text)
@@ -72,7 +70,7 @@ class Preprocessor:
         except ServiceError as exc:
             return exc
         info = PromptInfo(job.request_id, job.task, prompt, prompt_ids.tolist(), image.width, image.height)
-        return Prepared(ray.put(image.pixels), prompt_ids, job.params, info)
+        return Prepared(image.pixels, prompt_ids, job.params, info)
 
     async def _image(self, url: str) -> PreparedImage:
         limits = self.limits
@@ -86,14 +84,21 @@ class Preprocessor:
             )
         return await asyncio.to_thread(prepare_image, data, limits)
 
-    async def finish(self, generated: Generated) -> Finished:
-        """The answer's clean text and entities."""
+    async def finish(self, generated: Generated | ServiceError) -> Finished | ServiceError:
+        """The answer's clean text and entities (or the error met on the way)."""
+        if isinstance(generated, ServiceError):
+            return generated
         info = generated.info
         answer = self.codec.answer(info.prompt, info.prompt_ids, generated.token_ids, info.width, info.height)
         return Finished(answer, generated.finish_reason, generated.prompt_tokens, generated.completion_tokens)
 
-    async def stream(self, prepared: Prepared) -> AsyncIterator[TextPiece | Finished]:
-        """Stream the answer of a prepared request: text pieces, then the finished answer."""
+    async def stream(self, job: Job) -> AsyncIterator[Started | ServiceError | TextPiece | Finished]:
+        """Prepare, then stream: ``Started`` (or the error, alone), text pieces, the finished answer."""
+        prepared = await self.prepare(job)
+        if isinstance(prepared, ServiceError):
+            yield prepared
+            return
+        yield Started()
         info = prepared.info
         pieces = AnswerStream(self.codec, info.prompt, info.prompt_ids)
         async for item in self.generator.options(stream=True).stream.remote(prepared):

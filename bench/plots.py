@@ -1,0 +1,225 @@
+"""The bench's PNG plots (matplotlib, Agg backend; the only module that imports matplotlib).
+
+Each function takes plain data (lists, dicts, dataclasses), writes one PNG and returns its path; titles, axis
+labels with units and legends are always set. ``bench.report`` decides which plots a report holds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter, LogLocator
+
+from bench.metrics import SeriesBin
+from bench.replicas import ReplicaSample
+
+DPI = 120
+REFERENCE_STYLE = {"color": "black", "linestyle": "--", "linewidth": 1.2}
+SLO_STYLE = {"color": "tab:red", "linestyle": ":", "linewidth": 1.2}
+
+SweepPoint = tuple[float, float, float | None]
+"""(x: concurrency or offered rate, images/s, p99 latency in s)."""
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def sweep_plot(
+    series: dict[str, Sequence[SweepPoint]], x_label: str, path: Path, slo_p99_s: float | None = None
+) -> Path:
+    """Throughput and p99 latency against concurrency or offered rate, one line per series (an offered-rate
+    axis also shows throughput = offered rate, what a service that keeps up serves)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    xs_all = sorted({p[0] for points in series.values() for p in points})
+    tops = {left: 0.0, right: slo_p99_s or 0.0}
+    for name, points in series.items():
+        points = sorted(points)
+        xs = [p[0] for p in points]
+        throughput = [p[1] for p in points]
+        latency = [p[2] if p[2] is not None else float("nan") for p in points]
+        left.plot(xs, throughput, marker="o", label=name)
+        right.plot(xs, latency, marker="o", label=name)
+        tops[left] = max([tops[left], *throughput])
+        tops[right] = max([tops[right], *(v for v in latency if not math.isnan(v))])
+    if "rate" in x_label:
+        left.plot(xs_all, xs_all, color="grey", linestyle="--", linewidth=1, label="offered rate")
+        tops[left] = max(tops[left], *xs_all)
+    if slo_p99_s is not None:
+        right.axhline(slo_p99_s, label=f"SLO p99 {slo_p99_s:g} s", **SLO_STYLE)
+    for ax, title, ylabel in ((left, "Throughput", "images / s"), (right, "p99 latency", "p99 latency (s)")):
+        ax.set_title(f"{title} vs {x_label.split(' (')[0]}")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(0, (tops[ax] or 1.0) * 1.15)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        if "concurrency" in x_label and len(xs_all) > 2:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs_all, [f"{t:g}" for t in xs_all])
+    return _save(fig, path)
+
+
+def latency_cdf_plot(latencies: dict[str, Sequence[float]], path: Path, slo_p99_s: float | None = None) -> Path:
+    """The empirical CDF of request latency, one line per load point."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for label, values in latencies.items():
+        values = sorted(values)
+        if values:
+            fractions = [(i + 1) / len(values) for i in range(len(values))]
+            ax.step(values, fractions, where="post", label=f"{label} (n={len(values)})")
+    for q in (0.5, 0.99):
+        ax.axhline(q, color="grey", linewidth=0.6, linestyle=":")
+    if slo_p99_s is not None:
+        ax.axvline(slo_p99_s, label=f"SLO p99 {slo_p99_s:g} s", **SLO_STYLE)
+    ax.set_title("Latency CDF of successful requests (steady window)")
+    ax.set_xlabel("latency (s)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlim(left=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def time_series_plot(
+    bins: Sequence[SeriesBin],
+    target_rate: Sequence[tuple[float, float, float]],
+    replicas: Sequence[ReplicaSample],
+    spans: Sequence[tuple[float, float, str]],
+    path: Path,
+) -> Path:
+    """Rates, latency and replicas per deployment on one time axis; ``target_rate`` holds (start, end, rate)
+    steps of a shaped schedule, ``spans`` the (start, end, label) of each point's steady window."""
+    fig, (rate_ax, latency_ax, replica_ax) = plt.subplots(3, 1, figsize=(12, 8.5), sharex=True)
+    t = [b.t_s for b in bins]
+    if target_rate:
+        xs = [x for start, end, _ in target_rate for x in (start, end)]
+        ys = [rate for *_, rate in target_rate for _ in (0, 1)]
+        rate_ax.plot(xs, ys, color="black", linestyle="--", label="target rate")
+    rate_ax.step(t, [b.sent_per_s for b in bins], where="post", label="sent")
+    rate_ax.step(t, [b.completed_per_s for b in bins], where="post", label="completed")
+    rate_ax.step(t, [b.errors_per_s for b in bins], where="post", label="errors", color="tab:red")
+    rate_ax.set_ylabel("requests / s")
+    rate_ax.set_title("Offered and served load over time (shaded: steady windows)")
+    latency_ax.plot(t, [_nan(b.latency_p50_s) for b in bins], marker=".", label="p50")
+    latency_ax.plot(t, [_nan(b.latency_p99_s) for b in bins], marker=".", label="p99")
+    latency_ax.set_ylabel("latency (s)")
+    latency_ax.set_title("Latency of the requests completing in each interval")
+    deployments = sorted({(s.application, s.deployment) for s in replicas})
+    for app, name in deployments:
+        samples = [s for s in replicas if (s.application, s.deployment) == (app, name)]
+        replica_ax.step(
+            [s.t_s for s in samples], [s.running_replicas for s in samples], where="post", label=f"{app}/{name}"
+        )
+    if not deployments:
+        replica_ax.text(
+            0.5,
+            0.5,
+            "no replica counts (pass --serve-api)",
+            ha="center",
+            va="center",
+            transform=replica_ax.transAxes,
+            color="grey",
+        )
+    replica_ax.set_ylabel("running replicas")
+    replica_ax.set_title("Replicas per deployment (Serve REST API)")
+    replica_ax.set_xlabel("time since the start of the run (s)")
+    for ax in (rate_ax, latency_ax, replica_ax):
+        for i, (start, end, _) in enumerate(spans):
+            ax.axvspan(start, end, color="tab:grey" if i % 2 else "tab:blue", alpha=0.06)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    for start, _, label in spans:
+        rate_ax.annotate(
+            label,
+            (start, 0.97),
+            xycoords=("data", "axes fraction"),
+            fontsize=7,
+            va="top",
+            bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "alpha": 0.8, "linewidth": 0},
+        )
+    return _save(fig, path)
+
+
+def cost_latency_plot(
+    series: dict[str, Sequence[tuple[float, float, str]]], reference_usd: float, path: Path, utilization: float
+) -> Path:
+    """Cost per 1,000 images against p99 latency: one line per instance type through its load points, in load
+    order, each point given as (p99 latency, cost, short label)."""
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for name, points in series.items():
+        (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        for latency, cost, label in points:
+            ax.annotate(
+                label, (latency, cost), textcoords="offset points", xytext=(4, 4), fontsize=7, color=line.get_color()
+            )
+    ax.axhline(reference_usd, label=f"reference ${reference_usd:.3f} / 1k", **REFERENCE_STYLE)
+    ax.set_title(f"Cost per 1,000 images vs p99 latency ({utilization:.0%} utilization)")
+    ax.set_xlabel("p99 latency (s)")
+    ax.set_ylabel("USD per 1,000 images (log scale)")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"${v:.3g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def price_bars_plot(
+    names: Sequence[str],
+    bars: dict[str, Sequence[float]],
+    reference_usd: float,
+    path: Path,
+) -> Path:
+    """Grouped bars of USD per 1,000 images per instance type (e.g. cost at 100%, at the target utilization,
+    suggested list price), with the reference price as a line."""
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.6 * len(names) + 3), 4.8))
+    width = 0.8 / max(1, len(bars))
+    for i, (label, values) in enumerate(bars.items()):
+        xs = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(names))]
+        drawn = ax.bar(xs, values, width=width, label=label)
+        ax.bar_label(drawn, fmt="$%.3f", fontsize=7)
+    ax.axhline(reference_usd, label=f"reference ${reference_usd:.3f} / 1k", **REFERENCE_STYLE)
+    ax.set_xticks(range(len(names)), names, rotation=15, ha="right", fontsize=8)
+    ax.set_title("Price per 1,000 images by instance type")
+    ax.set_xlabel("instance type (run)")
+    ax.set_ylabel("USD per 1,000 images")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def engine_plot(series: dict[str, Sequence[tuple[int, float]]], path: Path) -> Path:
+    """Engine-only throughput against batch size, one line per engine path."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for name, points in series.items():
+        points = sorted(points)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    batch_sizes = sorted({b for points in series.values() for b, _ in points})
+    if len(batch_sizes) > 2:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+    ax.set_title("Engine-only throughput vs batch size")
+    ax.set_xlabel("batch size (requests per generate call)")
+    ax.set_ylabel("images / s")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(title="engine path")
+    return _save(fig, path)
+
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else value

@@ -1,0 +1,101 @@
+"""The engine-only and preprocessing modes on the tiny model: their files, and numbers consistent with them."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+from PIL import Image
+
+from bench.__main__ import main
+from bench.engine_bench import engine_requests
+from bench.metrics import BatchRecord
+from bench.records import read_json, read_jsonl
+from bench.workload import WorkloadConfig, build_workload
+from serve.config import EngineConfig
+from serve.engine import build_engine
+
+ITERATIONS = 2
+BATCH_SIZES = (1, 3)
+WORKLOAD = ["--resolutions", "64x48", "--pool-size", "5", "--max-tokens", "6", "--seed", "2"]
+
+
+@pytest.fixture(scope="module")
+def engine_run(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine")
+    args = ["engine", "--model", str(tiny_dir), "--out", str(out), "--engine", "hf,fast", "--batch-sizes", "1,3"]
+    assert main([*args, "--iterations", str(ITERATIONS), "--device", "cpu", "--nodes", "g6.xlarge", *WORKLOAD]) == 0
+    return out
+
+
+def test_engine_mode_writes_its_files(engine_run):
+    summary = read_json(engine_run / "summary.json")
+    assert summary["schema_version"] == 1 and summary["kind"] == "engine"
+    assert summary["gpu"] == "cpu" and summary["dtype"] == "float32"
+    assert summary["versions"]["torch"] and "git_commit" in summary and summary["hardware"]["cpu_cores"] >= 1
+    assert summary["config"]["workload"]["max_tokens"] == 6
+    points = summary["points"]
+    assert [(p["path"], p["batch_size"]) for p in points] == [(e, b) for e in ("hf", "fast") for b in BATCH_SIZES]
+    batches = [BatchRecord(**row) for row in read_jsonl(engine_run / "batches.jsonl")]
+    assert len(batches) == ITERATIONS * len(points)
+    for point in points:
+        mine = [b for b in batches if (b.path, b.batch_size) == (point["path"], point["batch_size"])]
+        seconds = sum(b.seconds for b in mine)
+        assert point["iterations"] == ITERATIONS and point["images"] == ITERATIONS * point["batch_size"]
+        assert point["images_per_s"] == pytest.approx(point["images"] / seconds)
+        assert point["latency_s"] == pytest.approx(seconds / ITERATIONS)
+        assert point["tokens_per_s"] == pytest.approx(sum(b.completion_tokens for b in mine) / seconds)
+        assert 1 <= point["completion_tokens_mean"] <= 7  # six new tokens at most, plus the end token
+        assert point["cost_per_1k_images_usd"] == pytest.approx(0.8048 / (point["images_per_s"] * 3.6))
+    with open(engine_run / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(r["images_per_s"]) for r in rows] == pytest.approx([p["images_per_s"] for p in points])
+    report = (engine_run / "report.md").read_text()
+    assert "| fast | 3 |" in report and "| hf | 1 |" in report
+    with Image.open(engine_run / "engine_throughput.png") as image:
+        assert image.size[0] > 500
+
+
+def test_both_paths_ran_the_same_requests(engine_run, loaded):
+    """Greedy tokens of the two paths agree, so equal token counts show they ran the same batches; and the
+    counts are those the engine gives for the workload's first requests."""
+    batches = [BatchRecord(**row) for row in read_jsonl(engine_run / "batches.jsonl")]
+    by_path = {
+        path: [(b.batch_size, b.completion_tokens) for b in batches if b.path == path] for path in ("hf", "fast")
+    }
+    assert by_path["hf"] == by_path["fast"]
+    config = WorkloadConfig(resolutions={"64x48": 1.0}, pool_size=5, max_tokens=6, seed=2)
+    requests = engine_requests(loaded, build_workload(config))
+    engine = build_engine(loaded, EngineConfig(kind="hf", max_batch_size=3, batch_wait_s=0.0))
+    # Batch size 3, after one warm-up batch: the timed batches hold requests 3, 4, 0 and then 1, 2, 3.
+    expected = [
+        sum(r.completion_tokens for r in engine.generate([requests[i % 5] for i in range(s, s + 3)])) for s in (3, 6)
+    ]
+    assert [tokens for size, tokens in by_path["hf"] if size == 3] == expected
+
+
+def test_ignore_eos_forces_the_token_count(tiny_dir, tmp_path):
+    out = tmp_path / "forced"
+    args = ["engine", "--model", str(tiny_dir), "--out", str(out), "--batch-sizes", "4", "--iterations", "1"]
+    assert main([*args, "--device", "cpu", *WORKLOAD, "--ignore-eos"]) == 0
+    [point] = read_json(out / "summary.json")["points"]
+    assert point["completion_tokens_mean"] == 6 and point["finished_by_length_fraction"] == 1.0
+    assert "exactly 6 new tokens" in (out / "report.md").read_text()
+
+
+def test_preprocess_mode_writes_its_summary(tiny_dir, tmp_path):
+    out = tmp_path / "pre"
+    args = ["preprocess", "--out", str(out), "--model", str(tiny_dir), "--images", "3", "--seconds", "0.1"]
+    assert main(args) == 0
+    summary = read_json(out / "summary.json")
+    assert summary["schema_version"] == 1 and summary["kind"] == "preprocess"
+    assert summary["config"]["resolution"] == "640x480" and summary["config"]["images"] == 3
+    paths = summary["paths"]
+    assert set(paths) == {"ours", "hf"}
+    for values in paths.values():
+        assert values["images"] % 3 == 0 and values["images"] >= 3
+        assert values["images_per_s_per_core"] == pytest.approx(values["images"] / values["seconds"])
+    assert paths["hf"]["speedup_vs_hf"] == 1.0
+    ratio = paths["ours"]["images_per_s_per_core"] / paths["hf"]["images_per_s_per_core"]
+    assert paths["ours"]["speedup_vs_hf"] == pytest.approx(ratio)
+    assert "| ours |" in (out / "report.md").read_text()

@@ -1,0 +1,178 @@
+"""Summaries, reports and the pricing estimate, from synthetic runs whose numbers are known."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+from PIL import Image
+
+from bench.__main__ import main
+from bench.cost import load_prices, parse_nodes
+from bench.load import LoadRun, PointResult
+from bench.records import RequestRecord, read_json, write_json, write_jsonl
+from bench.replicas import ReplicaSample
+from bench.report import write_run_report
+from bench.summary import service_summary
+
+
+def point(index: int, concurrency: int, start: float) -> PointResult:
+    return PointResult(
+        index=index,
+        label=f"concurrency={concurrency}",
+        mode="closed",
+        concurrency=concurrency,
+        rate=None,
+        x=float(concurrency),
+        start_s=start,
+        window_start_s=start,
+        window_end_s=start + 10.0,
+        end_s=start + 11.0,
+        sent=0,
+        skipped=0,
+        schedule=[],
+    )
+
+
+def synthetic_run(latency: float, per_second: int) -> LoadRun:
+    """Two points of 10 s; the first sends `per_second` requests a second of `latency` s, the second twice as
+    many at twice the latency, one in ten refused with a 429."""
+    points, records = [point(0, 2, 0.0), point(1, 4, 20.0)], []
+    for p, (rate, lat) in zip(points, [(per_second, latency), (2 * per_second, 2 * latency)]):
+        for i in range(10 * rate):
+            start = p.start_s + i / rate
+            refused = i % 10 == 9
+            records.append(
+                RequestRecord(
+                    point=p.index,
+                    index=i,
+                    item=i % 4,
+                    task="caption",
+                    image_width=640,
+                    image_height=480,
+                    image_bytes=40_000,
+                    warmup=False,
+                    scheduled_s=start,
+                    start_s=start,
+                    end_s=start + (0.01 if refused else lat),
+                    status=429 if refused else 200,
+                    prompt_tokens=70,
+                    completion_tokens=0 if refused else 12,
+                    error_type="rate_limit_error" if refused else None,
+                )
+            )
+        p.sent = 10 * rate
+    replicas = [ReplicaSample(float(t), "kosmos", "Generator", "HEALTHY", 1 + t // 15, 1 + t // 15) for t in range(31)]
+    return LoadRun("2026-01-01T00:00:00+00:00", points, records, replicas)
+
+
+def write_run(folder, run: LoadRun, nodes: str) -> dict:
+    prices = load_prices()
+    config = {"url": "http://127.0.0.1:8000", "workload": {"max_tokens": 12}, "load": {}, "slo_p99_s": 1.0}
+    summary = service_summary(run, config, prices, parse_nodes(nodes), utilization=0.5, slo_p99_s=1.0)
+    folder.mkdir(parents=True)
+    write_jsonl(folder / "requests.jsonl", run.records)
+    write_jsonl(folder / "replicas.jsonl", run.replicas)
+    write_json(folder / "summary.json", summary)
+    return summary
+
+
+def test_summary_of_a_known_run(tmp_path):
+    summary = write_run(tmp_path / "a10", synthetic_run(latency=0.4, per_second=5), "g5.xlarge")
+    first, second = summary["points"]
+    # Point 1: 50 requests in 10 s, 45 succeed; 44 of them end inside the window (i = 48 ends at 10 s exactly).
+    assert (first["requests"], first["ok"], first["errors"], first["errors_by_status"]) == (50, 45, 5, {"429": 5})
+    assert first["images_per_s"] == pytest.approx(4.4)
+    assert first["output_tokens_per_s"] == pytest.approx(4.4 * 12)
+    assert first["latency_p50_s"] == pytest.approx(0.4) and first["latency_p99_s"] == pytest.approx(0.4)
+    assert first["cost_per_1k_images_usd"] == pytest.approx(1.006 / (4.4 * 3.6))
+    assert first["cost_per_1k_images_usd_at_utilization"] == pytest.approx(2 * 1.006 / (4.4 * 3.6))
+    assert first["slo_met"] is True and first["goodput_images_per_s"] == pytest.approx(4.4)
+    # Point 2: 100 requests of 0.8 s; those sent at 9.3 s and after end past the window.
+    assert second["requests"] == 100 and second["latency_p99_s"] == pytest.approx(0.8)
+    ended_in_window = sum(1 for i in range(100) if i % 10 != 9 and i / 10 + 0.8 < 10)
+    assert second["images_per_s"] == pytest.approx(ended_in_window / 10)
+    assert summary["nodes"] == ["g5.xlarge"] and summary["usd_per_hour"] == 1.006
+    assert summary["reference_usd_per_1k_images"] == 0.626
+
+
+def test_run_report_is_consistent_with_the_summary(tmp_path):
+    folder = tmp_path / "a10"
+    summary = write_run(folder, synthetic_run(latency=0.4, per_second=5), "g5.xlarge")
+    report = write_run_report(folder).read_text()
+    with open(folder / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["label"] for r in rows] == ["concurrency=2", "concurrency=4"]
+    for row, p in zip(rows, summary["points"]):
+        for column in ("images_per_s", "latency_p99_s", "cost_per_1k_images_usd", "errors_by_status.429"):
+            value = p["errors_by_status"]["429"] if column == "errors_by_status.429" else p[column]
+            assert float(row[column]) == pytest.approx(value)
+    assert "| concurrency=2 | 4.4 |" in report
+    cheapest = min(p["cost_per_1k_images_usd"] for p in summary["points"])
+    assert f"${cheapest:.4g} per 1,000 images at 100% utilization" in report
+    assert "reference price $0.626" in report and "HTTP 429" in report
+    assert "The highest throughput meeting the SLO is" in report
+    for name in ("throughput_latency", "latency_cdf", "timeseries", "cost_vs_latency"):
+        assert f"]({name}.png)" in report
+        with Image.open(folder / f"{name}.png") as image:
+            assert image.format == "PNG" and image.size[0] >= 800
+
+
+def test_run_report_with_an_engine_baseline(tmp_path):
+    folder = tmp_path / "run"
+    summary = write_run(folder, synthetic_run(latency=0.4, per_second=5), "g5.xlarge")
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    engine_points = [
+        {"path": "hf", "batch_size": 8, "images_per_s": 20.0, "latency_p99_s": 0.4},
+        {"path": "hf", "batch_size": 32, "images_per_s": 40.0, "latency_p99_s": 0.8},
+        {"path": "fast", "batch_size": 32, "images_per_s": 80.0, "latency_p99_s": 0.4},
+    ]
+    write_json(
+        engine / "summary.json",
+        {"config": {"workload": {"max_tokens": 12}}, "gpu": "NVIDIA H200", "points": engine_points},
+    )
+    report = write_run_report(folder, engine).read_text()
+    peak = max(p["images_per_s"] for p in summary["points"])
+    assert f"| hf | 32 | 40 | {peak:.4g} | {peak / 40:.4g} |" in report
+    assert f"| fast | 32 | 80 | {peak:.4g} | {peak / 80:.4g} |" in report
+    assert "max_tokens differs" not in report
+
+
+def test_price_command_combines_runs(tmp_path, capsys):
+    write_run(tmp_path / "a10", synthetic_run(latency=0.4, per_second=5), "g5.xlarge")
+    write_run(tmp_path / "h100", synthetic_run(latency=0.1, per_second=50), "p5.48xlarge/gpu")
+    bare = synthetic_run(latency=0.2, per_second=10)
+    write_run(tmp_path / "l4", bare, "g6.xlarge")
+    summary = read_json(tmp_path / "l4" / "summary.json")
+    write_json(tmp_path / "l4" / "summary.json", {**summary, "nodes": []})
+    out = tmp_path / "pricing"
+    args = ["price", *(str(tmp_path / d) for d in ("a10", "h100", "l4")), "--out", str(out)]
+    args += ["--margin", "0.4", "--utilization", "0.5", "--max-error-rate", "0.2", "--slo-p99", "1.0"]
+    assert main([*args, "--nodes", f"{tmp_path / 'l4'}=g6.xlarge"]) == 0
+    with open(out / "pricing.csv") as handle:
+        rows = {r["run"]: r for r in csv.DictReader(handle)}
+    assert set(rows) == {"a10", "h100", "l4"}
+    # a10: the second point (0.8 s p99, within the SLO) is faster: 83 successes end in its 10 s window.
+    a10 = rows["a10"]
+    assert a10["point"] == "concurrency=4" and float(a10["images_per_s"]) == pytest.approx(8.3)
+    assert float(a10["cost_per_1k_images_usd"]) == pytest.approx(1.006 / (8.3 * 3.6))
+    assert float(a10["cost_per_1k_images_usd_at_utilization"]) == pytest.approx(2 * 1.006 / (8.3 * 3.6))
+    assert float(a10["list_price_per_1k_images_usd"]) == pytest.approx(2 * 1.006 / (8.3 * 3.6) / 0.6)
+    h100 = rows["h100"]
+    assert h100["nodes"] == "p5.48xlarge/gpu" and float(h100["usd_per_hour"]) == pytest.approx(98.32 / 8)
+    assert rows["l4"]["nodes"] == "g6.xlarge"
+    markdown = (out / "pricing.md").read_text()
+    assert "Reference: $0.626 per 1,000 images" in markdown and "p99 latency within 1 s" in markdown
+    for name in ("pricing", "cost_vs_latency"):
+        with Image.open(out / f"{name}.png") as image:
+            assert image.format == "PNG"
+    assert "a10: g5.xlarge" in capsys.readouterr().out
+
+
+def test_price_command_needs_a_node_set(tmp_path, capsys):
+    write_run(tmp_path / "x", synthetic_run(latency=0.4, per_second=5), "g5.xlarge")
+    summary = read_json(tmp_path / "x" / "summary.json")
+    write_json(tmp_path / "x" / "summary.json", {**summary, "nodes": []})
+    assert main(["price", str(tmp_path / "x"), "--out", str(tmp_path / "p")]) == 2
+    assert "--nodes" in capsys.readouterr().err
