@@ -125,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
     summary = asyncio.run(evaluate(examples, predictor, args.out, config, not args.no_progress, args.examples))
     print(
         f"accuracy {100 * summary['accuracy']:.2f}%  any box {100 * summary['any_box_accuracy']:.2f}%  "
-        f"n {summary['n']}  no box {summary['no_box']}  errors {summary['errors']}  -> {args.out}"
+        f"n {summary['n']}  no box {summary['no_box']} (phrase mismatch {summary['phrase_mismatch']}, "
+        f"no object {summary['no_object']})  errors {summary['errors']}  -> {args.out}"
     )
     if not summary["complete"]:
         print(f"{summary['errors']} expressions failed (see 'error' in predictions.jsonl); rerun to retry them")

@@ -2,7 +2,9 @@
 
 Each panel shows the image as the annotation sizes it (no EXIF rotation, like the official pipeline), the
 ground-truth box in green, the scored (first) predicted box in red, other boxes under the same phrase in orange
-dots, and the expression with its IoU as the title, red for a failure. Failures fill up to half of the grid.
+dots, and as the title the expression, its IoU and verdict (red for a failure) and the start of the answer's
+text. A panel without a box says so inside the image, and whether the answer had boxes under other phrases
+(drawn in cyan dots) or none at all. Failures fill up to half of the grid.
 It runs as part of ``python -m eval run`` (matplotlib's object API, which renders with Agg and leaves pyplot's
 global state alone).
 """
@@ -22,6 +24,7 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 
 from eval.datasets import RefExample
+from serve.grounding import to_pixels
 
 if TYPE_CHECKING:
     from eval.runner import PredictionRecord
@@ -53,23 +56,61 @@ def draw_examples(
     for axis in axes.flat:
         axis.axis("off")
     for axis, index in zip(axes.flat, chosen):
-        example, record = examples[index], records[index]
-        with Image.open(io.BytesIO(example.read_image())) as image:
-            axis.imshow(image.convert("RGB"), extent=(0, example.width, example.height, 0))
-        axis.set_xlim(0, example.width)
-        axis.set_ylim(example.height, 0)
-        _box(axis, record.gt_box, "lime", "-", 2.5)
-        for k, box in enumerate(record.pred_boxes):
-            _box(axis, box, "red" if k == 0 else "orange", "--" if k == 0 else ":", 2.0 if k == 0 else 1.2)
-        verdict = "correct" if record.correct else ("no box" if record.no_box else "wrong")
-        if record.error:
-            verdict = "error"
-        shown = math.floor(record.iou * 1000) / 1000  # rounded down, so 0.4997 does not read as 0.500
-        title = textwrap.fill(record.expression, 38) + f"\nIoU {shown:.3f}: {verdict}"
-        axis.set_title(title, fontsize=9, color="darkgreen" if record.correct else "firebrick")
-    figure.suptitle("green: ground truth, red dashed: first predicted box, orange: other boxes of the phrase")
+        _panel(axis, examples[index], records[index])
+    figure.suptitle(
+        "green: ground truth, red dashed: first predicted box, orange: other boxes of the phrase, "
+        "cyan: boxes under other phrases; > the answer's text"
+    )
     figure.tight_layout(rect=(0, 0, 1, 0.97))
     figure.savefig(path, dpi=80)
+
+
+def _panel(axis: Axes, example: RefExample, record: PredictionRecord) -> None:
+    """One example: the image, its boxes, a label when there is no box, and the title."""
+    with Image.open(io.BytesIO(example.read_image())) as image:
+        axis.imshow(image.convert("RGB"), extent=(0, example.width, example.height, 0))
+    axis.set_xlim(0, example.width)
+    axis.set_ylim(example.height, 0)
+    _box(axis, record.gt_box, "lime", "-", 2.5)
+    for k, box in enumerate(record.pred_boxes):
+        _box(axis, box, "red" if k == 0 else "orange", "--" if k == 0 else ":", 2.0 if k == 0 else 1.2)
+    if record.phrase_mismatch:
+        for entity in record.entities:
+            for box in entity.boxes:
+                _box(axis, to_pixels(box, example.width, example.height), "cyan", ":", 1.5)
+    if record.no_box:
+        axis.text(
+            0.5,
+            0.03,
+            verdict(record).upper(),
+            transform=axis.transAxes,
+            ha="center",
+            va="bottom",
+            fontsize=12,
+            color="firebrick",
+            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "firebrick"},
+        )
+    shown = math.floor(record.iou * 1000) / 1000  # rounded down, so 0.4997 does not read as 0.500
+    answer = textwrap.shorten(record.error or record.text, 44, placeholder="...") or "(empty)"
+    title = f"{textwrap.fill(record.expression, 40)}\nIoU {shown:.3f}: {verdict(record)}\n> {answer}"
+    axis.set_title(title, fontsize=9, color="darkgreen" if record.correct else "firebrick")
+
+
+def verdict(record: PredictionRecord) -> str:
+    """What became of one expression, telling the two kinds of "no box" apart.
+
+    >>> from types import SimpleNamespace as R
+    >>> [verdict(R(error=None, correct=c, no_box=n, phrase_mismatch=m)) for c, n, m in
+    ...  [(True, False, False), (False, False, False), (False, True, True), (False, True, False)]]
+    ['correct', 'wrong', 'no box: other phrase', 'no box: no object']
+    """
+    if record.error:
+        return "error"
+    if record.correct:
+        return "correct"
+    if not record.no_box:
+        return "wrong"
+    return "no box: other phrase" if record.phrase_mismatch else "no box: no object"
 
 
 def _box(axis: Axes, box: Sequence[float], colour: str, style: str, width: float) -> None:

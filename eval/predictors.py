@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from eval.datasets import RefExample
 from eval.refexp import PredictedEntity
 from serve.client import APIError, KosmosClient
-from serve.grounding import box_to_patch_indices, patch_indices_to_box, patch_token
+from serve.grounding import box_to_patch_indices, extract_entities, patch_token
 
 if TYPE_CHECKING:  # torch is imported only when the engine predictor is used
     from serve.engine import Engine
@@ -43,7 +43,11 @@ NO_REPEAT_NGRAM_SIZE = 3
 
 @dataclass(frozen=True)
 class Prediction:
-    """A predictor's answer to one expression: the text, its entities, or why there is none."""
+    """A predictor's answer to one expression: the clean text, its entities, or why there is none.
+
+    ``text`` is the answer without its tags (the service's ``content``), ``entities`` what the predictor
+    returned, each with its phrase, span, boxes and pixel boxes where it gave them.
+    """
 
     text: str = ""
     entities: list[PredictedEntity] = field(default_factory=list)
@@ -90,10 +94,10 @@ class OraclePredictor(Predictor):
             upper_left, lower_right = box_to_patch_indices(normalized)
         except ValueError:  # an empty ground-truth box has no encoding: no answer could name it
             return Prediction("(the ground-truth box is empty inside the image)")
-        box = patch_indices_to_box(upper_left, lower_right)
         phrase = example.expression.strip()
         markup = f"<phrase> {phrase}</phrase><object>{patch_token(upper_left)}{patch_token(lower_right)}</object>"
-        return Prediction(markup, [PredictedEntity(phrase, [box])])
+        content, entities = extract_entities(markup)
+        return Prediction(content, [PredictedEntity(e.phrase, e.boxes, e.span) for e in entities])
 
 
 class WholeImagePredictor(Predictor):
@@ -103,10 +107,12 @@ class WholeImagePredictor(Predictor):
     batch_size = 256
 
     async def predict(self, batch: Sequence[RefExample]) -> list[Prediction]:
-        return [
-            Prediction(example.expression.strip(), [PredictedEntity(example.expression, [(0.0, 0.0, 1.0, 1.0)])])
-            for example in batch
-        ]
+        predictions = []
+        for example in batch:
+            phrase = example.expression.strip()
+            whole = PredictedEntity(phrase, [(0.0, 0.0, 1.0, 1.0)], (0, len(phrase)))
+            predictions.append(Prediction(phrase, [whole]))
+        return predictions
 
 
 class APIPredictor(Predictor):
@@ -175,10 +181,7 @@ class APIPredictor(Predictor):
                 self.retries += 1
                 continue
             self.served_model = self.served_model or completion.raw.get("model")
-            entities = [
-                PredictedEntity(e["phrase"], [tuple(float(v) for v in box) for box in e["boxes"]])
-                for e in completion.entities
-            ]
+            entities = [PredictedEntity.from_json(e) for e in completion.entities]
             return Prediction(completion.content, entities, completion.finish_reason)
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
@@ -242,7 +245,7 @@ class EnginePredictor(Predictor):
         results = self.engine.generate([request for _, _, request, _ in jobs])
         for (i, prompt, request, image), result in zip(jobs, results):
             answer = self.codec.answer(prompt, request.prompt_ids, result.token_ids, image.width, image.height)
-            entities = [PredictedEntity(e.phrase, list(e.boxes)) for e in answer.entities]
+            entities = [PredictedEntity(e.phrase, list(e.boxes), e.span, list(e.boxes_px)) for e in answer.entities]
             predictions[i] = Prediction(answer.text, entities, result.finish_reason)
         return [predictions[i] for i in range(len(batch))]
 

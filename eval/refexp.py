@@ -33,6 +33,8 @@ The protocol and its quirks, with where each comes from:
    floats gives), so ties at the threshold fall as they do there. A prediction is correct when IoU >= 0.5.
 8. No matching box counts as a 0-area box ``[0, 0, 0, 0]``: IoU 0, wrong. Where the official division is
    0/0 (both boxes empty, or an inverted box) it yields NaN or 0, wrong either way; :func:`iou` returns 0.
+   Not in the official script, for diagnosis only: a "no box" answer is a *phrase mismatch* when it holds
+   boxes under other phrases (or under none), and *no object* when it holds no box at all.
 9. Bookkeeping quirks not reproduced because they cannot change a score: the official script pairs the
    i-th image entry with the i-th annotation (it checks their ids, as ``eval.datasets.load_mdetr`` does), stops
    early when the prediction file is shorter than the annotations (scoring only the prefix), knows only the
@@ -49,6 +51,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -63,10 +66,32 @@ NO_BOX: Box = (0.0, 0.0, 0.0, 0.0)
 
 @dataclass(frozen=True)
 class PredictedEntity:
-    """A phrase of the model's answer and its boxes, normalized to [0, 1] as the model writes them."""
+    """A phrase of the model's answer and its boxes, normalized to [0, 1] as the model writes them.
+
+    ``span`` (the phrase's character offsets in the answer's clean text) and ``boxes_px`` (the boxes in pixels of
+    the image as the predictor decoded it) are kept as the predictor returned them, for diagnosis; scoring uses
+    neither, since the protocol scales ``boxes`` by the annotation's width and height.
+    """
 
     phrase: str
     boxes: list[Box]
+    span: tuple[int, int] | None = None
+    boxes_px: list[Box] | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PredictedEntity:
+        """An entity from the service's JSON (``phrase``, ``span``, ``boxes``, ``boxes_px``) or a stored record's.
+
+        >>> PredictedEntity.from_json({"phrase": "a dog", "span": [0, 5], "boxes": [[0, 0, 0.5, 1]]})
+        PredictedEntity(phrase='a dog', boxes=[(0.0, 0.0, 0.5, 1.0)], span=(0, 5), boxes_px=None)
+        """
+        span, boxes_px = data.get("span"), data.get("boxes_px")
+        return cls(
+            data["phrase"],
+            [_box(b) for b in data["boxes"]],
+            (int(span[0]), int(span[1])) if span is not None else None,
+            [_box(b) for b in boxes_px] if boxes_px is not None else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -85,6 +110,11 @@ class Score:
     def no_box(self) -> bool:
         return not self.boxes_px
 
+    @property
+    def no_object(self) -> bool:
+        """The answer had no box at all (the other kind of "no box" is a phrase mismatch)."""
+        return self.no_box and not self.phrase_mismatch
+
 
 @dataclass(frozen=True)
 class Tally:
@@ -95,6 +125,7 @@ class Tally:
     any_box_correct: int = 0
     no_box: int = 0
     phrase_mismatch: int = 0
+    no_object: int = 0
 
     @property
     def accuracy(self) -> float:
@@ -113,7 +144,13 @@ class Tally:
             "any_box_correct": self.any_box_correct,
             "no_box": self.no_box,
             "phrase_mismatch": self.phrase_mismatch,
+            "no_object": self.no_object,
         }
+
+
+def _box(values: Sequence[float]) -> Box:
+    x1, y1, x2, y2 = (float(v) for v in values)
+    return (x1, y1, x2, y2)
 
 
 def xywh_to_xyxy(box: Sequence[float]) -> Box:
@@ -184,14 +221,15 @@ def tally(scores: Iterable[Score]) -> Tally:
 
     >>> t = tally([score("a", (0, 0, 10, 10), [PredictedEntity("a", [(0, 0, 1, 1)])], 10, 10),
     ...            score("a", (0, 0, 10, 10), [PredictedEntity("b", [(0, 0, 1, 1)])], 10, 10)])
-    >>> t.accuracy, t.no_box, t.phrase_mismatch
-    (0.5, 1, 1)
+    >>> t.accuracy, t.no_box, t.phrase_mismatch, t.no_object
+    (0.5, 1, 1, 0)
     """
-    n = correct = any_box = no_box = mismatch = 0
+    n = correct = any_box = no_box = mismatch = no_object = 0
     for s in scores:
         n += 1
         correct += s.correct
         any_box += s.any_box_correct
         no_box += s.no_box
         mismatch += s.phrase_mismatch
-    return Tally(n, correct, any_box, no_box, mismatch)
+        no_object += s.no_object
+    return Tally(n, correct, any_box, no_box, mismatch, no_object)

@@ -51,8 +51,9 @@ def render_report(summary: dict[str, Any]) -> str:
         f"# Referring-expression comprehension: `{name}`",
         "",
         f"Accuracy (IoU >= 0.5, first box of the phrase) **{_pct(summary['accuracy'])}** over {summary['n']} "
-        f"expressions; any-box upper bound {_pct(summary['any_box_accuracy'])}; no box for {summary['no_box']} "
-        f"({summary['phrase_mismatch']} of them with boxes under another phrase); {summary['errors']} errors.",
+        f"expressions; any-box upper bound {_pct(summary['any_box_accuracy'])}; no box for {summary['no_box']}: "
+        f"{summary['phrase_mismatch']} phrase mismatches (boxes only under other phrases) and "
+        f"{summary['no_object']} with no object at all; {summary['errors']} errors.",
     ]
     if not summary["complete"]:
         lines += [
@@ -77,11 +78,12 @@ def render_report(summary: dict[str, Any]) -> str:
         "",
         "## Every split measured",
         "",
-        "| Dataset | Split | n | Accuracy | Any box | No box | Phrase mismatch | Errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| Dataset | Split | n | Accuracy | Any box | No box | Phrase mismatch | No object | Errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
         *[
             f"| {s['dataset']} | {s['split'] or '–'} | {s['n']} | {_pct(s['accuracy'])} | "
-            f"{_pct(s['any_box_accuracy'])} | {s['no_box']} | {s['phrase_mismatch']} | {s['errors']} |"
+            f"{_pct(s['any_box_accuracy'])} | {s['no_box']} | {s['phrase_mismatch']} | {s['no_object']} | "
+            f"{s['errors']} |"
             for s in summary["per_split"]
         ],
         "",

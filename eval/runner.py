@@ -32,8 +32,9 @@ from eval.refexp import PredictedEntity, Score, Tally, score, tally
 from eval.report import render_report
 from serve.grounding import Box
 
-SCHEMA_VERSION = 1
-"""Version of the layout of ``predictions.jsonl`` and ``summary.json``."""
+SCHEMA_VERSION = 2
+"""Version of the layout of ``predictions.jsonl`` and ``summary.json`` (2: entities keep their span and pixel
+boxes, and ``no_object`` is counted beside ``phrase_mismatch``)."""
 
 PACKAGES = ("torch", "transformers", "httpx", "numpy", "pillow")
 
@@ -44,7 +45,12 @@ class RunError(RuntimeError):
 
 @dataclass
 class PredictionRecord:
-    """One line of ``predictions.jsonl``: the expression, the answer, and its score."""
+    """One line of ``predictions.jsonl``: the expression, the answer, and its score.
+
+    ``text`` is the answer's clean text and ``entities`` the entities as the predictor returned them (for the
+    service: ``content`` and ``entities`` of its message), so a "no box" can be told apart afterwards: a
+    ``phrase_mismatch`` has boxes under other phrases, a ``no_object`` none at all.
+    """
 
     id: str
     dataset: str
@@ -68,6 +74,7 @@ class PredictionRecord:
     any_box_correct: bool = False
     no_box: bool = True
     phrase_mismatch: bool = False
+    no_object: bool = True
 
     @classmethod
     def build(cls, example: RefExample, prediction: Prediction, predictor: str) -> PredictionRecord:
@@ -96,18 +103,20 @@ class PredictionRecord:
     def apply(self, s: Score) -> None:
         self.pred_boxes, self.iou, self.correct = s.boxes_px, s.iou, s.correct
         self.any_box_iou, self.any_box_correct = s.any_box_iou, s.any_box_correct
-        self.no_box, self.phrase_mismatch = s.no_box, s.phrase_mismatch
+        self.no_box, self.phrase_mismatch, self.no_object = s.no_box, s.phrase_mismatch, s.no_object
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
 
     @classmethod
     def from_json(cls, line: str) -> PredictionRecord:
+        """A stored line, scored again from its entities (so a line of an older layout gains the new fields)."""
         data = json.loads(line)
-        data["entities"] = [PredictedEntity(e["phrase"], [tuple(b) for b in e["boxes"]]) for e in data["entities"]]
+        data["entities"] = [PredictedEntity.from_json(e) for e in data["entities"]]
         data["gt_box"] = tuple(data["gt_box"])
-        data["pred_boxes"] = [tuple(b) for b in data["pred_boxes"]]
-        return cls(**data)
+        record = cls(**data)
+        record.apply(record.score())
+        return record
 
 
 def read_records(path: Path, predictor: str, ids: set[str]) -> dict[str, PredictionRecord]:

@@ -150,6 +150,7 @@ def expected() -> dict[str, int]:
         "any_box_correct": sum(b in ("correct", "busy-once", "second-box") for b in behaviours),
         "no_box": sum(b in ("silent", "other-phrase") for b in behaviours),
         "phrase_mismatch": behaviours.count("other-phrase"),
+        "no_object": behaviours.count("silent"),
     }
 
 
@@ -172,6 +173,12 @@ def test_scores_exactly_retries_503_and_sends_the_protocol(synthetic, stub, tmp_
         line for i, line in enumerate(lines) if BEHAVIOURS[int(line["id"].split("/")[-1]) % 6] == "second-box"
     )
     assert not second["correct"] and second["any_box_correct"] and len(second["pred_boxes"]) == 2
+    returned = second["entities"][0]  # the entity as the service returned it, span and pixel boxes included
+    assert returned["span"] == [0, len(second["expression"])] and returned["boxes_px"] == returned["boxes"]
+    assert second["text"] == second["expression"]  # the message's content
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert f"{expected()['phrase_mismatch']} phrase mismatches" in report
+    assert f"{expected()['no_object']} with no object at all" in report
 
 
 def test_resumes_from_a_partial_predictions_file(synthetic, stub, tmp_path):

@@ -69,7 +69,9 @@ def check_consistent(out: Path, n: int) -> tuple[list[dict], dict]:
     for line in lines:
         assert line["correct"] == (line["iou"] >= 0.5) and line["any_box_iou"] >= line["iou"]
         assert line["no_box"] == (not line["pred_boxes"])
-    assert summary["schema_version"] == 1 and summary["versions"]["python"]
+    assert summary["no_box"] == summary["phrase_mismatch"] + summary["no_object"]
+    assert summary["no_object"] == sum(line["no_object"] for line in lines)
+    assert summary["schema_version"] == 2 and summary["versions"]["python"]
     report = (out / "report.md").read_text()
     assert "52.32" in report and "56.3" in report and f"{100 * summary['accuracy']:.2f}%" in report
     assert (out / "examples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -87,12 +87,17 @@ def test_no_box_is_wrong_and_a_box_under_another_phrase_is_a_mismatch():
     gt = (0.0, 0.0, 10.0, 10.0)
     silent = score("a dog", gt, entities_of("<grounding><phrase> a dog</phrase> runs"), 10, 10)
     assert silent.no_box and not silent.correct and silent.iou == 0.0 and not silent.phrase_mismatch
+    assert silent.no_object
     elsewhere = score(
         "a dog", gt, entities_of("<phrase> A dog</phrase><object><patch_index_0000><patch_index_1023></object>"), 10, 10
     )
-    assert elsewhere.no_box and elsewhere.phrase_mismatch
+    assert elsewhere.no_box and elsewhere.phrase_mismatch and not elsewhere.no_object
     unnamed = score("a dog", gt, entities_of("<object><patch_index_0000><patch_index_1023></object>"), 10, 10)
-    assert unnamed.no_box and unnamed.phrase_mismatch
+    assert unnamed.no_box and unnamed.phrase_mismatch and not unnamed.no_object
+    found = score(
+        "a dog", gt, entities_of("<phrase> a dog</phrase><object><patch_index_0000><patch_index_1023></object>"), 10, 10
+    )
+    assert not (found.no_box or found.phrase_mismatch or found.no_object)
 
 
 def test_tally_counts():
@@ -100,7 +105,7 @@ def test_tally_counts():
     hit = PredictedEntity("x", [(0.0, 0.0, 1.0, 1.0)])
     miss_then_hit = PredictedEntity("x", [(0.9, 0.9, 1.0, 1.0), (0.0, 0.0, 1.0, 1.0)])
     t = tally([score("x", gt, e, 10, 10) for e in ([hit], [miss_then_hit], [], [PredictedEntity("y", hit.boxes)])])
-    assert (t.n, t.correct, t.any_box_correct, t.no_box, t.phrase_mismatch) == (4, 1, 2, 2, 1)
+    assert (t.n, t.correct, t.any_box_correct, t.no_box, t.phrase_mismatch, t.no_object) == (4, 1, 2, 2, 1, 1)
     assert t.accuracy == 0.25 and t.any_box_accuracy == 0.5
 
 
