@@ -1,7 +1,8 @@
 """Starting the service on this machine: Ray, Serve's HTTP proxy, and the application.
 
-Used by ``python -m serve run``, the demo, bench and the tests, so that all start it the same way. With
-``RAY_ADDRESS`` set it joins that cluster instead of starting one.
+Used by ``python -m serve run``, the demo, bench and the tests, so that all start it the same way. It starts
+a Ray instance of its own (never joining one it happens to find on the machine); with ``RAY_ADDRESS`` set it
+joins that cluster instead.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ def start(
     """Start (or join) Ray, Serve on ``config.http``, and the app; return its base URL once ready."""
     if not ray.is_initialized():
         options: dict = {"include_dashboard": dashboard, "log_to_driver": show_logs}
-        if "RAY_ADDRESS" not in os.environ:
-            options.update(num_cpus=num_cpus, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
+        if "RAY_ADDRESS" not in os.environ:  # a cluster of our own, even where another one runs on this machine
+            options.update(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1")
         ray.init(**options)
     serve.start(http_options={"host": config.http.host, "port": config.http.port})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")

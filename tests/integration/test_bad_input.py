@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import struct
-import zlib
 
 import httpx
 import numpy as np
@@ -15,7 +13,7 @@ import pytest
 from PIL import Image
 
 from serve.client import chat_request, image_data_uri
-from tests.helpers import encode, photo
+from tests.helpers import bomb_png, encode, photo
 
 pytestmark = pytest.mark.slow
 
@@ -40,16 +38,6 @@ def with_url(url: str) -> dict:
 
 def image_part(image: bytes = GOOD) -> dict:
     return {"type": "image_url", "image_url": {"url": image_data_uri(image)}}
-
-
-def bomb(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    )
 
 
 def corrupt_png() -> bytes:
@@ -110,8 +98,8 @@ CASES = {
     "tiff-refused": (body_with(tiff()), 400, "image_url"),
     "svg-refused": (body_with(b'<svg xmlns="http://www.w3.org/2000/svg"/>'), 400, "image_url"),
     "extreme-aspect": (body_with(encode(photo(2000, 10), "PNG")), 400, "image_url"),
-    "bomb-100k-square": (body_with(bomb(100_000, 100_000)), 400, "image_url"),
-    "bomb-over-limit": (body_with(bomb(10_000, 8_000)), 400, "image_url"),
+    "bomb-100k-square": (body_with(bomb_png(100_000, 100_000)), 400, "image_url"),
+    "bomb-over-limit": (body_with(bomb_png(10_000, 8_000)), 400, "image_url"),
     # parameters
     "max-tokens-zero": (body_with(max_tokens=0), 400, "max_tokens"),
     "max-tokens-negative": (body_with(max_tokens=-5), 400, "max_tokens"),

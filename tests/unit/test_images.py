@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ from serve.config import LimitsConfig
 from serve.engine import ModelGeometry, normalize_pixels
 from serve.errors import InvalidImage, PayloadTooLarge
 from serve.images import ImageLimits, prepare_image
-from tests.helpers import LIMITS, encode, photo
+from tests.helpers import LIMITS, bomb_png, encode, photo
 
 
 def hf_pixels(loaded, image: Image.Image) -> torch.Tensor:
@@ -113,18 +111,6 @@ def test_bad_bytes_are_refused(data):
         prepare_image(data, LIMITS)
 
 
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that declares a size but holds almost no data: a decompression bomb's shape."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
-    )
-
-
 def test_bombs_are_refused_before_decoding(monkeypatch):
     def no_decoding(self):
         raise AssertionError("pixels were decoded")
@@ -133,7 +119,7 @@ def test_bombs_are_refused_before_decoding(monkeypatch):
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     for width, height in [(100_000, 100_000), (10_000, 6_000), (60_000, 60)]:
         with pytest.raises(InvalidImage) as info:
-            prepare_image(png_header(width, height), LIMITS)
+            prepare_image(bomb_png(width, height), LIMITS)
         assert "limit" in info.value.message
     with pytest.raises(PayloadTooLarge):
         prepare_image(b"x" * 101, ImageLimits(max_bytes=100, max_pixels=10**6, max_aspect_ratio=50, fast_jpeg=False))
