@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# ruff, then pytest offline (doctests included); the multi-node tests own a Ray cluster, so run on their own.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m ruff check .
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	$(PY) -m ruff check .
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not multinode"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m multinode tests/multinode
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
@@ -31,6 +33,11 @@ tiny: $(STAMP)
 # The tiny offline model served locally, one request per task with the openai client, then a clean stop.
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m serve demo
+
+# The tiny model served locally, a short closed-loop sweep (concurrency 1 and 4, 5 s each), the usual result
+# files in out/bench, then a clean stop, also on failure or Ctrl-C.
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m bench demo --out out/bench
 
 # Serve MODEL in the foreground (the real checkpoint needs the hub or a local copy, and a GPU to be fast).
 serve: $(STAMP)

@@ -1,9 +1,10 @@
 """Benchmarks of the Kosmos-2 service: throughput, latency and dollars per 1,000 images.
 
 ``python -m bench run`` loads the running service (closed loop, open loop or a rate shape), ``engine`` measures
-the engine alone, ``preprocess`` the CPU image path against the Hugging Face processor, ``price`` turns runs
-on several instance types into a pricing estimate, and ``report`` remakes a run's report from its files
-(``bench/__main__.py`` shows the command lines).
+the engine alone, ``preprocess`` the CPU image paths against the Hugging Face processor, ``price`` turns runs
+on several instance types into a pricing estimate, ``report`` remakes a run's report from its files, and
+``demo`` (``make bench``) serves the tiny model in-process for a short ``run`` (``bench/__main__.py`` shows the
+command lines).
 
 Every output folder (``--out DIR``) holds a ``summary.json`` that starts with ``schema_version``, ``config``,
 ``git_commit``, ``versions`` and ``hardware`` (``bench.provenance``), then the results in ``points``:
@@ -13,12 +14,14 @@ Every output folder (``--out DIR``) holds a ``summary.json`` that starts with ``
   plots ``throughput_latency.png``, ``latency_cdf.png``, ``timeseries.png`` and ``cost_vs_latency.png``;
 - ``engine``: ``batches.jsonl`` (every timed batch), ``summary.json``, ``summary.csv``, ``report.md`` and
   ``engine_throughput.png``;
-- ``preprocess``: ``summary.json`` (``paths``: each path's ``images_per_s_per_core`` and ``speedup_vs_hf``)
+- ``preprocess``: ``summary.json`` (``paths``: ``hf``, ``ours_exact`` and ``ours_fast``, each with its
+  ``images_per_s_per_core`` and ``speedup_vs_hf``; the fast path with its pixel deviation from the exact one)
   and ``report.md``;
 - ``price``: ``pricing.md``, ``pricing.csv``, ``pricing.png`` and ``cost_vs_latency.png``.
 
 Modules: ``workload`` (what is sent), ``load`` (when: the send schedule), ``replicas`` (Serve's replica
 counts), ``records`` (per-request records, result files), ``metrics`` (pure statistics), ``cost`` (prices and
 the cost formula), ``summary`` and ``pricing`` (summaries and price rows), ``report`` (pandas tables and
-Markdown), ``plots`` (matplotlib), ``engine_bench`` and ``preprocess_bench`` (the offline modes).
+Markdown), ``plots`` (matplotlib), ``engine_bench`` and ``preprocess_bench`` (the offline modes), ``demo`` (the
+tiny service for ``make bench``).
 """

@@ -7,6 +7,7 @@
     python -m bench preprocess --out DIR
     python -m bench price RUN_DIR [RUN_DIR ...] --margin 0.3 --utilization 0.5 --out DIR
     python -m bench report RUN_DIR [--engine-baseline ENGINE_DIR]
+    python -m bench demo --out out/bench     # make bench: the tiny model served here, a short run, a clean stop
 
 Every command writes its files under ``--out`` (see ``bench/__init__.py`` for the layout) and prints a short
 table. ``python -m bench COMMAND --help`` lists each command's options with their defaults.
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.cost import DEFAULT_PRICES, load_prices, parse_nodes
+from bench.demo import TINY
 from bench.workload import TASKS, WorkloadConfig, parse_mix
 
 DEFAULT_CONCURRENCY = "1,4,16"
@@ -155,7 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--slo-p99", type=float, help="latency SLO in seconds: goodput and the SLO verdict")
     load.add_argument("--api-key-env", help="environment variable holding the service's API key")
     load.add_argument("--serve-api", help="Ray dashboard URL to poll replica counts from, e.g. http://127.0.0.1:8265")
-    load.add_argument("--serve-api-token-file", type=Path, help="Ray auth token file (e.g. ~/.ray/auth_token)")
+    load.add_argument(
+        "--serve-api-token-file",
+        type=Path,
+        help="Ray auth token file (default: found as Ray finds it: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, "
+        "~/.ray/auth_token)",
+    )
     load.add_argument("--poll-interval", type=float, default=1.0, help="seconds between replica polls (%(default)s)")
     load.add_argument("--engine-baseline", type=Path, help="an engine-only run folder, for the service/engine ratio")
     load.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -175,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_workload_args(engine)
     add_pricing_args(engine)
 
-    pre = commands.add_parser("preprocess", help="images/s per core: our image path against the HF processor")
+    pre = commands.add_parser(
+        "preprocess", help="images/s per core: our exact and fast image paths against the HF processor"
+    )
     pre.add_argument("--out", type=Path, required=True, help="output folder")
     pre.add_argument("--model", help="model folder whose processor to use (default: the tiny model's)")
     pre.add_argument("--images", type=int, help="distinct JPEGs (32)")
@@ -201,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="make a run folder's report and plots again from its files")
     report.add_argument("run_dir", type=Path)
     report.add_argument("--engine-baseline", type=Path)
+
+    demo = commands.add_parser("demo", help="serve the tiny model here, run a short closed-loop sweep, stop")
+    demo.add_argument("--out", type=Path, required=True, help="output folder")
+    demo.add_argument("--model", type=Path, default=TINY, help="tiny model folder, built if empty (%(default)s)")
+    demo.add_argument("--port", type=int, default=0, help="the service's port on 127.0.0.1 (default: a free one)")
+    demo.add_argument("--concurrency", default="1,4", help="closed-loop sweep (%(default)s)")
+    demo.add_argument("--duration", default="5", help="steady seconds per point (%(default)s)")
+    demo.add_argument("--nodes", default="c7i.2xlarge", help="node set to price the run on (%(default)s)")
     return parser
 
 
@@ -208,6 +225,13 @@ def _load_defaults() -> dict[str, Any]:
     from bench.load import LoadConfig
 
     return asdict(LoadConfig())
+
+
+def serve_api_token(path: Path | None) -> str | None:
+    """The Ray auth token for the dashboard: from ``path`` if given, else where Ray's clients find it."""
+    from bench.replicas import ray_auth_token
+
+    return path.expanduser().read_text().strip() if path else ray_auth_token()
 
 
 def command_run(args: argparse.Namespace) -> int:
@@ -228,7 +252,7 @@ def command_run(args: argparse.Namespace) -> int:
     if args.api_key_env and args.api_key_env not in os.environ:
         raise ValueError(f"--api-key-env names {args.api_key_env}, which is not set")
     api_key = os.environ[args.api_key_env] if args.api_key_env else None
-    token = args.serve_api_token_file.expanduser().read_text().strip() if args.serve_api_token_file else None
+    token = serve_api_token(args.serve_api_token_file) if args.serve_api else None
     run = asyncio.run(
         run_load(
             args.url,
@@ -291,7 +315,15 @@ def command_preprocess(args: argparse.Namespace) -> int:
     summary = run_preprocess_bench(config, args.out)
     report = write_preprocess_report(args.out)
     for name, values in summary["paths"].items():
-        print(f"{name:>5}: {values['images_per_s_per_core']:8.1f} images/s per core, {values['speedup_vs_hf']:.2f}x hf")
+        deviation = (
+            f", pixels {values['pixel_mean_abs_diff']:.2f} mean / {values['pixel_max_abs_diff']:.0f} max levels off"
+            if "pixel_mean_abs_diff" in values
+            else ""
+        )
+        print(
+            f"{name:>10}: {values['images_per_s_per_core']:8.1f} images/s per core, "
+            f"{values['speedup_vs_hf']:.2f}x hf{deviation}"
+        )
     print(f"wrote {report}")
     return 0
 
@@ -336,6 +368,17 @@ def command_price(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_demo(args: argparse.Namespace) -> int:
+    """``run`` against the tiny model served in this process for the length of the run."""
+    from bench.demo import tiny_service
+
+    load_prices(DEFAULT_PRICES).usd_per_hour(parse_nodes(args.nodes))  # an unknown instance fails before the start
+    with tiny_service(args.model, args.port) as url:
+        run = ["run", "--url", url, "--out", str(args.out), "--concurrency", args.concurrency]
+        run += ["--duration", args.duration, "--warmup-s", "1", "--max-tokens", "16", "--nodes", args.nodes]
+        return command_run(build_parser().parse_args(run))
+
+
 def _money(value: float | None) -> str:
     return "–" if value is None else f"{value:.4g}"
 
@@ -357,6 +400,7 @@ COMMANDS = {
     "preprocess": command_preprocess,
     "price": command_price,
     "report": command_report,
+    "demo": command_demo,
 }
 
 

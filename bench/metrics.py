@@ -159,13 +159,19 @@ class SeriesBin:
 
 def time_series(records: Sequence[RequestRecord], bin_s: float, end_s: float) -> list[SeriesBin]:
     """Per-``bin_s`` rates and latencies from time 0 to ``end_s`` (warm-up included: it is part of the run).
+    The last bin ends at ``end_s``, so it is between half a bin and a bin and a half long (a sliver of a bin
+    would turn the drain's last few answers into a spike), and its rates divide by its own length.
 
     >>> r = lambda start, end, status=200: RequestRecord(0, 0, 0, "caption", 1, 1, 1, False, start, start, end, status)
     >>> bins = time_series([r(0.1, 0.5), r(0.2, 1.4), r(1.1, 1.3, 500)], 1.0, 2.0)
     >>> [(b.t_s, b.sent_per_s, b.completed_per_s, b.errors_per_s, b.latency_p50_s) for b in bins]
     [(0.0, 2.0, 1.0, 0.0, 0.4), (1.0, 1.0, 2.0, 1.0, 1.2)]
+    >>> [b.completed_per_s for b in time_series([r(0.1, 0.5), r(0.2, 1.4), r(1.1, 1.3, 500)], 1.0, 1.5)]
+    [1.0, 4.0]
+    >>> [b.completed_per_s for b in time_series([r(0.1, 0.5), r(0.2, 1.4), r(1.1, 1.3, 500)], 1.0, 1.25)]
+    [2.4]
     """
-    count = max(1, int(np.ceil(end_s / bin_s)))
+    count = max(1, int(end_s / bin_s + 0.5))
     sent = np.zeros(count)
     done = np.zeros(count)
     errors = np.zeros(count)
@@ -180,12 +186,13 @@ def time_series(records: Sequence[RequestRecord], bin_s: float, end_s: float) ->
             latencies[slot].append(r.latency_s)
         else:
             errors[slot] += 1
+    widths = [bin_s] * (count - 1) + [end_s - (count - 1) * bin_s if end_s > 0 else bin_s]
     return [
         SeriesBin(
             round(i * bin_s, 9),
-            float(sent[i] / bin_s),
-            float(done[i] / bin_s),
-            float(errors[i] / bin_s),
+            float(sent[i] / widths[i]),
+            float(done[i] / widths[i]),
+            float(errors[i] / widths[i]),
             percentile(latencies[i], 50),
             percentile(latencies[i], 99),
         )

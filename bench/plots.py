@@ -98,9 +98,12 @@ def time_series_plot(
     spans: Sequence[tuple[float, float, str]],
     path: Path,
 ) -> Path:
-    """Rates, latency and replicas per deployment on one time axis; ``target_rate`` holds (start, end, rate)
-    steps of a shaped schedule, ``spans`` the (start, end, label) of each point's steady window."""
-    fig, (rate_ax, latency_ax, replica_ax) = plt.subplots(3, 1, figsize=(12, 8.5), sharex=True)
+    """Rates, latency and (when polled) replicas per deployment on one time axis; ``target_rate`` holds
+    (start, end, rate) steps of a shaped schedule, ``spans`` the (start, end, label) of each point's steady
+    window."""
+    rows = 3 if replicas else 2
+    fig, axes = plt.subplots(rows, 1, figsize=(12, 2.85 * rows), sharex=True)
+    rate_ax, latency_ax = axes[0], axes[1]
     t = [b.t_s for b in bins]
     if target_rate:
         xs = [x for start, end, _ in target_rate for x in (start, end)]
@@ -115,32 +118,15 @@ def time_series_plot(
     latency_ax.plot(t, [_nan(b.latency_p99_s) for b in bins], marker=".", label="p99")
     latency_ax.set_ylabel("latency (s)")
     latency_ax.set_title("Latency of the requests completing in each interval")
-    deployments = sorted({(s.application, s.deployment) for s in replicas})
-    for app, name in deployments:
-        samples = [s for s in replicas if (s.application, s.deployment) == (app, name)]
-        replica_ax.step(
-            [s.t_s for s in samples], [s.running_replicas for s in samples], where="post", label=f"{app}/{name}"
-        )
-    if not deployments:
-        replica_ax.text(
-            0.5,
-            0.5,
-            "no replica counts (pass --serve-api)",
-            ha="center",
-            va="center",
-            transform=replica_ax.transAxes,
-            color="grey",
-        )
-    replica_ax.set_ylabel("running replicas")
-    replica_ax.set_title("Replicas per deployment (Serve REST API)")
-    replica_ax.set_xlabel("time since the start of the run (s)")
-    for ax in (rate_ax, latency_ax, replica_ax):
+    if replicas:
+        _replica_panel(axes[2], replicas)
+    axes[-1].set_xlabel("time since the start of the run (s)")
+    for ax in axes:
         for i, (start, end, _) in enumerate(spans):
             ax.axvspan(start, end, color="tab:grey" if i % 2 else "tab:blue", alpha=0.06)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     for start, _, label in spans:
         rate_ax.annotate(
             label,
@@ -151,6 +137,34 @@ def time_series_plot(
             bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "alpha": 0.8, "linewidth": 0},
         )
     return _save(fig, path)
+
+
+def _replica_panel(ax: plt.Axes, replicas: Sequence[ReplicaSample]) -> None:
+    """Running (solid) and target (dotted) replicas of each deployment; nested line widths keep equal counts
+    of several deployments visible."""
+    deployments = sorted({(s.application, s.deployment) for s in replicas})
+    for i, (app, name) in enumerate(deployments):
+        samples = [s for s in replicas if (s.application, s.deployment) == (app, name)]
+        times = [s.t_s for s in samples]
+        width = 1.2 + 2.0 * (len(deployments) - 1 - i)
+        (line,) = ax.step(
+            times, [s.running_replicas for s in samples], where="post", linewidth=width, label=f"{app}/{name} running"
+        )
+        ax.step(
+            times,
+            [s.target_replicas for s in samples],
+            where="post",
+            color=line.get_color(),
+            linestyle=":",
+            linewidth=width,
+            alpha=0.6,
+            label=f"{app}/{name} target",
+        )
+    top = max(max(s.running_replicas, s.target_replicas) for s in replicas)
+    ax.set_yticks(range(top + 1))
+    ax.set_ylim(0, top + 0.5)
+    ax.set_ylabel("replicas")
+    ax.set_title("Replicas per deployment (Serve REST API; dotted: the autoscaler's target)")
 
 
 def cost_latency_plot(
@@ -166,6 +180,7 @@ def cost_latency_plot(
                 label, (latency, cost), textcoords="offset points", xytext=(4, 4), fontsize=7, color=line.get_color()
             )
     ax.axhline(reference_usd, label=f"reference ${reference_usd:.3f} / 1k", **REFERENCE_STYLE)
+    ax.margins(x=0.1)  # room for the point labels
     ax.set_title(f"Cost per 1,000 images vs p99 latency ({utilization:.0%} utilization)")
     ax.set_xlabel("p99 latency (s)")
     ax.set_ylabel("USD per 1,000 images (log scale)")

@@ -1,18 +1,21 @@
-"""Preprocessing benchmark: images per second per core of our image path against the Hugging Face processor.
+"""Preprocessing benchmark: images per second per core of our image paths against the Hugging Face processor.
 
     python -m bench preprocess --out out/preprocess [--model DIR] [--images 32] [--seconds 3]
 
-Both paths take the same 640x480 JPEGs (synthetic photographs from ``bench.workload``), in the same run,
+Three paths take the same 640x480 JPEGs (synthetic photographs from ``bench.workload``), in the same run,
 single-threaded (torch limited to one thread; PIL decodes and resizes on one), so the rates are per core:
 
-- ``ours``: ``serve.images.prepare_image``: decode, limit checks, squash-resize to 224x224 uint8 (the
-  service normalizes later, on the GPU);
 - ``hf``: PIL decode, then the Kosmos-2 image processor (``load_processor(DIR).image_processor``): resize,
-  rescale and normalize to float32 on the CPU.
+  rescale and normalize to float32 on the CPU;
+- ``ours_exact``: ``serve.images.prepare_image`` with ``LimitsConfig().image_limits()``: decode, limit checks,
+  squash-resize to 224x224 uint8 (the service normalizes later, on the GPU), the processor's pixels;
+- ``ours_fast``: the same with ``LimitsConfig(fast_jpeg=True)``: JPEGs decoded at a reduced scale (libjpeg's
+  DCT scaling, still at least 224x224) before the resize, so its pixels differ slightly from the exact path's.
 
 The paths alternate in rounds until each has run ``seconds``; ``summary.json`` holds each path's
-``images_per_s_per_core`` and ``speedup_vs_hf``. Without ``--model`` the tiny model's processor is used: it
-carries the real checkpoint's image settings.
+``images_per_s_per_core`` and ``speedup_vs_hf``, and for ``ours_fast`` its deviation from ``ours_exact`` over
+every pixel of every image: ``pixel_mean_abs_diff`` and ``pixel_max_abs_diff``, in 0..255 levels. Without
+``--model`` the tiny model's processor is used: it carries the real checkpoint's image settings.
 """
 
 from __future__ import annotations
@@ -56,8 +59,22 @@ def measure(work: Callable[[bytes], Any], images: Sequence[bytes]) -> float:
     return time.perf_counter() - began
 
 
+def pixel_deviation(reference: Sequence[np.ndarray], other: Sequence[np.ndarray]) -> dict[str, float]:
+    """Mean and largest absolute difference between two paths' uint8 pixels, in 0..255 levels, over every
+    channel of every pixel of every image.
+
+    >>> a, b = np.zeros((2, 2, 3), np.uint8), np.full((2, 2, 3), 2, np.uint8)
+    >>> b[0, 0, 0] = 255
+    >>> pixel_deviation([a], [b])
+    {'pixel_mean_abs_diff': 23.083333333333332, 'pixel_max_abs_diff': 255.0}
+    """
+    diffs = np.concatenate([np.abs(x.astype(np.int16) - y.astype(np.int16)).ravel() for x, y in zip(reference, other)])
+    return {"pixel_mean_abs_diff": float(diffs.mean()), "pixel_max_abs_diff": float(diffs.max())}
+
+
 def run_preprocess_bench(config: PreprocessBenchConfig, out_dir: Path) -> dict[str, Any]:
-    """Time both paths on one thread; writes ``summary.json`` to ``out_dir`` and returns it."""
+    """Time the three paths on one thread and compare the fast path's pixels with the exact path's; writes
+    ``summary.json`` to ``out_dir`` and returns it."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     workload = WorkloadConfig(
@@ -71,10 +88,11 @@ def run_preprocess_bench(config: PreprocessBenchConfig, out_dir: Path) -> dict[s
 
             model = str(write_tiny(Path(scratch) / "tiny"))
         image_processor = load_processor(model).image_processor
-    limits = LimitsConfig().image_limits()
+    exact, fast = LimitsConfig().image_limits(), LimitsConfig(fast_jpeg=True).image_limits()
     paths: dict[str, Callable[[bytes], Any]] = {
-        "ours": lambda data: prepare_image(data, limits).pixels,
         "hf": lambda data: image_processor(Image.open(io.BytesIO(data)).convert("RGB"))["pixel_values"],
+        "ours_exact": lambda data: prepare_image(data, exact).pixels,
+        "ours_fast": lambda data: prepare_image(data, fast).pixels,
     }
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -104,5 +122,8 @@ def run_preprocess_bench(config: PreprocessBenchConfig, out_dir: Path) -> dict[s
         },
         "mean_jpeg_bytes": float(np.mean([len(data) for data in images])),
     }
+    summary["paths"]["ours_fast"].update(
+        pixel_deviation([paths["ours_exact"](data) for data in images], [paths["ours_fast"](data) for data in images])
+    )
     write_json(out_dir / "summary.json", summary)
     return summary

@@ -16,10 +16,11 @@ import pandas as pd
 
 from bench import plots
 from bench.cost import cost_per_1k_images
+from bench.load import parse_shape
 from bench.metrics import time_series
 from bench.pricing import PriceRow
 from bench.records import read_json, read_jsonl, read_requests
-from bench.replicas import ReplicaSample
+from bench.replicas import ReplicaSample, replica_changes
 
 RUN_COLUMNS = {
     "label": "point",
@@ -123,6 +124,7 @@ def write_run_report(out_dir: Path, engine_dir: Path | None = None) -> Path:
         *_slo_section(frame, slo),
         *_streaming_section(frame),
         *_errors_section(frame),
+        *_replicas_section(replicas),
         *(_engine_section(summary, read_json(Path(engine_dir) / "summary.json")) if engine_dir else []),
         "## Plots",
         "",
@@ -145,8 +147,14 @@ def _workload_line(workload: dict[str, Any]) -> str:
 
 def _load_line(config: dict[str, Any]) -> str:
     load = config.get("load", {})
+    shape = config.get("shape")
+    duration = (
+        f"{sum(s.duration_s for s in parse_shape(shape)):g} s (the shape)"
+        if shape
+        else f"{load.get('duration_s')} s per point"
+    )
     return (
-        f"duration {load.get('duration_s')} s per point, warm-up {load.get('warmup_s')} s / "
+        f"duration {duration}, warm-up {load.get('warmup_s')} s / "
         f"{load.get('warmup_requests')} requests, grace {load.get('grace_s')} s, timeout {load.get('timeout_s')} s, "
         f"burstiness {load.get('burstiness')}, max in flight {load.get('max_in_flight')}, "
         f"streaming {load.get('stream')}"
@@ -233,6 +241,32 @@ def _errors_section(frame: pd.DataFrame) -> list[str]:
     ]
 
 
+def _replicas_section(replicas: Sequence[ReplicaSample]) -> list[str]:
+    """When each deployment's target and running replica counts changed (polled from Serve's REST API)."""
+    if not replicas:
+        return []
+    rows = [
+        {
+            "time (s)": round(s.t_s, 1),
+            "deployment": f"{s.application}/{s.deployment}",
+            "status": s.status,
+            "target": s.target_replicas,
+            "running": s.running_replicas,
+        }
+        for s in replica_changes(replicas)
+    ]
+    return [
+        "## Replicas over time",
+        "",
+        "Each deployment's replica counts at the start and at every change, from Serve's REST API "
+        "(`replicas.jsonl` holds every poll): `target` is the autoscaler's decision, `running` the replicas "
+        "serving. Times are seconds from the start of the run, as in the time-series plot.",
+        "",
+        markdown_table(pd.DataFrame(rows)),
+        "",
+    ]
+
+
 def engine_peaks(engine_summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each engine path's fastest point."""
     peaks: dict[str, dict[str, Any]] = {}
@@ -257,15 +291,30 @@ def _engine_section(summary: dict[str, Any], engine_summary: dict[str, Any]) -> 
     ours, theirs = (s["config"].get("workload", {}) for s in (summary, engine_summary))
     differ = [k for k in ("max_tokens", "ignore_eos", "tasks", "resolutions") if ours.get(k) != theirs.get(k)]
     note = f" Note: the workloads differ in {', '.join(differ)}." if differ else ""
+    tokens = [_mean_tokens(s["points"], count) for s, count in ((summary, "ok"), (engine_summary, "images"))]
+    if differ and None not in tokens:
+        note += f" Answers averaged {tokens[0]:.3g} new tokens in the service and {tokens[1]:.3g} in the engine run."
     return [
         "## Service vs engine alone",
         "",
-        f"The engine-only run (GPU: {engine_summary.get('gpu')}) measures the same workload without HTTP or Ray; "
+        f"The engine-only run (on {engine_summary.get('gpu')}) measures the same workload without HTTP or Ray; "
         f"the ratio is what the service keeps of the engine's best throughput.{note}",
         "",
         markdown_table(pd.DataFrame(rows)),
         "",
     ]
+
+
+def _mean_tokens(points: Sequence[dict[str, Any]], count: str) -> float | None:
+    """New tokens per answer over a run's points, each point weighted by its ``count`` field (None if unknown).
+
+    >>> _mean_tokens([{"completion_tokens_mean": 10, "ok": 1}, {"completion_tokens_mean": 4, "ok": 2}], "ok")
+    6.0
+    """
+    pairs = [(p.get("completion_tokens_mean"), p.get(count)) for p in points]
+    pairs = [(mean, n) for mean, n in pairs if mean is not None and n]
+    total = sum(n for _, n in pairs)
+    return sum(mean * n for mean, n in pairs) / total if total else None
 
 
 def _run_plots(
@@ -371,16 +420,29 @@ def write_preprocess_report(out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     summary = read_json(out_dir / "summary.json")
     frame = pd.DataFrame([{"path": name, **values} for name, values in summary["paths"].items()])
+    columns = {
+        "path": "path",
+        "images_per_s_per_core": "images/s per core",
+        "speedup_vs_hf": "speedup vs hf",
+        "images": "images",
+        "seconds": "seconds",
+        "pixel_mean_abs_diff": "mean abs. diff. vs exact (levels)",
+        "pixel_max_abs_diff": "max abs. diff. vs exact (levels)",
+    }
     config = summary["config"]
     lines = [
         "# Image preprocessing benchmark (one core)",
         "",
-        f"{config['images']} distinct {config['resolution']} JPEGs, single-threaded. `ours`: "
-        "`serve.images.prepare_image` (decode, checks, squash-resize to 224x224 uint8; normalization happens "
-        "later on the GPU). `hf`: PIL decode then the Kosmos-2 image processor (resize and normalize to float).",
+        f"{config['images']} distinct {config['resolution']} JPEGs (mean {summary['mean_jpeg_bytes'] / 1024:.0f} "
+        "KiB), single-threaded, the paths alternating in rounds. `hf`: PIL decode then the Kosmos-2 image "
+        "processor (resize and normalize to float). `ours_exact`: `serve.images.prepare_image` (decode, checks, "
+        "squash-resize to 224x224 uint8, the processor's pixels; normalization happens later on the GPU). "
+        "`ours_fast`: the same with `limits.fast_jpeg: true` (JPEGs decoded at reduced scale with libjpeg's DCT "
+        "scaling before the resize); its pixel deviation from `ours_exact` is the absolute difference over every "
+        "channel of every pixel of every image, in levels of 0..255.",
         *provenance_lines(summary),
         "",
-        markdown_table(frame),
+        markdown_table(frame[[c for c in columns if c in frame]].rename(columns=columns)),
         "",
     ]
     path = out_dir / "report.md"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from bench.__main__ import main
 from bench.engine_bench import engine_requests
 from bench.metrics import BatchRecord
+from bench.preprocess_bench import pixel_deviation
 from bench.records import read_json, read_jsonl
 from bench.workload import WorkloadConfig, build_workload
 from serve.config import EngineConfig
@@ -91,11 +93,29 @@ def test_preprocess_mode_writes_its_summary(tiny_dir, tmp_path):
     assert summary["schema_version"] == 1 and summary["kind"] == "preprocess"
     assert summary["config"]["resolution"] == "640x480" and summary["config"]["images"] == 3
     paths = summary["paths"]
-    assert set(paths) == {"ours", "hf"}
+    assert list(paths) == ["hf", "ours_exact", "ours_fast"]
     for values in paths.values():
         assert values["images"] % 3 == 0 and values["images"] >= 3
         assert values["images_per_s_per_core"] == pytest.approx(values["images"] / values["seconds"])
+        ratio = values["images_per_s_per_core"] / paths["hf"]["images_per_s_per_core"]
+        assert values["speedup_vs_hf"] == pytest.approx(ratio)
     assert paths["hf"]["speedup_vs_hf"] == 1.0
-    ratio = paths["ours"]["images_per_s_per_core"] / paths["hf"]["images_per_s_per_core"]
-    assert paths["ours"]["speedup_vs_hf"] == pytest.approx(ratio)
-    assert "| ours |" in (out / "report.md").read_text()
+    fast = paths["ours_fast"]
+    assert 0 < fast["pixel_mean_abs_diff"] <= fast["pixel_max_abs_diff"] <= 255  # half-scale decode: not identical
+    assert fast["pixel_mean_abs_diff"] < 5  # but close: a few levels at most on average
+    assert "pixel_mean_abs_diff" not in paths["ours_exact"]
+    report = (out / "report.md").read_text()
+    assert (
+        "| ours_exact |" in report and "| ours_fast |" in report and "| mean abs. diff. vs exact (levels) |" in report
+    )
+
+
+def test_pixel_deviation_is_zero_for_the_same_pixels_and_exact_otherwise():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (4, 5, 3), dtype=np.uint8) for _ in range(3)]
+    assert pixel_deviation(images, images) == {"pixel_mean_abs_diff": 0.0, "pixel_max_abs_diff": 0.0}
+    shifted = [np.clip(x.astype(int) + 3, 0, 255).astype(np.uint8) for x in images]
+    expected = np.concatenate([np.abs(s.astype(int) - x).ravel() for s, x in zip(shifted, images)])
+    deviation = pixel_deviation(images, shifted)
+    assert deviation["pixel_mean_abs_diff"] == pytest.approx(expected.mean())
+    assert deviation["pixel_max_abs_diff"] == 3.0

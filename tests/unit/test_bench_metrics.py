@@ -120,6 +120,10 @@ def test_time_series_bins_sends_completions_and_latency():
     assert bins[2].latency_p50_s == pytest.approx(1.35)  # 0.2 and 2.5
     halves = time_series(records, 0.5, 3.0)
     assert len(halves) == 6 and sum(b.sent_per_s * 0.5 for b in halves) == len(records)
+    for end, last in ((2.6, 0.6), (3.4, 1.4)):  # the last bin ends at the end: never a sliver
+        bins = time_series(records, 1.0, end)
+        assert [b.t_s for b in bins] == [0.0, 1.0, 2.0]
+        assert bins[-1].sent_per_s == pytest.approx(2 / last) and bins[-1].completed_per_s == pytest.approx(2 / last)
 
 
 def test_engine_metrics():

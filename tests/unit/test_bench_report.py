@@ -112,6 +112,9 @@ def test_run_report_is_consistent_with_the_summary(tmp_path):
     assert f"${cheapest:.4g} per 1,000 images at 100% utilization" in report
     assert "reference price $0.626" in report and "HTTP 429" in report
     assert "The highest throughput meeting the SLO is" in report
+    assert "## Replicas over time" in report
+    assert "| 15 | kosmos/Generator | HEALTHY | 2 | 2 |" in report and "| 30 | kosmos/Generator" in report
+    assert "| 14 | kosmos/Generator" not in report  # unchanged polls are left out
     for name in ("throughput_latency", "latency_cdf", "timeseries", "cost_vs_latency"):
         assert f"]({name}.png)" in report
         with Image.open(folder / f"{name}.png") as image:

@@ -28,7 +28,7 @@ from serve.config import ServiceConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster.yaml"
-SERVE_CONFIGS = {name: ROOT / "configs" / f"{name}.yaml" for name in ("cluster", "gpu", "local")}
+SERVE_CONFIGS = {name: ROOT / "configs" / f"{name}.yaml" for name in ("autoscale-local", "cluster", "gpu", "local")}
 RAY_SCHEMA = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
 CHECKOUT = "~/kosmos2-serve"
 
