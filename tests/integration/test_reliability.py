@@ -211,3 +211,18 @@ def test_one_log_line_per_request_without_secrets(secure):
             text = handle.read()
         assert not any(key in text for key in keys), path
         assert "base64," not in text, path  # no image bytes either
+
+
+def test_prometheus_metrics_include_ours(service_url):
+    """Ray's metrics agent exports Serve's metrics and ours; the first export can take a few seconds."""
+    assert httpx.post(f"{service_url}/v1/chat/completions", json=body()).status_code == 200
+    port = ray._private.worker._global_node.metrics_export_port
+    wanted = ("kosmos_requests_total", "kosmos_request_latency_seconds", "kosmos_engine_running", "ray_serve_")
+    deadline, text = time.monotonic() + 90, ""
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(name in text for name in wanted):
+            break
+        time.sleep(2)
+    assert [name for name in wanted if name not in text] == []
+    assert 'status="200"' in text and 'task="caption"' in text
