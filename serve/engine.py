@@ -1,20 +1,17 @@
-"""Generation requests and results, and the Hugging Face reference path (a static batch, done right).
+"""Generation requests and results, the engine interface, and the Hugging Face reference path.
 
 The engine knows nothing of HTTP, Ray or tokenization: it takes 224x224 uint8 pixels, prompt token ids and
-sampling parameters, and returns token ids. Two paths implement it:
-
-Both take requests with :meth:`Engine.submit` and a :class:`Sink` that receives tokens and the result, and do
-their work in :meth:`Engine.step`, so one thread can drive either (``serve.engine_loop``); ``generate`` runs a
-list of requests to completion, for tests and benchmarks.
+sampling parameters, and returns token ids. Both engines take requests with :meth:`Engine.submit` and a
+:class:`Sink` that receives tokens and the result, and do their work in :meth:`Engine.step`, so one thread
+can drive either (``serve.engine_loop``); :meth:`Engine.generate` runs a list of requests to completion, for
+tests and benchmarks. Two paths implement it:
 
 - :class:`HFEngine` (here): the Hugging Face modules with a dynamic cache, one static batch at a time. It is
   the reference the fast path is tested against, and the fallback. It fixes a defect of transformers'
   Kosmos-2 batched generation, which derives position ids from the cache length, so every left-padded row
   drifts after the first token: here positions come from the attention mask, and a batch gives exactly the
-  tokens its requests give alone.
+  tokens its requests give alone (``tests/integration/test_hf_engine.py``).
 - ``serve.fastpath.FastEngine``: continuous batching over a static KV cache, with CUDA graphs on GPUs.
-
-Run a quick check against the tiny model with ``python -m serve tiny /tmp/tiny`` then the tests.
 """
 
 from __future__ import annotations
