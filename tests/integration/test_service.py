@@ -221,3 +221,13 @@ def test_client_errors_do_not_raise_in_the_client_helpers(service_url):
     with pytest.raises(APIError) as info:
         run(call())
     assert info.value.status == 400 and info.value.code == "invalid_image"
+
+
+def test_generator_falls_back_to_the_cpu_without_gpus(service):
+    """This cluster has no GPU: a Generator asking for one runs on CPUs (with a warning), unless told not to."""
+    from serve.app import _gpu_or_fallback
+
+    wants_gpu = service.model_copy(update={"generator": service.generator.model_copy(update={"num_gpus": 1.0})})
+    assert _gpu_or_fallback(wants_gpu).num_gpus == 0
+    strict = wants_gpu.model_copy(update={"cpu_fallback": False})
+    assert _gpu_or_fallback(strict).num_gpus == 1
