@@ -114,7 +114,7 @@ def translate(exc: BaseException) -> BaseException:
         return exc
     if isinstance(exc, serve_errors.BackPressureError):
         return Unavailable("the service is at capacity; retry shortly", code="overloaded", retry_after=1)
-    if isinstance(exc, ray_errors.RayActorError | serve_errors.DeploymentUnavailableError):
+    if isinstance(exc, ray_errors.RayError | serve_errors.RayServeException):  # a replica, node or object lost
         return Unavailable("a replica serving this request was lost; retry", code="replica_lost", retry_after=1)
     if isinstance(exc, asyncio.TimeoutError):
         return Timeout("the request took longer than this server allows")
@@ -229,7 +229,7 @@ class Ingress:
             if isinstance(finished, ServiceError):
                 raise finished
         except Exception as exc:
-            response = _error(translate(exc))
+            response = _error(self._translate(exc))
             self._log(record, response.status_code, started)
             return response
         completion = ChatCompletion(
@@ -280,7 +280,7 @@ class Ingress:
                 done = True
                 break
         except Exception as exc:  # the stream is open: the error becomes an event
-            status, body, _ = error_response(translate(exc))
+            status, body, _ = error_response(self._translate(exc))
             done = True
             yield sse(body)
         finally:
@@ -289,6 +289,14 @@ class Ingress:
                 status = 499
             self._log(record, status, started)
         yield sse("[DONE]")
+
+    @staticmethod
+    def _translate(exc: BaseException) -> BaseException:
+        """``translate``, logging what it cannot name (those become a 500 that hides the details)."""
+        error = translate(exc)
+        if not isinstance(error, ServiceError):
+            log.error("unexpected error while serving a request", exc_info=error)
+        return error
 
     def _authorize(self, request: Request) -> None:
         if not self.keys:

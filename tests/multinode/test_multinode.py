@@ -25,7 +25,8 @@ pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def cluster(tiny_dir):
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
+    head = {"num_cpus": 1, "resources": {"head": 1}, "include_dashboard": True}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     cpu_nodes = [cluster.add_node(num_cpus=1, resources={"preprocess": 2}) for _ in range(2)]
     gpu_node = cluster.add_node(num_cpus=1, num_gpus=1)
     cluster.wait_for_nodes()
@@ -34,6 +35,7 @@ def cluster(tiny_dir):
     config = load_config(ROOT / "configs/local.yaml", model__source=str(tiny_dir), http__port=port)
     config = config.model_copy(
         update={
+            "ingress": config.ingress.model_copy(update={"resources": {"head": 0.1}}),  # as on a real cluster
             "preprocessor": config.preprocessor.model_copy(update={"resources": {"preprocess": 1}}),
             "generator": config.generator.model_copy(update={"num_gpus": 1.0}),
         }
