@@ -7,7 +7,6 @@ joins that cluster instead.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import threading
@@ -18,8 +17,6 @@ from ray import serve
 
 from serve.app import APP_NAME, build_app
 from serve.config import ServiceConfig
-
-log = logging.getLogger(__name__)
 
 
 def start(
