@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "run":
         from serve.config import load_config
         from serve.launch import run_until_signalled
+        from serve.model import ModelUnavailable, load_processor
 
         config = load_config(
             args.config,
@@ -54,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
             http__port=args.port,
             engine__kind=args.engine,
         )
+        try:  # fail in one sentence here, not in a replica that Serve restarts over and over
+            load_processor(config.model.source)
+        except ModelUnavailable as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         run_until_signalled(config, dashboard=args.dashboard)
     elif args.command == "demo":
         from serve.demo import main as demo_main
