@@ -295,7 +295,7 @@ def command_engine(args: argparse.Namespace) -> int:
     config = EngineBenchConfig(**_given(args, EngineBenchConfig), workload=workload_config(args))
     prices = load_prices(args.prices)
     nodes = parse_nodes(args.nodes) if args.nodes else []
-    prices.usd_per_hour(nodes)
+    prices.usd_per_hour(nodes)  # an unknown instance name fails here, before minutes of measuring
     summary = run_engine_bench(config, args.out, prices, nodes, args.utilization)
     report = write_engine_report(args.out)
     for point in summary["points"]:
