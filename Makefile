@@ -9,11 +9,13 @@ TINY ?= .cache/tiny-kosmos2
 
 install: $(STAMP)
 
-# A CPU build of torch where there is no NVIDIA GPU keeps the install small; the constraints pin what CI tested.
+# A CPU build of torch where there is no NVIDIA GPU keeps the install small, and Triton there runs the attention
+# kernel's tests in its interpreter (a GPU's torch brings its own Triton); the constraints pin what CI tested.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	command -v nvidia-smi >/dev/null 2>&1 || $(PY) -m pip install -q torch==2.13.0
+	command -v nvidia-smi >/dev/null 2>&1 || $(PY) -m pip install -q triton==3.9.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
