@@ -117,6 +117,13 @@ class EngineConfig(_Strict):
     max_batch_size: int = Field(64, ge=1, le=1024)
     max_seq_len: int = Field(256, ge=96, le=2048, description="prompt (about 70 tokens) plus answer")
     cuda_graphs: bool = True
+    decode_attention: Literal["auto", "triton", "sdpa"] = Field(
+        "auto", description="fast engine's decode attention; auto: the Triton kernel on CUDA when triton imports"
+    )
+    admit_ratio: float = Field(
+        0.25, ge=0, description="fast engine: admit waiting requests once they number this fraction of the running"
+    )
+    admit_max_steps: int = Field(16, ge=0, description="fast engine: or once they have waited this many decode steps")
     batch_wait_s: float = Field(0.005, ge=0, description="hf engine: how long to gather a batch")
 
 

@@ -82,9 +82,13 @@ def normalize_pixels(pixels: torch.Tensor, geometry: ModelGeometry, dtype: torch
 @torch.inference_mode()
 def encode_images(loaded: LoadedModel, geometry: ModelGeometry, pixels: Sequence[np.ndarray]) -> torch.Tensor:
     """Image embeddings (B, 64, text width) for a batch of uint8 images: vision tower, then projection."""
-    batch = torch.from_numpy(np.stack(pixels)).to(loaded.device, non_blocking=True)
+    return encode_pixels(loaded, geometry, torch.from_numpy(np.stack(pixels)).to(loaded.device))
+
+
+def encode_pixels(loaded: LoadedModel, geometry: ModelGeometry, pixels: torch.Tensor) -> torch.Tensor:
+    """:func:`encode_images` for (B, 224, 224, 3) uint8 pixels already on the device."""
     model = loaded.model
-    vision = model.vision_model(pixel_values=normalize_pixels(batch, geometry, loaded.dtype))
+    vision = model.vision_model(pixel_values=normalize_pixels(pixels, geometry, loaded.dtype))
     features = torch.nn.functional.normalize(model.vision_model.model.post_layernorm(vision[0]), dim=-1)
     return model.image_to_text_projection(features)[0]
 

@@ -1,17 +1,22 @@
-"""The fast engine: continuous batching over a static KV cache, with the decode step as CUDA graphs.
+"""The fast engine: continuous batching over a static KV cache, with CUDA graphs for every GPU step.
 
-Each :meth:`FastEngine.step` admits waiting requests into free cache slots (vision encoding and prompt
-prefill as one batch, SDPA with a causal mask) and then runs one decode step for every running sequence.
-A sequence leaves as soon as it ends, and its slot is reused by the next request, so a short answer never
-waits for a long one.
+Each :meth:`FastEngine.step` may admit waiting requests into free cache slots (vision encoding and prompt
+prefill as one batch, SDPA with a causal mask), then runs one decode step for every running sequence. A
+sequence leaves as soon as it ends, and its slot is reused by the next request, so a short answer never
+waits for a long one. An admission stalls every running sequence, so requests that trickle in are gathered
+first (``EngineConfig.admit_ratio`` and ``admit_max_steps``, after Text Generation Inference's
+``waiting_served_ratio`` and ``max_waiting_tokens``): they are admitted at once when nothing runs or they
+fill the free slots, else once they number a fraction of the running sequences or have waited some steps.
 
 The text decoder is re-implemented here for one purpose, the step over a preallocated cache: it calls the
-Hugging Face modules' own layers (same weights, same functions), writes keys and values into
-``[slots, heads, max_seq_len, head_dim]`` tensors, and attends over the first ``Tb`` cache positions only
-(``Tb`` rounded up to a multiple of 32). On CUDA the decode step for each (batch bucket, length bucket) pair
-is captured once as a CUDA graph and replayed, which removes the Python and launch cost that dominates
-Hugging Face's step. Book-keeping is vectorized with numpy; Python runs per sequence only for sequences that
-stream, sample or ban n-grams, and for those that finish.
+Hugging Face modules' own layers (same weights, same functions) and writes keys and values into
+``[slots, heads, max_seq_len, head_dim]`` tensors. A decode step attends with the Triton kernel of
+``serve.attention``, which reads each sequence's own length, or with SDPA over the first ``Tb`` positions
+(``Tb`` rounded up to a multiple of 32) and a length mask. On CUDA each decode step batch (and SDPA span),
+and each small admission (batch and prompt width rounded up), is captured once as a CUDA graph and replayed,
+which removes the Python and launch cost that dominates Hugging Face's steps. Book-keeping is vectorized
+with numpy; Python runs per sequence only for sequences that stream, sample or ban n-grams, and for those
+that finish.
 
 On the tiny model in float32 on the CPU its greedy tokens equal :class:`serve.engine.HFEngine`'s
 (``tests/integration/test_fastpath.py``).
@@ -21,22 +26,28 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from serve.attention import decode_attention, triton_available
 from serve.config import EngineConfig
-from serve.engine import Engine, GenerationRequest, GenerationResult, Pending, Sink, encode_images
+from serve.engine import Engine, GenerationRequest, GenerationResult, Pending, Sink, encode_pixels
 from serve.model import LoadedModel
 from serve.sampling import TokenChooser, choose_special
 
 log = logging.getLogger(__name__)
 
 LENGTH_BUCKET = 32
-"""Granularity of the attended cache length in a decode step."""
+"""Granularity of the attended cache length in an SDPA decode step."""
+WIDTH_BUCKET = 16
+"""Granularity of the prompt width of a captured admission."""
+GRAPH_ADMISSIONS = 32
+"""Admissions of at most this many requests replay CUDA graphs; larger ones are bound by arithmetic."""
 
 
 @dataclass
@@ -50,13 +61,24 @@ class Running:
 
 
 def batch_buckets(max_batch: int) -> list[int]:
-    """Decode batch sizes that get their own graph: powers of two, and the maximum.
+    """Batch sizes that get their own graph: powers of two to 32, then multiples of 32, and the maximum.
 
     >>> batch_buckets(48)
     [1, 2, 4, 8, 16, 32, 48]
+    >>> batch_buckets(200)
+    [1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 200]
     """
-    sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch]
+    sizes = [size for size in (1, 2, 4, 8, 16, *range(32, max_batch, 32)) if size < max_batch]
     return [*sizes, max_batch]
+
+
+def resolve_attention(choice: str, device: torch.device) -> str:
+    """The decode attention to use: ``auto`` is the Triton kernel where it can run, else SDPA."""
+    if choice == "auto":
+        return "triton" if triton_available(device) else "sdpa"
+    if choice == "triton" and not triton_available(device):
+        raise ValueError(f"decode_attention triton needs a CUDA device and the triton package; on {device} use sdpa")
+    return choice
 
 
 class FastEngine(Engine):
@@ -77,12 +99,19 @@ class FastEngine(Engine):
         if first + length > positions.shape[0]:
             raise ValueError(f"max_seq_len {length} exceeds the model's {positions.shape[0] - first} positions")
         self.position_table = positions[first : first + length].to(device=device, dtype=dtype)
-        shape = (slots, self.heads, length, self.head_dim)
+        self.attention = resolve_attention(config.decode_attention, device)
+        self.scratch = slots  # an extra cache slot, written by the padding rows of captured admissions
+        shape = (slots + 1, self.heads, length, self.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.decoder.layers]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.decoder.layers]
-        # Inputs of the decode step, at fixed addresses so that captured graphs can read them.
+        # Inputs of the GPU steps, at fixed addresses so that captured graphs can read them.
         self.input_tokens = torch.full((slots,), self.geometry.pad_id, dtype=torch.long, device=device)
         self.input_index = torch.zeros(slots, dtype=torch.long, device=device)
+        self.admit_pixels = torch.zeros((slots, 224, 224, 3), dtype=torch.uint8, device=device)
+        self.admit_ids = torch.full((slots, length), self.geometry.pad_id, dtype=torch.long, device=device)
+        self.admit_offsets = torch.zeros(slots, dtype=torch.long, device=device)
+        self.admit_last = torch.zeros(slots, dtype=torch.long, device=device)
+        self.admit_slots = torch.full((slots,), self.scratch, dtype=torch.long, device=device)
         self.slot_index = torch.arange(slots, device=device)
         self.time_index = torch.arange(length, device=device)
         # Book-keeping on the host, one entry per slot.
@@ -96,9 +125,11 @@ class FastEngine(Engine):
         self.stops = np.zeros(slots, dtype=bool)  # whether the end token ends the sequence
         self.special: set[int] = set()
         self.streaming: set[int] = set()
+        self.held_steps = 0  # decode steps run while requests waited
         self.buckets = batch_buckets(slots)
         self.use_graphs = config.cuda_graphs and device.type == "cuda"
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_admissions = self.use_graphs  # padded to graph shapes; off if a capture fails
+        self.graphs: dict[tuple[str, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_pool = None
 
     @property
@@ -117,16 +148,32 @@ class FastEngine(Engine):
 
     @torch.inference_mode()
     def step(self) -> float | None:
-        if self.waiting and self.free:
-            self._admit()
+        count = self._admission_size()
+        if count:
+            self._admit(count)
         if self.running:
             self._decode()
         return None
 
     # -- admission: vision, prefill, first token ---------------------------------------------------------
 
-    def _admit(self) -> None:
+    def _admission_size(self) -> int:
+        """How many waiting requests to admit now: none, or as many as fit, per the admission policy."""
         count = min(len(self.waiting), len(self.free))
+        if not count:
+            return 0
+        running = len(self.running)
+        if (
+            count == len(self.free)
+            or len(self.waiting) >= self.config.admit_ratio * running
+            or self.held_steps >= self.config.admit_max_steps
+        ):
+            self.held_steps = 0
+            return count
+        self.held_steps += 1
+        return 0
+
+    def _admit(self, count: int) -> None:
         batch = [self.waiting.popleft() for _ in range(count)]
         slots = [heapq.heappop(self.free) for _ in range(count)]
         try:
@@ -153,33 +200,59 @@ class FastEngine(Engine):
         self._accept(np.asarray(slots), self._choose(logits, slots))
 
     def _prefill(self, batch: list[Pending], slots: list[int]) -> torch.Tensor:
-        """Encode images and prompts, fill the slots' caches, and return each prompt's last logits."""
-        device = self.loaded.device
+        """Encode images and prompts, fill the slots' caches, and return each prompt's last logits.
+
+        A small admission is padded to a captured shape: its padding rows write the scratch slot, and the
+        padding columns sit after each prompt, where causal attention keeps them from the prompt's tokens.
+        """
         requests = [p.request for p in batch]
-        image_embeds = encode_images(self.loaded, self.geometry, [r.pixels for r in requests])
-        lengths = [len(r.prompt_ids) for r in requests]
-        width = max(lengths)
-        ids = np.full((len(requests), width), self.geometry.pad_id, dtype=np.int64)
-        image_mask = np.zeros(ids.shape, dtype=bool)
+        count = len(requests)
+        lengths = np.array([len(r.prompt_ids) for r in requests])
+        rows, width = count, int(lengths.max())
+        padded = self.graph_admissions and count <= GRAPH_ADMISSIONS
+        if padded:
+            rows = next(size for size in self.buckets if size >= count)
+            width = min(-(-width // WIDTH_BUCKET) * WIDTH_BUCKET, self.config.max_seq_len)
+        ids = np.full((rows, width), self.geometry.pad_id, dtype=np.int64)
+        offsets, last = np.zeros(rows, dtype=np.int64), np.zeros(rows, dtype=np.int64)
+        targets = np.full(rows, self.scratch, dtype=np.int64)
         for row, request in enumerate(requests):
             ids[row, : lengths[row]] = request.prompt_ids
-            image_mask[row, request.image_offset : request.image_offset + self.geometry.image_tokens] = True
-        embeds = self.decoder.embed_tokens(torch.from_numpy(ids).to(device))
-        embeds[torch.from_numpy(image_mask).to(device)] = image_embeds.reshape(-1, image_embeds.shape[-1]).to(
-            embeds.dtype
-        )
+            offsets[row], last[row], targets[row] = request.image_offset, lengths[row] - 1, slots[row]
+        self.admit_pixels[:count].copy_(torch.from_numpy(np.stack([r.pixels for r in requests])))
+        self.admit_ids[:rows, :width].copy_(torch.from_numpy(ids))
+        for buffer, values in ((self.admit_offsets, offsets), (self.admit_last, last), (self.admit_slots, targets)):
+            buffer[:rows].copy_(torch.from_numpy(values))
+        forward = partial(self._admission_forward, rows, width)
+        if padded and self.use_graphs:
+            try:
+                return self._replay(("admit", rows, width), forward)[:count]
+            except Exception:  # a module that cannot be captured: admit without graphs from now on
+                log.exception("capturing the admission of %d requests failed; admissions run eagerly", rows)
+                self.graph_admissions = False
+        return forward()[:count]
+
+    def _admission_forward(self, rows: int, width: int) -> torch.Tensor:
+        """Vision and prefill for the first ``rows`` admission inputs, ``width`` tokens each: fill the target
+        slots' caches, and return the logits at each prompt's last token."""
+        image = encode_pixels(self.loaded, self.geometry, self.admit_pixels[:rows])
+        place = self.time_index[None, :width] - self.admit_offsets[:rows, None]
+        is_image = (place >= 0) & (place < self.geometry.image_tokens)
+        pictured = image[self.slot_index[:rows, None], place.clamp(0, self.geometry.image_tokens - 1)]
+        tokens = self.decoder.embed_tokens(self.admit_ids[:rows, :width])
+        embeds = torch.where(is_image[..., None], pictured.to(tokens.dtype), tokens)
         hidden = embeds * self.decoder.embed_scale + self.position_table[:width]
-        slot_index = torch.tensor(slots, device=device)
+        targets = self.admit_slots[:rows]
         for layer, keys, values in zip(self.decoder.layers, self.keys, self.values):
             attention = layer.self_attn
             normed = layer.self_attn_layer_norm(hidden)
             q, k, v = (self._heads(proj(normed)) for proj in (attention.q_proj, attention.k_proj, attention.v_proj))
-            keys[slot_index, :, :width] = k
-            values[slot_index, :, :width] = v
+            keys[targets, :, :width] = k
+            values[targets, :, :width] = v
             mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             hidden = hidden + self._attention_output(attention, mixed)
             hidden = hidden + layer.ffn(layer.final_layer_norm(hidden))
-        last = hidden[torch.arange(len(requests), device=device), torch.tensor(lengths, device=device) - 1]
+        last = hidden[self.slot_index[:rows], self.admit_last[:rows]]
         return self.lm_head(self.decoder.layer_norm(last))
 
     # -- decoding ------------------------------------------------------------------------------------------
@@ -187,36 +260,36 @@ class FastEngine(Engine):
     def _decode(self) -> None:
         active = np.fromiter(self.running, dtype=np.int64)
         batch = next(b for b in self.buckets if b > active.max())
-        span = min(-(-int(self.lengths[active].max() + 1) // LENGTH_BUCKET) * LENGTH_BUCKET, self.config.max_seq_len)
+        span = 0  # the Triton kernel reads each sequence's own length
+        if self.attention == "sdpa":
+            longest = int(self.lengths[active].max() + 1)
+            span = min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, self.config.max_seq_len)
         self.input_tokens[:batch].copy_(torch.from_numpy(self.last_token[:batch]), non_blocking=True)
         self.input_index[:batch].copy_(torch.from_numpy(self.lengths[:batch]), non_blocking=True)
-        logits = self._run_step(batch, span)
+        if self.use_graphs:
+            logits = self._replay(("decode", batch, span), partial(self._decode_forward, batch, span))
+        else:
+            logits = self._decode_forward(batch, span)
         self.lengths[active] += 1
         self._accept(active, self._choose(logits, range(batch))[active])
 
-    def _run_step(self, batch: int, span: int) -> torch.Tensor:
-        if not self.use_graphs:
-            return self._decode_forward(batch, span)
-        key = (batch, span)
+    def _replay(self, key: tuple[str, int, int], forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Replay the graph recorded for ``key`` (recording it on first use) and return its output."""
         if key not in self.graphs:
-            self.graphs[key] = self._capture(batch, span)
-        graph, logits = self.graphs[key]
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm up kernels outside the graph, as CUDA graphs require
+                forward()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.graph_pool):
+                output = forward()
+            self.graph_pool = graph.pool()
+            self.graphs[key] = graph, output
+            log.debug("captured %s graph batch=%d size=%d", *key)
+        graph, output = self.graphs[key]
         graph.replay()
-        return logits
-
-    def _capture(self, batch: int, span: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """Record the decode step for ``batch`` slots attending over ``span`` positions."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm up kernels outside the graph, as CUDA graphs require
-            self._decode_forward(batch, span)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.graph_pool):
-            logits = self._decode_forward(batch, span)
-        self.graph_pool = graph.pool()
-        log.debug("captured decode graph batch=%d span=%d", batch, span)
-        return graph, logits
+        return output
 
     def _decode_forward(self, batch: int, span: int) -> torch.Tensor:
         """One token for slots ``[0, batch)``: write its keys and values at ``input_index``, attend, and
@@ -224,7 +297,7 @@ class FastEngine(Engine):
         tokens, where = self.input_tokens[:batch], self.input_index[:batch]
         hidden = self.decoder.embed_tokens(tokens) * self.decoder.embed_scale + self.position_table[where]
         hidden = hidden[:, None]
-        visible = (self.time_index[:span][None, :] <= where[:, None])[:, None, None, :]
+        visible = (self.time_index[:span][None, :] <= where[:, None])[:, None, None, :] if span else None
         slots = self.slot_index[:batch]
         for layer, keys, values in zip(self.decoder.layers, self.keys, self.values):
             attention = layer.self_attn
@@ -232,9 +305,12 @@ class FastEngine(Engine):
             q, k, v = (self._heads(proj(normed)) for proj in (attention.q_proj, attention.k_proj, attention.v_proj))
             keys[slots, :, where] = k[:, :, 0]
             values[slots, :, where] = v[:, :, 0]
-            mixed = F.scaled_dot_product_attention(
-                q, keys[:batch, :, :span], values[:batch, :, :span], attn_mask=visible
-            )
+            if self.attention == "triton":
+                mixed = decode_attention(q[:, :, 0], keys, values, where + 1, self.head_dim**-0.5)[:, :, None]
+            else:
+                mixed = F.scaled_dot_product_attention(
+                    q, keys[:batch, :, :span], values[:batch, :, :span], attn_mask=visible
+                )
             hidden = hidden + self._attention_output(attention, mixed)
             hidden = hidden + layer.ffn(layer.final_layer_norm(hidden))
         return self.lm_head(self.decoder.layer_norm(hidden[:, 0]))
@@ -268,11 +344,12 @@ class FastEngine(Engine):
         self.generated[kept, self.counts[kept]] = tokens[~ended]
         self.counts[kept] += 1
         self.last_token[slots] = tokens
-        for slot, token, end in zip(slots.tolist(), tokens.tolist(), ended.tolist()):
-            if slot in self.special:
-                self.running[slot].chooser.append(token)
-            if slot in self.streaming and not end:
-                self.running[slot].sink.tokens([token])
+        if self.special or self.streaming:
+            for slot, token, end in zip(slots.tolist(), tokens.tolist(), ended.tolist()):
+                if slot in self.special:
+                    self.running[slot].chooser.append(token)
+                if slot in self.streaming and not end:
+                    self.running[slot].sink.tokens([token])
         for slot in slots[ended].tolist():
             self._finish(slot, "stop")
         for slot in kept[self.counts[kept] >= self.limits[kept]].tolist():

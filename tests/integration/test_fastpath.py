@@ -121,3 +121,39 @@ def test_ignore_eos_forces_the_length(fast, hf_engine, workload, reference):
     for index, result in zip(stopped, results):
         assert result.finish_reason == "length" and len(result.token_ids) == 30
         assert result.token_ids[: len(reference[index].token_ids) + 1] == reference[index].token_ids + [2]
+
+
+def test_padded_admissions_equal_reference(loaded, workload, reference):
+    """On CUDA small admissions are padded to captured shapes (rows to a bucket, prompts to a multiple of 16,
+    padding rows into the scratch slot); here the same padding runs eagerly and changes no token."""
+    engine = FastEngine(loaded, EngineConfig(kind="fast", max_batch_size=6, max_seq_len=160))
+    engine.graph_admissions = True
+    assert engine.generate(workload[:3]) == reference[:3]
+    assert engine.generate(workload) == reference
+
+
+def test_trickling_requests_are_gathered(loaded, workload, reference):
+    """While sequences run, a lone newcomer waits until waiting requests are ``admit_ratio`` of the running
+    ones, fill the free slots, or have waited ``admit_max_steps`` decode steps; nothing running: at once."""
+    config = EngineConfig(kind="fast", max_batch_size=8, max_seq_len=160, admit_ratio=0.5, admit_max_steps=3)
+    engine = FastEngine(loaded, config)
+    long = [i for i, r in enumerate(reference) if len(r.token_ids) >= 12]
+    sinks = {i: Recorder() for i in range(len(workload))}
+    engine.submit(workload[long[0]], sinks[long[0]])
+    engine.step()
+    assert engine.running_count == 1  # nothing was running: admitted at once
+    for i in long[1:4]:
+        engine.submit(workload[i], sinks[i])
+    engine.step()
+    assert engine.running_count == 4  # 3 waiting >= 0.5 x 1 running
+    newcomer = next(i for i in range(len(workload)) if i not in long[:4])
+    engine.submit(workload[newcomer], sinks[newcomer])
+    held = 0
+    while engine.waiting:
+        engine.step()
+        held += 1
+    assert held == 4  # 1 < 0.5 x 4: held for 3 steps, admitted on the 4th
+    while engine.has_work:
+        engine.step()
+    for i in [*long[:4], newcomer]:
+        assert sinks[i].result == reference[i]

@@ -1,0 +1,68 @@
+"""The fast engine's CUDA paths, on a GPU only: the Triton decode kernel, and the engine with every step
+captured as CUDA graphs giving the reference engine's tokens. CPU machines skip these; GPU sessions run
+``pytest tests/gpu`` first (``bench/perf_run.py --check``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serve.attention import decode_attention, decode_attention_reference
+from serve.config import EngineConfig
+from serve.engine import HFEngine
+from serve.fastpath import FastEngine
+from serve.model import load_model
+from serve.sampling import SamplingParams
+from tests.integration.test_fastpath import requests_for
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+LENGTHS = [1, 31, 32, 33, 100, 160, 7]
+
+
+def cache(dtype: torch.dtype, slots: int = 9) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    shape = (slots, 4, 160, 64)
+    keys = torch.randn(shape, generator=generator, device="cuda").to(dtype)
+    values = torch.randn(shape, generator=generator, device="cuda").to(dtype)
+    query = torch.randn((len(LENGTHS), 4, 64), generator=generator, device="cuda").to(dtype)
+    lengths = torch.tensor(LENGTHS, device="cuda")
+    for row, length in enumerate(LENGTHS):  # what lies beyond a row's length must not reach its output
+        keys[row, :, length:] = float("nan")
+        values[row, :, length:] = float("nan")
+    return query, keys, values, lengths
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_kernel_equals_reference(dtype, tolerance):
+    query, keys, values, lengths = cache(dtype)
+    got = decode_attention(query, keys, values, lengths, 0.125)
+    expected = decode_attention_reference(query, keys, values, lengths, 0.125)
+    assert got.dtype == dtype and not got.isnan().any()
+    torch.testing.assert_close(got.float(), expected.float(), atol=tolerance, rtol=tolerance)
+
+
+def test_kernel_replays_in_a_graph_with_new_lengths():
+    query, keys, values, lengths = cache(torch.float16)
+    decode_attention(query, keys, values, lengths, 0.125)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(query, keys, values, lengths, 0.125)
+    lengths.copy_(torch.tensor([5, 6, 7, 8, 9, 10, 11], device="cuda"))
+    graph.replay()
+    torch.testing.assert_close(out, decode_attention_reference(query, keys, values, lengths, 0.125))
+
+
+@pytest.fixture(scope="module")
+def cuda_loaded(tiny_dir):
+    return load_model(str(tiny_dir), device="cuda", dtype="float32")
+
+
+@pytest.mark.parametrize("attention", ["triton", "sdpa"])
+def test_graphed_engine_equals_reference(cuda_loaded, codec, attention):
+    workload = requests_for(codec, [SamplingParams(max_new_tokens=4 + 5 * (i % 7)) for i in range(14)])
+    reference = HFEngine(cuda_loaded, EngineConfig(kind="hf", max_batch_size=1))
+    expected = [reference.generate([r])[0] for r in workload]
+    fast = FastEngine(cuda_loaded, EngineConfig(max_batch_size=6, max_seq_len=160, decode_attention=attention))
+    assert fast.generate(workload) == expected
+    assert fast.graph_admissions and {kind for kind, _, _ in fast.graphs} == {"admit", "decode"}
