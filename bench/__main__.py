@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine = commands.add_parser("engine", help="measure the engine alone, without HTTP or Ray")
     engine.add_argument("--model", required=True, help="Hugging Face id or folder")
     engine.add_argument("--out", type=Path, required=True, help="output folder")
-    engine.add_argument("--engine", dest="engines", type=_names, help="engine paths, side by side: hf,fast (hf)")
+    engine.add_argument("--engine", dest="engines", type=_names, help="paths side by side: hf,fast,fast-sdpa (hf)")
     engine.add_argument("--batch-sizes", type=_ints, help="comma-separated (1,8,32)")
     engine.add_argument("--iterations", type=int, help="timed batches per point (5)")
     engine.add_argument("--warmup-iterations", type=int, help="untimed batches first (1)")

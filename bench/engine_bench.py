@@ -38,6 +38,13 @@ from serve.sampling import SamplingParams
 from serve.tasks import Task, build_prompt
 from serve.text import TextCodec
 
+PATHS: dict[str, dict[str, str]] = {
+    "hf": {"kind": "hf"},
+    "fast": {"kind": "fast"},
+    "fast-sdpa": {"kind": "fast", "decode_attention": "sdpa"},
+}
+"""Engine paths by name: the reference, the fast engine, and the fast engine with SDPA decode attention."""
+
 
 @dataclass(frozen=True)
 class EngineBenchConfig:
@@ -56,6 +63,8 @@ class EngineBenchConfig:
     def __post_init__(self) -> None:
         if not self.engines or not self.batch_sizes or min(self.batch_sizes) < 1 or self.iterations < 1:
             raise ValueError("give at least one engine path, batch sizes >= 1 and at least one timed batch")
+        if unknown := set(self.engines) - set(PATHS):
+            raise ValueError(f"unknown engine paths {sorted(unknown)}; the paths are {', '.join(PATHS)}")
 
 
 def sampling_params(item: WorkItem) -> SamplingParams:
@@ -138,7 +147,7 @@ def run_engine_bench(
     }
     batches: list[BatchRecord] = []
     for kind in config.engines:
-        engine = build_engine(loaded, EngineConfig(kind=kind, **engine_config))
+        engine = build_engine(loaded, EngineConfig(**PATHS[kind], **engine_config))
         for batch_size in config.batch_sizes:
             batches += time_batches(
                 engine, loaded, kind, requests, batch_size, config.iterations, config.warmup_iterations

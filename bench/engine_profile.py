@@ -1,8 +1,9 @@
 """Where the fast engine's time goes: vision encoding, the admission step (prefill), and decode steps.
 
-    python -m bench.engine_profile --model DIR --load-format dummy --batch-sizes 1,64,256,512 --out profile.json
+    python -m bench.engine_profile --model DIR --load-format dummy --batch-sizes 1,64,256,512 \
+        --decode-attention sdpa,triton --out profile.json
 
-For each batch size it submits that many brief-caption requests (exactly 32 new tokens) to a fresh
+For each decode attention and batch size it submits that many brief-caption requests (exactly 32 new tokens) to a fresh
 ``FastEngine`` and times every ``step()`` (the device synchronized before and after), after one untimed
 warm-up round that captures the CUDA graphs; it also times ``encode_images`` alone. The admission step holds
 the vision tower, the prompt prefill and the first decode step; the other steps are decode steps.
@@ -41,7 +42,7 @@ def timed(loaded: LoadedModel, work) -> float:
     return time.perf_counter() - start
 
 
-def profile_batch(loaded: LoadedModel, batch: int, tokens: int) -> dict[str, float]:
+def profile_batch(loaded: LoadedModel, batch: int, tokens: int, attention: str) -> dict[str, float | int | str]:
     """Times of one batch: vision alone, the admission step, and the median decode step (seconds)."""
     codec = TextCodec(loaded.processor)
     ids = codec.encode(build_prompt(Task.CAPTION).text)
@@ -49,7 +50,7 @@ def profile_batch(loaded: LoadedModel, batch: int, tokens: int) -> dict[str, flo
     pixels = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(batch)]
     params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
     requests = [GenerationRequest(p, ids, params) for p in pixels]
-    engine = FastEngine(loaded, EngineConfig(max_batch_size=batch, max_seq_len=128))
+    engine = FastEngine(loaded, EngineConfig(max_batch_size=batch, max_seq_len=128, decode_attention=attention))
     engine.generate(requests)  # warm-up: kernels chosen, graphs captured
     geometry = ModelGeometry(loaded)
     vision = statistics.median(timed(loaded, lambda: encode_images(loaded, geometry, pixels)) for _ in range(3))
@@ -60,6 +61,7 @@ def profile_batch(loaded: LoadedModel, batch: int, tokens: int) -> dict[str, flo
         steps.append(timed(loaded, engine.step))
     decode = statistics.median(steps[1:])
     return {
+        "decode_attention": engine.attention,
         "batch_size": batch,
         "vision_s": vision,
         "admission_step_s": steps[0],
@@ -78,17 +80,22 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--batch-sizes", default="1,64,256,512")
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--decode-attention", default="auto", help="comma-separated: auto, sdpa, triton")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     loaded = load_model(args.model, dtype=args.dtype, load_format=args.load_format)
-    rows = [profile_batch(loaded, int(b), args.tokens) for b in args.batch_sizes.split(",")]
+    rows = [
+        profile_batch(loaded, int(batch), args.tokens, attention)
+        for attention in args.decode_attention.split(",")
+        for batch in args.batch_sizes.split(",")
+    ]
     name = torch.cuda.get_device_name() if loaded.device.type == "cuda" else "cpu"
     result = {"gpu": name, "dtype": str(loaded.dtype), "tokens": args.tokens, "points": rows}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     for row in rows:
         print(
-            f"batch {row['batch_size']:4d}: vision {row['vision_s'] * 1e3:7.1f} ms, text prefill "
-            f"{row['prefill_text_s'] * 1e3:7.1f} ms, decode step {row['decode_step_s'] * 1e3:6.2f} ms, "
+            f"{row['decode_attention']:6s} batch {row['batch_size']:4d}: vision {row['vision_s'] * 1e3:7.1f} ms, "
+            f"text prefill {row['prefill_text_s'] * 1e3:7.1f} ms, decode step {row['decode_step_s'] * 1e3:6.2f} ms, "
             f"{row['images_per_s']:7.1f} images/s"
         )
 
