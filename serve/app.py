@@ -30,14 +30,17 @@ def build_app(args: ServiceConfig | dict[str, Any] | None = None) -> Application
     """Bind the three deployments from a config (or the dict of a Serve config file's ``args``)."""
     config = args if isinstance(args, ServiceConfig) else ServiceConfig.model_validate(args)
     generator_resources = _gpu_or_fallback(config)
-    generator = _deployment(Generator, "Generator", generator_resources).bind(config)
-    preprocessor = _deployment(Preprocessor, "Preprocessor", config.preprocessor).bind(config, generator)
-    ingress = _deployment(HTTPIngress, "Ingress", config.ingress)
-    return ingress.bind(config, preprocessor, generator)
+    generator = _deployment(Generator, "Generator", generator_resources, access_log=False).bind(config)
+    preprocessor = _deployment(Preprocessor, "Preprocessor", config.preprocessor, access_log=False)
+    ingress = _deployment(HTTPIngress, "Ingress", config.ingress, access_log=True)
+    return ingress.bind(config, preprocessor.bind(config, generator), generator)
 
 
-def _deployment(cls: type, name: str, resources: DeploymentConfig):
-    return serve.deployment(cls, name=name, **resources.serve_options())
+def _deployment(cls: type, name: str, resources: DeploymentConfig, access_log: bool):
+    """A deployment with its resources; Serve's access log only where requests enter (the Ingress also writes
+    one JSON line per request), as a line per inner call costs CPU on every request."""
+    log_config = {"enable_access_log": access_log}
+    return serve.deployment(cls, name=name, logging_config=log_config, **resources.serve_options())
 
 
 def _gpu_or_fallback(config: ServiceConfig) -> DeploymentConfig:

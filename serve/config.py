@@ -147,6 +147,11 @@ class LimitsConfig(_Strict):
 class HTTPConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    proxy: Literal["haproxy", "serve"] = Field(
+        "haproxy",
+        description="haproxy: HAProxy straight to the Ingress replicas (Serve's throughput-optimized mode, about "
+        "twice the requests per CPU); serve: Serve's Python proxy. Read where Ray starts (serve.launch)",
+    )
     allow_remote_images: bool = False
     remote_image_hosts: list[str] = Field(default_factory=list, description="allowed hosts; empty: any public")
     remote_image_timeout_s: float = Field(10.0, gt=0)
