@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from typing import Any
 
 import httpx
 
+from bench.cpu_usage import per_request_ms, snapshot
 from bench.provenance import provenance
 from serve.tiny import write_tiny
 
@@ -158,7 +160,13 @@ def main() -> None:
             "--out",
             str(out / "service-80"),
         ]
+        before, children = snapshot(), resource.getrusage(resource.RUSAGE_CHILDREN)
         run(steady, out / "steady.log")
+        after, done = snapshot(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        after["load generator"] = done.ru_utime + done.ru_stime - children.ru_utime - children.ru_stime
+        served = json.loads((out / "service-80" / "summary.json").read_text())["points"][0]["requests"]
+        cpu = per_request_ms(before, after, served)
+        (out / "cpu_per_request.json").write_text(json.dumps(cpu, indent=2) + "\n")
     finally:
         service.send_signal(signal.SIGTERM)
         service.wait(timeout=120)
@@ -198,6 +206,7 @@ def combine(out: Path, commands: list[str], options: dict[str, Any]) -> dict[str
         "engine_profile": json.loads((out / "profile.json").read_text())["points"],
         "service": service_points,
         "service_at_80_percent": at80,
+        "cpu_ms_per_request_at_80_percent": json.loads((out / "cpu_per_request.json").read_text()),
         "headline": {
             "gpu": engine.get("gpu"),
             "engine_fast_images_per_s": best["fast"],

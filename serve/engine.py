@@ -175,6 +175,9 @@ class Engine(ABC):
         """Drop a request that is waiting (subclasses also stop running ones)."""
         self.waiting = deque(p for p in self.waiting if p.id != request_id)
 
+    def warm_up(self) -> None:  # noqa: B027 (an optional hook)
+        """Prepare what the first requests would otherwise wait for (the fast engine's CUDA graphs)."""
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting)

@@ -132,6 +132,15 @@ class FastEngine(Engine):
         self.graphs: dict[tuple[str, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_pool = None
 
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Capture every decode graph now (Triton attention: one per batch bucket), so that no request waits
+        for one; with nothing running, these steps only write cache positions that a prefill overwrites."""
+        if self.use_graphs and self.attention == "triton":
+            for batch in self.buckets:
+                self._replay(("decode", batch, 0), partial(self._decode_forward, batch, 0))
+            torch.cuda.synchronize()
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

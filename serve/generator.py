@@ -31,7 +31,9 @@ class Generator:
         loaded = load_model(model.source, device=model.device, dtype=model.dtype, load_format=model.load_format)
         if loaded.device.type == "cpu":
             log.warning("Generator: no GPU visible; generating on the CPU with %s (slow)", loaded.dtype)
-        self.loop = EngineLoop(build_engine(loaded, config.engine))
+        engine = build_engine(loaded, config.engine)
+        engine.warm_up()
+        self.loop = EngineLoop(engine)
         self.metrics = EngineMetrics()
         self._sampler: asyncio.Task | None = None
         log.info("Generator ready: %s engine on %s", config.engine.kind, loaded.device)
