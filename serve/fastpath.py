@@ -105,8 +105,8 @@ class FastEngine(Engine):
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.decoder.layers]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.decoder.layers]
         # Inputs of the GPU steps, at fixed addresses so that captured graphs can read them.
-        self.input_tokens = torch.full((slots,), self.geometry.pad_id, dtype=torch.long, device=device)
-        self.input_index = torch.zeros(slots, dtype=torch.long, device=device)
+        self.step_inputs = torch.zeros((2, slots), dtype=torch.long, device=device)  # one copy a step
+        self.input_tokens, self.input_index = self.step_inputs  # each slot's last token, and its position
         self.admit_pixels = torch.zeros((slots, 224, 224, 3), dtype=torch.uint8, device=device)
         self.admit_ids = torch.full((slots, length), self.geometry.pad_id, dtype=torch.long, device=device)
         self.admit_offsets = torch.zeros(slots, dtype=torch.long, device=device)
@@ -117,8 +117,9 @@ class FastEngine(Engine):
         # Book-keeping on the host, one entry per slot.
         self.running: dict[int, Running] = {}
         self.free = list(range(slots))
-        self.lengths = np.zeros(slots, dtype=np.int64)
-        self.last_token = np.full(slots, self.geometry.pad_id, dtype=np.int64)
+        self.host_inputs = np.zeros((2, slots), dtype=np.int64)  # step_inputs as the host keeps them
+        self.last_token, self.lengths = self.host_inputs
+        self.last_token[:] = self.geometry.pad_id
         self.generated = np.zeros((slots, length), dtype=np.int64)
         self.counts = np.zeros(slots, dtype=np.int64)
         self.limits = np.zeros(slots, dtype=np.int64)
@@ -273,8 +274,7 @@ class FastEngine(Engine):
         if self.attention == "sdpa":
             longest = int(self.lengths[active].max() + 1)
             span = min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, self.config.max_seq_len)
-        self.input_tokens[:batch].copy_(torch.from_numpy(self.last_token[:batch]), non_blocking=True)
-        self.input_index[:batch].copy_(torch.from_numpy(self.lengths[:batch]), non_blocking=True)
+        self.step_inputs[:, :batch].copy_(torch.from_numpy(self.host_inputs[:, :batch]))
         if self.use_graphs:
             logits = self._replay(("decode", batch, span), partial(self._decode_forward, batch, span))
         else:
