@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -175,6 +176,8 @@ def main() -> None:
         cpu = per_request_ms(before, after, served)
         (out / "cpu_per_request.json").write_text(json.dumps(cpu, indent=2) + "\n")
     finally:
+        for path in Path(tempfile.gettempdir(), "ray", "session_latest", "logs", "serve").glob("replica_*Generator*"):
+            shutil.copy(path, out / path.name)  # the engine's log lines: steps/s, batch, busy time
         service.send_signal(signal.SIGTERM)
         service.wait(timeout=120)
     steps = (engine, sweep, steady) if args.service_focus else (engine, profile, sweep, steady)

@@ -17,6 +17,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -45,13 +46,26 @@ class _LoopSink:
 
 @dataclass
 class EngineStats:
-    """What the loop has done, for metrics: queue depth, running sequences, steps and tokens."""
+    """What the loop has done, for metrics: queue depth, running sequences, steps, tokens, the time spent in
+    steps (``busy_s``), and the sequences running after each step, summed (``step_rows``: a mean batch)."""
 
     waiting: int = 0
     running: int = 0
     steps: int = 0
     finished: int = 0
     generated_tokens: int = 0
+    busy_s: float = 0.0
+    step_rows: int = 0
+
+    def summary(self, before: EngineStats, seconds: float) -> str:
+        """One log line on the ``seconds`` since ``before``: the rates and the share of time in steps."""
+        steps = self.steps - before.steps
+        batch = (self.step_rows - before.step_rows) / max(steps, 1)
+        return (
+            f"engine: {steps / seconds:.0f} steps/s, {(self.finished - before.finished) / seconds:.1f} requests/s, "
+            f"{(self.generated_tokens - before.generated_tokens) / seconds:.0f} tokens/s, mean batch {batch:.1f}, "
+            f"busy {(self.busy_s - before.busy_s) / seconds:.0%}, {self.waiting} waiting"
+        )
 
 
 class EngineLoop:
@@ -130,11 +144,14 @@ class EngineLoop:
             if not self.engine.has_work:
                 self._wake.wait(self.idle_wait_s)
                 continue
+            started = time.perf_counter()
             try:
                 wait = self.engine.step()
             except Exception:  # engines fail their requests themselves; this guards the loop
                 log.exception("engine step failed")
                 wait = None
+            self.stats.busy_s += time.perf_counter() - started
+            self.stats.step_rows += self.engine.running_count
             if wait:
                 self._wake.wait(wait)
             self.stats.steps += 1

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 
 from serve.config import ServiceConfig
 from serve.engine import GenerationRequest, GenerationResult, build_engine
-from serve.engine_loop import EngineLoop
+from serve.engine_loop import EngineLoop, EngineStats
 from serve.errors import ServiceError
 from serve.jobs import Generated, Prepared
 from serve.metrics import EngineMetrics
@@ -23,9 +22,8 @@ from serve.model import load_model
 
 log = logging.getLogger("ray.serve")
 
-SWITCH_INTERVAL_S = 0.0002
-"""How long the replica's event loop may keep Python's lock while the engine thread waits for it (the default
-5 ms, paid at each of the several lock handovers of every decode step, stretched the steps under load)."""
+STATS_LOG_S = 10
+"""Seconds between the engine's log lines (steps, requests and tokens per second, batch, busy time)."""
 
 
 class Generator:
@@ -36,7 +34,6 @@ class Generator:
         loaded = load_model(model.source, device=model.device, dtype=model.dtype, load_format=model.load_format)
         if loaded.device.type == "cpu":
             log.warning("Generator: no GPU visible; generating on the CPU with %s (slow)", loaded.dtype)
-        sys.setswitchinterval(SWITCH_INTERVAL_S)
         engine = build_engine(loaded, config.engine)
         engine.warm_up()
         self.loop = EngineLoop(engine)
@@ -48,8 +45,15 @@ class Generator:
         """Start, once, the task that copies the engine's stats into the metrics every second."""
 
         async def sample() -> None:
+            last, seconds = EngineStats(**vars(self.loop.stats)), 0
             while True:
-                self.metrics.sample(self.loop.stats)
+                stats = self.loop.stats
+                self.metrics.sample(stats)
+                seconds += 1
+                if seconds == STATS_LOG_S and stats.steps > last.steps:  # a line while there is work
+                    log.info(stats.summary(last, seconds))
+                if seconds == STATS_LOG_S:
+                    last, seconds = EngineStats(**vars(stats)), 0
                 await asyncio.sleep(1.0)
 
         if self._sampler is None:

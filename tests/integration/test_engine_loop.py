@@ -8,7 +8,7 @@ import pytest
 
 from serve.config import EngineConfig
 from serve.engine import GenerationRequest, GenerationResult
-from serve.engine_loop import EngineLoop
+from serve.engine_loop import EngineLoop, EngineStats
 from serve.errors import InvalidRequest
 from serve.fastpath import FastEngine
 from serve.sampling import SamplingParams
@@ -75,3 +75,11 @@ def test_bad_requests_raise_before_queueing(engine_loop, work):
     with pytest.raises(InvalidRequest):
         asyncio.run(main())
     assert engine_loop.alive
+
+
+def test_stats_summarise_a_window():
+    before = EngineStats(steps=100, finished=2, generated_tokens=64, busy_s=1.0, step_rows=400)
+    after = EngineStats(waiting=3, steps=300, finished=12, generated_tokens=384, busy_s=6.0, step_rows=2000)
+    assert after.summary(before, 10) == (
+        "engine: 20 steps/s, 1.0 requests/s, 32 tokens/s, mean batch 8.0, busy 50%, 3 waiting"
+    )
