@@ -40,7 +40,9 @@ def cluster(tiny_dir):
             "generator": config.generator.model_copy(update={"num_gpus": 1.0}),
         }
     )
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # One proxy, on the head, as in configs/*.yaml: with a proxy on every node all would bind 127.0.0.1:port here,
+    # and the one that won could be on the node the test removes, dropping its connections.
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")
     yield cluster, cpu_nodes, gpu_node, f"http://127.0.0.1:{port}"
     serve.shutdown()
