@@ -15,13 +15,17 @@ cluster that Ray's launcher starts sets them in its start commands (``cluster.ya
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 from serve.config import ServiceConfig
+
+HAPROXY_PREFIX = "kosmos2-haproxy-"
 
 
 def start(
@@ -55,7 +59,7 @@ def serve_environment(config: ServiceConfig) -> dict[str, str]:
     """
     if config.http.proxy == "serve":
         return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0"}
-    state = tempfile.mkdtemp(prefix="kosmos2-haproxy-")
+    state = tempfile.mkdtemp(prefix=HAPROXY_PREFIX)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         metrics_port = probe.getsockname()[1]
@@ -63,6 +67,9 @@ def serve_environment(config: ServiceConfig) -> dict[str, str]:
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",  # that mode buffers 1000 log lines: write each at once
+        # An Ingress replica leaving drains for 30 s by default, for remote load balancers to notice; this
+        # machine's HAProxy hears of it from the controller within a second.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{state}/haproxy.cfg",
         "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{state}/admin.sock",
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": state,
@@ -78,6 +85,9 @@ def stop() -> None:
 
     serve.shutdown()
     ray.shutdown()
+    state = os.environ.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", "")
+    if Path(state).name.startswith(HAPROXY_PREFIX):  # the files serve_environment made for this instance
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def run_until_signalled(config: ServiceConfig, *, dashboard: bool = False) -> None:
