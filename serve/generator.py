@@ -8,13 +8,14 @@ event loop only enqueues and awaits. Without a GPU it runs on the CPU and says s
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from serve.config import ServiceConfig
 from serve.engine import GenerationRequest, GenerationResult, build_engine
-from serve.engine_loop import EngineLoop, EngineStats
+from serve.engine_loop import EngineLoop
 from serve.errors import ServiceError
 from serve.jobs import Generated, Prepared
 from serve.metrics import EngineMetrics
@@ -45,16 +46,15 @@ class Generator:
         """Start, once, the task that copies the engine's stats into the metrics every second."""
 
         async def sample() -> None:
-            last, seconds = EngineStats(**vars(self.loop.stats)), 0
-            while True:
+            last = replace(self.loop.stats)
+            for second in itertools.count(1):
+                await asyncio.sleep(1.0)
                 stats = self.loop.stats
                 self.metrics.sample(stats)
-                seconds += 1
-                if seconds == STATS_LOG_S and stats.steps > last.steps:  # a line while there is work
-                    log.info(stats.summary(last, seconds))
-                if seconds == STATS_LOG_S:
-                    last, seconds = EngineStats(**vars(stats)), 0
-                await asyncio.sleep(1.0)
+                if second % STATS_LOG_S == 0:
+                    if stats.steps > last.steps:  # a line while there is work
+                        log.info(stats.summary(last, STATS_LOG_S))
+                    last = replace(stats)
 
         if self._sampler is None:
             self._sampler = asyncio.create_task(sample())
