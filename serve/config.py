@@ -172,7 +172,10 @@ class ServiceConfig(_Strict):
     limits: LimitsConfig = LimitsConfig()
     http: HTTPConfig = HTTPConfig()
     ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.5, max_ongoing_requests=512)
-    preprocessor: DeploymentConfig = DeploymentConfig(num_cpus=1, max_ongoing_requests=32)
+    preprocessor: DeploymentConfig = Field(
+        DeploymentConfig(num_cpus=1, max_ongoing_requests=256),
+        description="holds each request through its generation (it calls the Generator): size its queue for that",
+    )
     generator: DeploymentConfig = Field(default_factory=_default_generator)
     cpu_fallback: bool = Field(True, description="run the Generator on CPUs when the running cluster has no GPU")
 

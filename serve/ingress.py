@@ -1,12 +1,11 @@
 """The HTTP edge: OpenAI-compatible routes on FastAPI, deployed by ``serve.app`` as the Serve ingress.
 
-It authenticates, reads and validates the body (size first), turns the request into a job, and chains the
-deployments: ``Preprocessor.prepare`` -> ``Generator.generate`` -> ``Preprocessor.finish``, passing each
-response on without fetching it, so that only small records reach this process. A streaming request is
-prepared by ``Preprocessor.stream``, whose first event says whether it passed its checks before the stream
-opens (so bad input still gets a plain error); its text is then relayed as server-sent events. Every error,
-from here or from a replica, leaves through ``serve.errors.error_response``; every request leaves one
-structured log line.
+It authenticates, reads and validates the body (size first), turns the request into a job, and hands it to
+a Preprocessor replica, which owns it to the answer (``Preprocessor.complete``, which calls the Generator):
+one call per request from here, and only small records reach this process. A streaming request goes to
+``Preprocessor.stream``, whose first event says whether it passed its checks before the stream opens (so bad
+input still gets a plain error); its text is then relayed as server-sent events. Every error, from here or
+from a replica, leaves through ``serve.errors.error_response``; every request leaves one structured log line.
 """
 
 from __future__ import annotations
@@ -108,8 +107,8 @@ def _error(exc: BaseException) -> JSONResponse:
 
 def translate(exc: BaseException) -> BaseException:
     """Our error for an exception raised here or in a replica (Ray wraps those)."""
-    if isinstance(exc, ray_errors.RayTaskError):
-        exc = exc.cause if exc.cause is not None else exc
+    while isinstance(exc, ray_errors.RayTaskError) and exc.cause is not None:  # nested: raised two hops away
+        exc = exc.cause
     if isinstance(exc, ServiceError):
         return exc
     if isinstance(exc, serve_errors.BackPressureError):
@@ -154,7 +153,7 @@ def usage_of(finished: Finished) -> Usage:
 
 
 class Ingress:
-    """Routes and the chain of calls; holds no model. Bound with handles to the two other deployments."""
+    """Routes; holds no model. Bound with handles to the two other deployments (the Generator's for health)."""
 
     def __init__(self, config: ServiceConfig, preprocessor, generator) -> None:
         self.config = config
@@ -221,11 +220,7 @@ class Ingress:
                     raise first
                 chunks = self._stream(events, request_id, include_usage, started + timeout, record, started)
                 return StreamingResponse(chunks, media_type="text/event-stream")
-            # Chained without awaiting the middle calls: the pixels go from Preprocessor to Generator only.
-            prepared = self.preprocessor.prepare.remote(job)
-            finished = await asyncio.wait_for(
-                self.preprocessor.finish.remote(self.generator.generate.remote(prepared)), timeout
-            )
+            finished = await asyncio.wait_for(self.preprocessor.complete.remote(job), timeout)
             if isinstance(finished, ServiceError):
                 raise finished
         except Exception as exc:

@@ -3,9 +3,9 @@
 Ingress -> Preprocessor: a :class:`Job` (the client's image reference, task, text and parameters).
 Preprocessor -> Generator: a :class:`Prepared` (the engine request and its :class:`PromptInfo`). Generator ->
 Preprocessor: a :class:`Generated` (the engine's result with the info passed through untouched), turned
-into the :class:`Finished` answer the Ingress sends back. The Ingress chains these calls without awaiting
-the middle ones, so the pixels travel once, from the Preprocessor to the Generator. Bad input is not an
-exception between deployments but a value: a ``ServiceError`` passed along the chain to the Ingress.
+into the :class:`Finished` answer that goes back to the Ingress. The Preprocessor makes the Generator call
+itself, so the pixels cross one hop. Bad input is not an exception between deployments but a value: a
+``ServiceError`` returned to the Ingress.
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
 """The CPU tier: before generation, image and prompt; after it, the answer with its entities.
 
-``Preprocessor`` is a plain class that ``serve.app`` deploys on CPU replicas. ``prepare`` decodes the image
-(a base64 data URI, or a remote URL where the config allows it), checks and resizes it, and builds the task's
-prompt and its token ids. ``finish`` detokenizes and extracts entities. ``stream`` does both around the
-Generator's token stream, yielding text as it becomes certain. Bad input comes back as a ``ServiceError``
-value (so replicas do not log it as a crash), and errors passed in are passed on.
+``Preprocessor`` is a plain class that ``serve.app`` deploys on CPU replicas; it owns a request from the
+Ingress to the answer. ``prepare`` decodes the image (a base64 data URI, or a remote URL where the config
+allows it), checks and resizes it, and builds the task's prompt and its token ids. ``complete`` sends the
+prepared request to a Generator replica and turns the tokens into the answer text and entities. ``stream``
+does the same around the Generator's token stream, yielding text as it becomes certain. The pixels thus cross
+one hop, to the Generator, whichever transport Serve uses between deployments (its gRPC transport resolves a
+response chained through the Ingress in the Ingress, by value). Bad input comes back as a ``ServiceError``
+value (so replicas do not log it as a crash).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def decode_data_uri(url: str, max_bytes: int) -> bytes:
 class Preprocessor:
     """Deployed on CPU replicas; holds the tokenizer, never the model."""
 
-    def __init__(self, config: ServiceConfig, generator=None) -> None:
+    def __init__(self, config: ServiceConfig, generator) -> None:
         self.config = config
         self.codec = TextCodec(load_processor(config.model.source))
         self.limits = config.limits.image_limits()
@@ -84,10 +87,15 @@ class Preprocessor:
             )
         return await asyncio.to_thread(prepare_image, data, limits)
 
-    async def finish(self, generated: Generated | ServiceError) -> Finished | ServiceError:
-        """The answer's clean text and entities (or the error met on the way)."""
-        if isinstance(generated, ServiceError):
-            return generated
+    async def complete(self, job: Job) -> Finished | ServiceError:
+        """The whole request: prepare, generate on a Generator replica, then the answer (or the error)."""
+        prepared = await self.prepare(job)
+        if isinstance(prepared, ServiceError):
+            return prepared
+        return self._finish(await self.generator.generate.remote(prepared))
+
+    def _finish(self, generated: Generated) -> Finished:
+        """The answer's clean text and entities."""
         info = generated.info
         answer = self.codec.answer(info.prompt, info.prompt_ids, generated.token_ids, info.width, info.height)
         return Finished(answer, generated.finish_reason, generated.prompt_tokens, generated.completion_tokens)
@@ -103,7 +111,7 @@ class Preprocessor:
         pieces = AnswerStream(self.codec, info.prompt, info.prompt_ids)
         async for item in self.generator.options(stream=True).stream.remote(prepared):
             if isinstance(item, Generated):
-                finished = await self.finish(item)
+                finished = self._finish(item)
                 rest = pieces.finish(finished.answer.text)
                 if rest:
                     yield TextPiece(rest)
