@@ -2,12 +2,14 @@
 
 ``bench.perf_run`` takes a snapshot before and after a load point and divides the difference by the requests
 served, which says where each request's CPU goes: HAProxy or Serve's proxy, each deployment's replicas, Ray's
-own processes, and the load generator.
+own processes, the Generator's engine process, and the load generator.
 
     >>> role("ray::ServeReplica:kosmos2:Preprocessor", "ray::ServeRepli")
     'Preprocessor'
     >>> role("/usr/bin/haproxy -f /tmp/kosmos2-haproxy-1/haproxy.cfg", "haproxy")
     'haproxy'
+    >>> role("/venv/bin/python -m serve.engine_process 14", "python")
+    'engine process'
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROLES = {
+    "serve.engine_process": "engine process",
     "ServeController": "controller",
     "ProxyActor": "serve proxy",
     "HAProxy": "haproxy manager",

@@ -1,9 +1,12 @@
-"""An engine on its own thread, driven by asyncio callers: the Generator's bridge to the GPU.
+"""An engine on its own thread, driven by asyncio callers.
 
 The thread owns the engine: it takes submitted requests, calls ``engine.step()`` while there is work, and
 sleeps otherwise. Callers on the event loop only enqueue and await, so GPU work never blocks the loop and
 requests that arrive together are batched by the engine itself. A caller that is cancelled (the client
 went away) cancels its request in the engine, which frees its cache slot at once.
+
+``AsyncEngine`` holds the coroutines callers use; ``EngineLoop`` runs the engine on a thread of this process,
+``serve.engine_process.EngineProcess`` in a process of its own (what the Generator uses).
 
     loop = EngineLoop(engine)
     result = await loop.generate(request)
@@ -18,16 +21,17 @@ import logging
 import queue
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from serve.engine import Engine, GenerationRequest, GenerationResult
+from serve.engine import Engine, GenerationRequest, GenerationResult, Sink
 
 log = logging.getLogger(__name__)
 
 
-class _LoopSink:
-    """Delivers engine events to an asyncio loop, from the engine thread."""
+class LoopSink:
+    """Delivers engine events to an asyncio loop, from another thread (a sink of ``serve.engine``)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, streaming: bool) -> None:
         self.loop = loop
@@ -68,25 +72,26 @@ class EngineStats:
         )
 
 
-class EngineLoop:
-    """Runs ``engine`` on a daemon thread; its coroutines may be called from any event loop."""
+class AsyncEngine(ABC):
+    """Coroutines over an engine that runs elsewhere (a thread, a process) and takes requests by ticket."""
 
-    def __init__(self, engine: Engine, idle_wait_s: float = 0.05) -> None:
-        self.engine = engine
-        self.idle_wait_s = idle_wait_s
-        self.stats = EngineStats()
-        self._inbox: queue.SimpleQueue[tuple[str, int, GenerationRequest | None, _LoopSink | None]] = (
-            queue.SimpleQueue()
-        )
-        self._wake = threading.Event()
+    stats: EngineStats
+
+    def __init__(self) -> None:
         self._tickets = itertools.count()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self._thread.start()
 
     @property
+    @abstractmethod
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        """Whether the engine still runs."""
+
+    @abstractmethod
+    def submit(self, ticket: int, request: GenerationRequest, sink: Sink) -> None:
+        """Queue a request (from any thread); its events, or its error, go to ``sink``."""
+
+    @abstractmethod
+    def cancel(self, ticket: int) -> None:
+        """Drop a request, waiting or running (from any thread); nothing more reaches its sink."""
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Generate for one request; raises the engine's error, or cancels the request if cancelled."""
@@ -101,28 +106,53 @@ class EngineLoop:
             yield item
 
     async def _events(self, request: GenerationRequest, streaming: bool) -> AsyncIterator:
-        self.engine.check(request)  # pure checks, safe off the engine thread; raise before queueing
-        sink = _LoopSink(asyncio.get_running_loop(), streaming)
+        sink = LoopSink(asyncio.get_running_loop(), streaming)
         ticket = next(self._tickets)
-        self._send("submit", ticket, request, sink)
+        self.submit(ticket, request, sink)
         done = False
         try:
             while not done:
                 item = await sink.events.get()
                 if isinstance(item, BaseException):
+                    done = True
                     raise item
                 done = isinstance(item, GenerationResult)
                 yield item
         finally:
             if not done:
-                self._send("cancel", ticket, None, None)
+                self.cancel(ticket)
+
+
+class EngineLoop(AsyncEngine):
+    """Runs ``engine`` on a daemon thread; its coroutines may be called from any event loop."""
+
+    def __init__(self, engine: Engine, idle_wait_s: float = 0.05) -> None:
+        super().__init__()
+        self.engine = engine
+        self.idle_wait_s = idle_wait_s
+        self.stats = EngineStats()
+        self._inbox: queue.SimpleQueue[tuple[str, int, GenerationRequest | None, Sink | None]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def submit(self, ticket: int, request: GenerationRequest, sink: Sink) -> None:
+        self._send("submit", ticket, request, sink)
+
+    def cancel(self, ticket: int) -> None:
+        self._send("cancel", ticket, None, None)
 
     def stop(self) -> None:
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=10)
 
-    def _send(self, kind: str, ticket: int, request: GenerationRequest | None, sink: _LoopSink | None) -> None:
+    def _send(self, kind: str, ticket: int, request: GenerationRequest | None, sink: Sink | None) -> None:
         self._inbox.put((kind, ticket, request, sink))
         self._wake.set()
 
@@ -141,6 +171,7 @@ class EngineLoop:
                         sink.fail(exc)
                 elif ticket in engine_ids:
                     self.engine.cancel(engine_ids.pop(ticket))
+            self._gauge()
             if not self.engine.has_work:
                 self._wake.wait(self.idle_wait_s)
                 continue
@@ -155,14 +186,17 @@ class EngineLoop:
             if wait:
                 self._wake.wait(wait)
             self.stats.steps += 1
-            self.stats.waiting = len(self.engine.waiting)
-            self.stats.running = self.engine.running_count
+            self._gauge()
+
+    def _gauge(self) -> None:
+        self.stats.waiting = len(self.engine.waiting)
+        self.stats.running = self.engine.running_count
 
 
 class _Counting:
     """Wraps a sink to count results and tokens, and to forget the ticket when the request ends."""
 
-    def __init__(self, sink: _LoopSink, stats: EngineStats, engine_ids: dict[int, int], ticket: int) -> None:
+    def __init__(self, sink: Sink, stats: EngineStats, engine_ids: dict[int, int], ticket: int) -> None:
         self.sink, self.stats, self.engine_ids, self.ticket = sink, stats, engine_ids, ticket
         self.streaming = sink.streaming
 

@@ -1,8 +1,9 @@
 """The GPU tier: the engine behind an asyncio facade, deployed by ``serve.app`` on GPU replicas.
 
-``Generator`` loads the model, starts the engine on its own thread (``EngineLoop``) and turns prepared
-requests into generated tokens. Requests that arrive together are batched by the engine; the replica's
-event loop only enqueues and awaits. Without a GPU it runs on the CPU and says so in the log.
+``Generator`` starts the engine in a process of its own (``serve.engine_process``: the model, the GPU and the
+engine's loop live there) and turns prepared requests into generated tokens. Requests that arrive together
+are batched by the engine; the replica's event loop only enqueues and awaits. Without a GPU the engine runs
+on the CPU and says so in the log.
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ from collections.abc import AsyncIterator
 from dataclasses import asdict, replace
 
 from serve.config import ServiceConfig
-from serve.engine import GenerationRequest, GenerationResult, build_engine
-from serve.engine_loop import EngineLoop
-from serve.errors import ServiceError
+from serve.engine import GenerationRequest, GenerationResult
+from serve.engine_process import EngineProcess
 from serve.jobs import Generated, Prepared
 from serve.metrics import EngineMetrics
-from serve.model import load_model
 
 log = logging.getLogger("ray.serve")
 
@@ -31,16 +30,17 @@ class Generator:
     """Deployed on GPU replicas (falls back to the CPU where there is none)."""
 
     def __init__(self, config: ServiceConfig) -> None:
-        model = config.model
-        loaded = load_model(model.source, device=model.device, dtype=model.dtype, load_format=model.load_format)
-        if loaded.device.type == "cpu":
-            log.warning("Generator: no GPU visible; generating on the CPU with %s (slow)", loaded.dtype)
-        engine = build_engine(loaded, config.engine)
-        engine.warm_up()
-        self.loop = EngineLoop(engine)
+        self.loop = EngineProcess(config)
         self.metrics = EngineMetrics()
         self._sampler: asyncio.Task | None = None
-        log.info("Generator ready: %s engine on %s", config.engine.kind, loaded.device)
+        if " on cpu " in self.loop.description:
+            log.warning("Generator: no GPU visible; generating on the CPU (slow): %s", self.loop.description)
+        log.info("Generator ready: %s", self.loop.description)
+
+    def __del__(self) -> None:
+        """Serve calls this when the replica shuts down: the engine process goes with it."""
+        if hasattr(self, "loop"):
+            self.loop.stop()
 
     def _sample_metrics(self) -> None:
         """Start, once, the task that copies the engine's stats into the metrics every second."""
@@ -64,18 +64,16 @@ class Generator:
         return self.loop.alive
 
     def check_health(self) -> None:
-        """Serve calls this periodically; a dead engine thread gets the replica replaced."""
+        """Serve calls this periodically; a dead engine process gets the replica replaced."""
         if not self.loop.alive:
-            raise RuntimeError("the engine thread has stopped")
+            raise RuntimeError("the engine process has stopped")
 
     async def stats(self) -> dict[str, int]:
         return asdict(self.loop.stats)
 
-    async def generate(self, prepared: Prepared | ServiceError) -> Generated | ServiceError:
-        """Tokens for a prepared request (an error from preparation is passed on)."""
+    async def generate(self, prepared: Prepared) -> Generated:
+        """Tokens for a prepared request."""
         self._sample_metrics()
-        if isinstance(prepared, ServiceError):
-            return prepared
         result = await self.loop.generate(_request(prepared))
         return _generated(result, prepared)
 

@@ -1,0 +1,215 @@
+"""The engine in a process of its own, so that the replica's event loop and the engine never share a GIL.
+
+The Generator replica's event loop handles Serve's calls (gRPC, pickling, bookkeeping); the engine's thread
+runs a Python step between GPU waits. In one process they take turns on one interpreter lock: each delays
+the other, and a GPU that waits for the host idles. Here the replica only queues requests and awaits their
+results; the engine runs in a child (``python -m serve.engine_process``), as vLLM runs its engine core.
+
+Both sides talk over a socket pair, one pickled message at a time, each carrying every item queued meanwhile:
+to the child, ``("submit", ticket, request, streaming)`` and ``("cancel", ticket, None, False)``; to the parent, events
+``(ticket, "tokens" | "finish" | "fail", payload)`` with the engine's stats. A sender thread on each side
+writes, so neither the event loop nor the engine waits on the socket. The child exits when the socket closes
+(the replica is gone); if the child dies, its requests fail at once and ``alive`` turns false, so Serve's
+health check replaces the replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import queue
+import socket
+import subprocess
+import sys
+import threading
+from collections import defaultdict
+from dataclasses import astuple
+from multiprocessing.connection import Connection
+from typing import Any
+
+from serve.config import ServiceConfig
+from serve.engine import GenerationRequest, GenerationResult, build_engine
+from serve.engine_loop import AsyncEngine, EngineLoop, EngineStats, LoopSink
+from serve.model import load_model
+
+log = logging.getLogger("ray.serve")
+
+STATS_EVERY_S = 0.5
+"""The child sends its stats at least this often, with or without events."""
+
+
+class EngineProcess(AsyncEngine):
+    """Starts the engine in a child process for ``config`` and waits until it is ready (or raises)."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        super().__init__()
+        ours, theirs = socket.socketpair()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "serve.engine_process", str(theirs.fileno())], pass_fds=[theirs.fileno()], env=env
+        )
+        theirs.close()
+        self._socket = ours  # shut down by stop(), which ends both threads' socket calls
+        self._connection = Connection(os.dup(ours.fileno()))
+        self.stats = EngineStats()
+        self._sinks: dict[int, LoopSink] = {}
+        self._outbox: queue.SimpleQueue[tuple[str, int, GenerationRequest | None, bool] | None] = queue.SimpleQueue()
+        self._failure: str | None = None
+        self._stopping = False
+        self._connection.send(config.model_dump(mode="json"))
+        try:
+            status, self.description = self._connection.recv()
+        except (EOFError, OSError):
+            status, self.description = "failed", f"it exited with code {self._process.wait()}"
+        if status != "ready":
+            self.stop()
+            raise RuntimeError(f"the engine process did not start: {self.description}")
+        threading.Thread(target=self._write, name="engine-writer", daemon=True).start()
+        threading.Thread(target=self._read, name="engine-reader", daemon=True).start()
+
+    @property
+    def alive(self) -> bool:
+        return self._failure is None and self._process.poll() is None
+
+    def submit(self, ticket: int, request: GenerationRequest, sink: LoopSink) -> None:
+        if self._failure is not None:
+            raise RuntimeError(self._failure)
+        self._sinks[ticket] = sink
+        self._outbox.put(("submit", ticket, request, sink.streaming))
+
+    def cancel(self, ticket: int) -> None:
+        if self._sinks.pop(ticket, None) is not None:
+            self._outbox.put(("cancel", ticket, None, False))
+
+    def stop(self) -> None:
+        """Shut the socket down (the child then exits) and reap the child; once."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._outbox.put(None)
+        with contextlib.suppress(OSError):  # the child may have closed it already
+            self._socket.shutdown(socket.SHUT_RDWR)
+        try:
+            self._process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+    def _write(self) -> None:
+        """Send what the event loop queued, in one message per wake-up."""
+        while (item := self._outbox.get()) is not None:
+            batch = [item, *_drain(self._outbox)]
+            try:
+                self._connection.send([message for message in batch if message is not None])
+            except OSError:
+                return
+            if None in batch:
+                return
+
+    def _read(self) -> None:
+        """Hand each event to its caller's event loop, one callback per loop and message."""
+        while True:
+            try:
+                events, stats = self._connection.recv()
+            except (EOFError, OSError, pickle.UnpicklingError):
+                break
+            self.stats = EngineStats(*stats)
+            batches: dict[asyncio.AbstractEventLoop, list[tuple[Any, str, Any]]] = defaultdict(list)
+            for ticket, kind, payload in events:
+                sink = self._sinks.get(ticket) if kind == "tokens" else self._sinks.pop(ticket, None)
+                if sink is not None:
+                    batches[sink.loop].append((sink, kind, payload))
+            for loop, batch in batches.items():
+                loop.call_soon_threadsafe(_deliver, batch)
+        self._failure = f"the engine process exited (code {self._process.wait()})"
+        if not self._stopping:
+            log.error("%s; failing its %d requests", self._failure, len(self._sinks))
+        error = RuntimeError(self._failure)
+        for ticket in list(self._sinks):
+            sink = self._sinks.pop(ticket)
+            sink.loop.call_soon_threadsafe(_deliver, [(sink, "fail", error)])
+
+
+def _deliver(batch: list[tuple[Any, str, Any]]) -> None:
+    for sink, kind, payload in batch:
+        getattr(sink, kind)(payload)
+
+
+def _drain(items: queue.SimpleQueue) -> list:
+    drained = []
+    while True:
+        try:
+            drained.append(items.get_nowait())
+        except queue.Empty:
+            return drained
+
+
+class _Forward:
+    """The child's sink for one request: its events go to the sender thread."""
+
+    def __init__(self, ticket: int, streaming: bool, outbox: queue.SimpleQueue) -> None:
+        self.ticket, self.streaming, self.outbox = ticket, streaming, outbox
+
+    def tokens(self, token_ids: list[int]) -> None:
+        self.outbox.put((self.ticket, "tokens", token_ids))
+
+    def finish(self, result: GenerationResult) -> None:
+        self.outbox.put((self.ticket, "finish", result))
+
+    def fail(self, error: BaseException) -> None:
+        try:
+            pickle.dumps(error)
+        except Exception:  # an exception that cannot travel: its text does
+            error = RuntimeError(f"{type(error).__name__}: {error}")
+        self.outbox.put((self.ticket, "fail", error))
+
+
+def _send_events(connection: Connection, outbox: queue.SimpleQueue, loop: EngineLoop) -> None:
+    """The child's sender: every queued event in one message, with the stats, at least every ``STATS_EVERY_S``."""
+    while True:
+        try:
+            events = [outbox.get(timeout=STATS_EVERY_S), *_drain(outbox)]
+        except queue.Empty:
+            events = []
+        try:
+            connection.send((events, astuple(loop.stats)))
+        except OSError:
+            return
+
+
+def main() -> None:
+    """The child: load the model, report ready, then serve the parent's messages until the socket closes."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s engine process %(levelname)s %(message)s")
+    connection = Connection(int(sys.argv[1]))
+    config = ServiceConfig.model_validate(connection.recv())
+    try:
+        model = config.model
+        loaded = load_model(model.source, device=model.device, dtype=model.dtype, load_format=model.load_format)
+        engine = build_engine(loaded, config.engine)
+        engine.warm_up()
+    except Exception as exc:
+        logging.exception("the engine could not start")
+        connection.send(("failed", f"{type(exc).__name__}: {exc}"))
+        raise SystemExit(1) from None
+    loop = EngineLoop(engine)
+    outbox: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=_send_events, args=(connection, outbox, loop), name="sender", daemon=True).start()
+    connection.send(("ready", f"{config.engine.kind} engine on {loaded.device} ({str(loaded.dtype)[6:]})"))
+    while True:
+        try:
+            messages = connection.recv()
+        except (EOFError, OSError):
+            break  # the replica is gone
+        for kind, ticket, request, streaming in messages:
+            if kind == "submit":
+                loop.submit(ticket, request, _Forward(ticket, streaming, outbox))
+            else:
+                loop.cancel(ticket)
+    loop.stop()
+
+
+if __name__ == "__main__":
+    main()
