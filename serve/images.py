@@ -89,7 +89,8 @@ def open_image(data: bytes, limits: ImageLimits) -> tuple[Image.Image, int, int]
             image.draft("RGB", (SIZE, SIZE))
         image.seek(0)
         image.load()
-        return ImageOps.exif_transpose(image), width, height
+        ImageOps.exif_transpose(image, in_place=True)  # not a copy: most images need no turn
+        return image, width, height
     except Exception as exc:
         raise InvalidImage(f"the image is truncated or corrupt ({exc})", param="image_url") from None
 
