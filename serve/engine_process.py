@@ -9,8 +9,8 @@ Both sides talk over a socket pair, one pickled message at a time, each carrying
 to the child, ``("submit", ticket, request, streaming)`` and ``("cancel", ticket, None, False)``; to the parent, events
 ``(ticket, "tokens" | "finish" | "fail", payload)`` with the engine's stats. A sender thread on each side
 writes, so neither the event loop nor the engine waits on the socket. The child exits when the socket closes
-(the replica is gone); if the child dies, its requests fail at once and ``alive`` turns false, so Serve's
-health check replaces the replica.
+(the replica is gone); if the child dies, its requests fail at once (503, ``engine_lost``) and ``alive`` turns
+false, so Serve's health check replaces the replica.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from typing import Any
 from serve.config import ServiceConfig
 from serve.engine import GenerationRequest, GenerationResult, build_engine
 from serve.engine_loop import AsyncEngine, EngineLoop, EngineStats, LoopSink
+from serve.errors import Unavailable
 from serve.model import load_model
 
 log = logging.getLogger("ray.serve")
@@ -57,7 +58,7 @@ class EngineProcess(AsyncEngine):
         self.stats = EngineStats()
         self._sinks: dict[int, LoopSink] = {}
         self._outbox: queue.SimpleQueue[tuple[str, int, GenerationRequest | None, bool] | None] = queue.SimpleQueue()
-        self._failure: str | None = None
+        self._failure: Unavailable | None = None
         self._stopping = False
         self._connection.send(config.model_dump(mode="json"))
         try:
@@ -76,7 +77,7 @@ class EngineProcess(AsyncEngine):
 
     def submit(self, ticket: int, request: GenerationRequest, sink: LoopSink) -> None:
         if self._failure is not None:
-            raise RuntimeError(self._failure)
+            raise self._failure
         self._sinks[ticket] = sink
         self._outbox.put(("submit", ticket, request, sink.streaming))
 
@@ -124,13 +125,13 @@ class EngineProcess(AsyncEngine):
                     batches[sink.loop].append((sink, kind, payload))
             for loop, batch in batches.items():
                 loop.call_soon_threadsafe(_deliver, batch)
-        self._failure = f"the engine process exited (code {self._process.wait()})"
+        code = self._process.wait()
+        self._failure = Unavailable(f"the engine process exited (code {code}); retry", code="engine_lost")
         if not self._stopping:
-            log.error("%s; failing its %d requests", self._failure, len(self._sinks))
-        error = RuntimeError(self._failure)
+            log.error("the engine process exited (code %s); failing its %d requests", code, len(self._sinks))
         for ticket in list(self._sinks):
             sink = self._sinks.pop(ticket)
-            sink.loop.call_soon_threadsafe(_deliver, [(sink, "fail", error)])
+            sink.loop.call_soon_threadsafe(_deliver, [(sink, "fail", self._failure)])
 
 
 def _deliver(batch: list[tuple[Any, str, Any]]) -> None:

@@ -13,7 +13,7 @@ import pytest
 from serve.config import ServiceConfig
 from serve.engine import GenerationRequest, GenerationResult
 from serve.engine_process import EngineProcess
-from serve.errors import InvalidRequest
+from serve.errors import InvalidRequest, Unavailable
 from serve.sampling import SamplingParams
 from tests.integration.test_fastpath import requests_for
 
@@ -101,16 +101,17 @@ def test_a_dead_engine_fails_its_requests_at_once(tiny_dir, work):
     long = GenerationRequest(requests[0].pixels, requests[0].prompt_ids, SamplingParams(max_new_tokens=150))
 
     async def main():
-        with pytest.raises(RuntimeError, match="engine process exited"):
+        with pytest.raises(Unavailable, match="engine process exited") as caught:
             async for _ in process.stream(long):
                 os.kill(process._process.pid, signal.SIGKILL)  # at the first token
+        assert (caught.value.status, caught.value.code) == (503, "engine_lost")
 
     try:
         started = time.monotonic()
         asyncio.run(main())
         assert time.monotonic() - started < 10
         assert not process.alive
-        with pytest.raises(RuntimeError, match="engine process exited"):
+        with pytest.raises(Unavailable, match="engine process exited"):
             process.submit(0, long, None)
     finally:
         process.stop()

@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
@@ -132,6 +133,44 @@ def test_a_killed_replica_is_replaced_and_nothing_hangs(deploy_app, deployment):
         pytest.fail(f"the {deployment} was not replaced within 90 s")
     assert replica_actors(f"faults-{deployment.lower()}", deployment) not in ([], [victim])
     print(f"\nkilled the {deployment} under load: {len(statuses)} requests, {statuses.count(503)} failed with 503")
+
+
+def engine_processes(app: str) -> list[int]:
+    """Pids of the engine processes whose parent is one of ``app``'s Generator replicas (``ray::ServeReplica:...``)."""
+    processes = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            processes[int(entry.name)] = (parent, (entry / "cmdline").read_bytes())
+        except (OSError, ValueError):  # not a process, or ended meanwhile
+            continue
+    replicas = {pid for pid, (_, command) in processes.items() if f"ServeReplica:{app}:Generator".encode() in command}
+    engine = b"serve.engine_process"
+    return [pid for pid, (parent, command) in processes.items() if parent in replicas and engine in command]
+
+
+def test_a_dead_engine_process_fails_fast_and_the_replica_is_replaced(deploy_app):
+    url = deploy_app("faults-engine", {})
+    (engine,) = engine_processes("faults-engine")
+    results: list = []
+    loader = threading.Thread(target=lambda: results.extend(asyncio.run(storm(url, clients=3, seconds=8))))
+    loader.start()
+    time.sleep(2)
+    os.kill(engine, 9)
+    loader.join(timeout=90)
+    assert not loader.is_alive()  # nothing hung
+    statuses = [status for status, _, _ in results]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(503) >= 1 and statuses.count(200) >= 1
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if httpx.post(f"{url}/v1/chat/completions", json=body(), timeout=30).status_code == 200:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("the Generator was not replaced within 90 s")
+    assert engine_processes("faults-engine") not in ([], [engine])
+    print(f"\nkilled the engine process under load: {len(statuses)} requests, {statuses.count(503)} failed with 503")
 
 
 class ImageHandler(BaseHTTPRequestHandler):
