@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 ROLES = {
@@ -44,10 +45,8 @@ def role(command: str, name: str) -> str | None:
     return None
 
 
-def snapshot() -> dict[str, float]:
-    """CPU seconds (user and system) used so far by each role's processes."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    used: dict[str, float] = defaultdict(float)
+def processes() -> Iterator[tuple[int, str, list[str]]]:
+    """The pid, role and ``/proc/PID/stat`` fields (after the name) of each of the service's processes."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -59,8 +58,26 @@ def snapshot() -> dict[str, float]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:  # the process ended meanwhile
             continue
+        yield int(entry.name), label, fields
+
+
+def snapshot() -> dict[str, float]:
+    """CPU seconds (user and system) used so far by each role's processes."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = defaultdict(float)
+    for _, label, fields in processes():
         used[label] += (int(fields[11]) + int(fields[12])) / ticks
     return dict(used)
+
+
+def one_of_each(roles: Iterable[str]) -> dict[str, int]:
+    """A pid for each of ``roles`` that has a running process (the lowest pid)."""
+    wanted = set(roles)
+    found: dict[str, int] = {}
+    for pid, label, _ in sorted(processes()):
+        if label in wanted:
+            found.setdefault(label, pid)
+    return found
 
 
 def per_request_ms(before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:

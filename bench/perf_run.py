@@ -10,13 +10,15 @@ card's name.
 The workload is the performance goal's: brief grounded captions of 640x480 JPEGs, exactly 32 new tokens
 (``ignore_eos``). Each step is the ordinary CLI (``python -m bench engine``, ``python -m serve run``,
 ``python -m bench run``), so every figure can be reproduced alone; ``perf.json`` gathers them with the
-commands that made them.
+commands that made them. During the 80% point, py-spy (a dev dependency) samples the Python stacks of one
+Generator replica, its engine process, one Ingress and one Preprocessor (``py-spy-<role>.txt``, collapsed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import signal
@@ -29,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from bench.cpu_usage import per_request_ms, snapshot
+from bench.cpu_usage import one_of_each, per_request_ms, snapshot
 from bench.provenance import provenance
 from serve.tiny import write_tiny
 
@@ -72,6 +74,26 @@ def start_service(model: list[str], config: str, port: int, log: Path) -> subpro
         time.sleep(1)
     service.terminate()
     sys.exit(f"the service was not ready in 300 s: see {log}")
+
+
+PROFILED = ("Generator", "engine process", "Ingress", "Preprocessor")
+"""Roles whose Python stacks the steady point samples (one process each), where py-spy is installed."""
+
+
+def sample_stacks(out: Path, delay_s: float = 5, seconds: float = 10) -> list[subprocess.Popen]:
+    """Start py-spy on one process of each ``PROFILED`` role, ``delay_s`` into the steady point, for
+    ``seconds``: collapsed stacks in ``py-spy-<role>.txt``, to see what a serial process spends its time on."""
+    spy = shutil.which("py-spy", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    if spy is None:
+        print("py-spy is not installed: no stack samples", flush=True)
+        return []
+    samplers = []
+    for label, pid in one_of_each(PROFILED).items():
+        name = out / f"py-spy-{label.replace(' ', '-')}.txt"
+        command = f"sleep {delay_s} && exec {spy} record --nonblocking -r 100 -d {seconds} -f raw -o {name} -p {pid}"
+        log = (out / f"py-spy-{label.replace(' ', '-')}.log").open("w")
+        samplers.append(subprocess.Popen(["sh", "-c", command], stdout=log, stderr=subprocess.STDOUT))
+    return samplers
 
 
 def main() -> None:
@@ -169,7 +191,10 @@ def main() -> None:
             str(out / "service-80"),
         ]
         before, children = snapshot(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        samplers = sample_stacks(out)
         run(steady, out / "steady.log")
+        for sampler in samplers:
+            sampler.wait(timeout=60)
         after, done = snapshot(), resource.getrusage(resource.RUSAGE_CHILDREN)
         after["load generator"] = done.ru_utime + done.ru_stime - children.ru_utime - children.ru_stime
         served = json.loads((out / "service-80" / "summary.json").read_text())["points"][0]["requests"]
