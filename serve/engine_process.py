@@ -115,7 +115,11 @@ class EngineProcess(AsyncEngine):
         while True:
             try:
                 events, stats = self._connection.recv()
-            except (EOFError, OSError, pickle.UnpicklingError):
+            except (EOFError, OSError):
+                break
+            except Exception:  # a message that cannot be read: end the child rather than leave callers waiting
+                log.exception("unreadable message from the engine process; stopping it")
+                self._process.kill()
                 break
             self.stats = EngineStats(*stats)
             batches: dict[asyncio.AbstractEventLoop, list[tuple[Any, str, Any]]] = defaultdict(list)
@@ -124,14 +128,20 @@ class EngineProcess(AsyncEngine):
                 if sink is not None:
                     batches[sink.loop].append((sink, kind, payload))
             for loop, batch in batches.items():
-                loop.call_soon_threadsafe(_deliver, batch)
+                _hand_over(loop, batch)
         code = self._process.wait()
         self._failure = Unavailable(f"the engine process exited (code {code}); retry", code="engine_lost")
         if not self._stopping:
             log.error("the engine process exited (code %s); failing its %d requests", code, len(self._sinks))
         for ticket in list(self._sinks):
             sink = self._sinks.pop(ticket)
-            sink.loop.call_soon_threadsafe(_deliver, [(sink, "fail", self._failure)])
+            _hand_over(sink.loop, [(sink, "fail", self._failure)])
+
+
+def _hand_over(loop: asyncio.AbstractEventLoop, batch: list[tuple[Any, str, Any]]) -> None:
+    """Deliver ``batch`` on ``loop``; a caller whose loop has closed meanwhile is gone, so its events are too."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(_deliver, batch)
 
 
 def _deliver(batch: list[tuple[Any, str, Any]]) -> None:
@@ -162,8 +172,8 @@ class _Forward:
 
     def fail(self, error: BaseException) -> None:
         try:
-            pickle.dumps(error)
-        except Exception:  # an exception that cannot travel: its text does
+            pickle.loads(pickle.dumps(error))
+        except Exception:  # an exception that cannot travel (or be rebuilt there): its text does
             error = RuntimeError(f"{type(error).__name__}: {error}")
         self.outbox.put((self.ticket, "fail", error))
 
