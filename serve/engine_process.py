@@ -58,13 +58,13 @@ class EngineProcess(AsyncEngine):
         self.stats = EngineStats()
         self._sinks: dict[int, LoopSink] = {}
         self._outbox: queue.SimpleQueue[tuple[str, int, GenerationRequest | None, bool] | None] = queue.SimpleQueue()
-        self._failure: Unavailable | None = None
+        self._failure: str | None = None  # why the engine is gone, once it is
         self._stopping = False
         self._connection.send(config.model_dump(mode="json"))
         try:
-            status, self.description = self._connection.recv()
+            status, self.description, self.device = self._connection.recv()  # device: "cuda", "cpu"...
         except (EOFError, OSError):
-            status, self.description = "failed", f"it exited with code {self._process.wait()}"
+            status, self.description, self.device = "failed", f"it exited with code {self._process.wait()}", ""
         if status != "ready":
             self.stop()
             raise RuntimeError(f"the engine process did not start: {self.description}")
@@ -76,9 +76,10 @@ class EngineProcess(AsyncEngine):
         return self._failure is None and self._process.poll() is None
 
     def submit(self, ticket: int, request: GenerationRequest, sink: LoopSink) -> None:
-        if self._failure is not None:
-            raise self._failure
         self._sinks[ticket] = sink
+        if self._failure is not None:  # checked once registered: the reader's last sweep or this covers it
+            self._sinks.pop(ticket, None)
+            raise _lost(self._failure)
         self._outbox.put(("submit", ticket, request, sink.streaming))
 
     def cancel(self, ticket: int) -> None:
@@ -129,13 +130,16 @@ class EngineProcess(AsyncEngine):
                     batches[sink.loop].append((sink, kind, payload))
             for loop, batch in batches.items():
                 _hand_over(loop, batch)
-        code = self._process.wait()
-        self._failure = Unavailable(f"the engine process exited (code {code}); retry", code="engine_lost")
+        self._failure = f"the engine process exited (code {self._process.wait()})"
         if not self._stopping:
-            log.error("the engine process exited (code %s); failing its %d requests", code, len(self._sinks))
+            log.error("%s; failing its %d requests", self._failure, len(self._sinks))
         for ticket in list(self._sinks):
             sink = self._sinks.pop(ticket)
-            _hand_over(sink.loop, [(sink, "fail", self._failure)])
+            _hand_over(sink.loop, [(sink, "fail", _lost(self._failure))])
+
+
+def _lost(why: str) -> Unavailable:
+    return Unavailable(f"{why}; retry", code="engine_lost")
 
 
 def _hand_over(loop: asyncio.AbstractEventLoop, batch: list[tuple[Any, str, Any]]) -> None:
@@ -203,12 +207,13 @@ def main() -> None:
         engine.warm_up()
     except Exception as exc:
         logging.exception("the engine could not start")
-        connection.send(("failed", f"{type(exc).__name__}: {exc}"))
+        connection.send(("failed", f"{type(exc).__name__}: {exc}", ""))
         raise SystemExit(1) from None
     loop = EngineLoop(engine)
     outbox: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=_send_events, args=(connection, outbox, loop), name="sender", daemon=True).start()
-    connection.send(("ready", f"{config.engine.kind} engine on {loaded.device} ({str(loaded.dtype)[6:]})"))
+    description = f"{config.engine.kind} engine on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')})"
+    connection.send(("ready", description, loaded.device.type))
     while True:
         try:
             messages = connection.recv()

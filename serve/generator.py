@@ -33,7 +33,7 @@ class Generator:
         self.loop = EngineProcess(config)
         self.metrics = EngineMetrics()
         self._sampler: asyncio.Task | None = None
-        if " on cpu " in self.loop.description:
+        if self.loop.device == "cpu":
             log.warning("Generator: no GPU visible; generating on the CPU (slow): %s", self.loop.description)
         log.info("Generator ready: %s", self.loop.description)
 
