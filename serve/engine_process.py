@@ -209,11 +209,11 @@ def main() -> None:
         logging.exception("the engine could not start")
         connection.send(("failed", f"{type(exc).__name__}: {exc}", ""))
         raise SystemExit(1) from None
+    description = f"{config.engine.kind} engine on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')})"
+    connection.send(("ready", description, loaded.device.type))  # before the sender starts: one writer at a time
     loop = EngineLoop(engine)
     outbox: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=_send_events, args=(connection, outbox, loop), name="sender", daemon=True).start()
-    description = f"{config.engine.kind} engine on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')})"
-    connection.send(("ready", description, loaded.device.type))
     while True:
         try:
             messages = connection.recv()
