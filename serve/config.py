@@ -117,6 +117,11 @@ class EngineConfig(_Strict):
     max_batch_size: int = Field(64, ge=1, le=1024)
     max_seq_len: int = Field(256, ge=96, le=2048, description="prompt (about 70 tokens) plus answer")
     cuda_graphs: bool = True
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="fast engine: torch.compile its layers (fused elementwise kernels); auto: on CUDA. Compiling "
+        "adds about a minute to a replica's start, less when Inductor's cache in /tmp holds the kernels",
+    )
     decode_attention: Literal["auto", "triton", "sdpa"] = Field(
         "auto", description="fast engine's decode attention; auto: the Triton kernel on CUDA when triton imports"
     )

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from serve.attention import decode_attention, triton_available
 from serve.config import EngineConfig
 from serve.engine import Engine, GenerationRequest, GenerationResult, Pending, Sink, encode_pixels
+from serve.layers import LayerSteps, compiled_steps, fuse_qkv, merge_heads
 from serve.model import LoadedModel
 from serve.sampling import TokenChooser, choose_special
 
@@ -48,6 +49,9 @@ WIDTH_BUCKET = 16
 """Granularity of the prompt width of a captured admission."""
 GRAPH_ADMISSIONS = 32
 """Admissions of at most this many requests replay CUDA graphs; larger ones are bound by arithmetic."""
+COMPILE_WIDTH = 19
+"""The prompt width that compiles the admission's layers: a size no other dimension has, so that the compiled
+code does not assume two dimensions equal (Dynamo's duck sizing)."""
 
 
 @dataclass
@@ -81,6 +85,11 @@ def resolve_attention(choice: str, device: torch.device) -> str:
     return choice
 
 
+def wants_compile(choice: str, device: torch.device) -> bool:
+    """Whether to compile the layers: ``auto`` compiles on CUDA (on the CPU it would only add start time)."""
+    return choice == "on" or (choice == "auto" and device.type == "cuda")
+
+
 class FastEngine(Engine):
     """Continuous batching with a static KV cache of ``max_batch_size`` slots of ``max_seq_len`` tokens."""
 
@@ -100,6 +109,8 @@ class FastEngine(Engine):
             raise ValueError(f"max_seq_len {length} exceeds the model's {positions.shape[0] - first} positions")
         self.position_table = positions[first : first + length].to(device=device, dtype=dtype)
         self.attention = resolve_attention(config.decode_attention, device)
+        self.steps = compiled_steps() if wants_compile(config.compile, device) else LayerSteps()
+        self.qkv = [fuse_qkv(layer.self_attn) for layer in self.decoder.layers]
         self.scratch = slots  # an extra cache slot, written by the padding rows of captured admissions
         shape = (slots + 1, self.heads, length, self.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.decoder.layers]
@@ -135,8 +146,17 @@ class FastEngine(Engine):
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Capture every decode graph now (Triton attention: one per batch bucket), so that no request waits
-        for one; with nothing running, these steps only write cache positions that a prefill overwrites."""
+        """Compile the layers and capture every decode graph now (Triton attention: one per batch bucket), so
+        that no request waits for them. With nothing running, these steps only write the scratch slot and
+        cache positions that a prefill overwrites. If compiling fails, the layers run as written."""
+        if self.steps.compiled:
+            try:
+                for rows in (1, 2):  # Dynamo specializes on 1: these two compile every shape the engine runs
+                    self._admission_forward(rows, COMPILE_WIDTH)
+                    self._decode_forward(rows, 0)
+            except Exception:
+                log.exception("compiling the layers failed; they run uncompiled")
+                self.steps = LayerSteps()
         if self.use_graphs and self.attention == "triton":
             for batch in self.buckets:
                 self._replay(("decode", batch, 0), partial(self._decode_forward, batch, 0))
@@ -245,7 +265,7 @@ class FastEngine(Engine):
     def _admission_forward(self, rows: int, width: int) -> torch.Tensor:
         """Vision and prefill for the first ``rows`` admission inputs, ``width`` tokens each: fill the target
         slots' caches, and return the logits at each prompt's last token."""
-        image = encode_pixels(self.loaded, self.geometry, self.admit_pixels[:rows])
+        image = self.encode(self.admit_pixels[:rows])
         place = self.time_index[None, :width] - self.admit_offsets[:rows, None]
         is_image = (place >= 0) & (place < self.geometry.image_tokens)
         pictured = image[self.slot_index[:rows, None], place.clamp(0, self.geometry.image_tokens - 1)]
@@ -253,17 +273,18 @@ class FastEngine(Engine):
         embeds = torch.where(is_image[..., None], pictured.to(tokens.dtype), tokens)
         hidden = embeds * self.decoder.embed_scale + self.position_table[:width]
         targets = self.admit_slots[:rows]
-        for layer, keys, values in zip(self.decoder.layers, self.keys, self.values):
-            attention = layer.self_attn
-            normed = layer.self_attn_layer_norm(hidden)
-            q, k, v = (self._heads(proj(normed)) for proj in (attention.q_proj, attention.k_proj, attention.v_proj))
+        for layer, qkv, keys, values in zip(self.decoder.layers, self.qkv, self.keys, self.values):
+            q, k, v = self.steps.attention_inputs(layer, qkv, hidden, self.head_dim)
             keys[targets, :, :width] = k
             values[targets, :, :width] = v
             mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            hidden = hidden + self._attention_output(attention, mixed)
-            hidden = hidden + layer.ffn(layer.final_layer_norm(hidden))
+            hidden = self.steps.layer_output(layer, hidden, merge_heads(mixed))
         last = hidden[self.slot_index[:rows], self.admit_last[:rows]]
         return self.lm_head(self.decoder.layer_norm(last))
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image embeddings of ``(B, 224, 224, 3)`` uint8 pixels on the device, through the engine's layers."""
+        return encode_pixels(self.loaded, self.geometry, pixels, self.steps.vision)
 
     # -- decoding ------------------------------------------------------------------------------------------
 
@@ -308,31 +329,20 @@ class FastEngine(Engine):
         hidden = hidden[:, None]
         visible = (self.time_index[:span][None, :] <= where[:, None])[:, None, None, :] if span else None
         slots = self.slot_index[:batch]
-        for layer, keys, values in zip(self.decoder.layers, self.keys, self.values):
-            attention = layer.self_attn
-            normed = layer.self_attn_layer_norm(hidden)
-            q, k, v = (self._heads(proj(normed)) for proj in (attention.q_proj, attention.k_proj, attention.v_proj))
+        for layer, qkv, keys, values in zip(self.decoder.layers, self.qkv, self.keys, self.values):
+            q, k, v = self.steps.attention_inputs(layer, qkv, hidden, self.head_dim)
             keys[slots, :, where] = k[:, :, 0]
             values[slots, :, where] = v[:, :, 0]
             if self.attention == "triton":
-                mixed = decode_attention(q[:, :, 0], keys, values, where + 1, self.head_dim**-0.5)[:, :, None]
+                mixed = decode_attention(q[:, :, 0], keys, values, where + 1, self.head_dim**-0.5).view(batch, 1, -1)
             else:
-                mixed = F.scaled_dot_product_attention(
-                    q, keys[:batch, :, :span], values[:batch, :, :span], attn_mask=visible
+                mixed = merge_heads(
+                    F.scaled_dot_product_attention(
+                        q, keys[:batch, :, :span], values[:batch, :, :span], attn_mask=visible
+                    )
                 )
-            hidden = hidden + self._attention_output(attention, mixed)
-            hidden = hidden + layer.ffn(layer.final_layer_norm(hidden))
+            hidden = self.steps.layer_output(layer, hidden, mixed)
         return self.lm_head(self.decoder.layer_norm(hidden[:, 0]))
-
-    def _heads(self, states: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = states.shape
-        return states.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
-
-    @staticmethod
-    def _attention_output(attention: torch.nn.Module, mixed: torch.Tensor) -> torch.Tensor:
-        batch, _, length, _ = mixed.shape
-        merged = mixed.transpose(1, 2).reshape(batch, length, -1)
-        return attention.out_proj(attention.inner_attn_ln(merged))
 
     # -- token choice and book-keeping ---------------------------------------------------------------------
 

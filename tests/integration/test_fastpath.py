@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from serve.config import EngineConfig
-from serve.engine import GenerationRequest, build_engine
+from serve.engine import GenerationRequest, ModelGeometry, build_engine, encode_pixels
 from serve.errors import InvalidRequest
 from serve.fastpath import FastEngine
 from serve.images import prepare_image
+from serve.layers import LayerSteps, vision_layer
 from serve.sampling import SamplingParams
 from serve.tasks import Task, build_prompt
 from tests.helpers import LIMITS, encode, photo
@@ -157,3 +159,34 @@ def test_trickling_requests_are_gathered(loaded, workload, reference):
         engine.step()
     for i in [*long[:4], newcomer]:
         assert sinks[i].result == reference[i]
+
+
+def test_vision_layers_equal_the_models_own(loaded, workload):
+    """The engine's vision layer function gives the model's own image embeddings, bit for bit."""
+    geometry = ModelGeometry(loaded)
+    pixels = torch.from_numpy(np.stack([r.pixels for r in workload[:3]]))
+    with torch.inference_mode():
+        expected = encode_pixels(loaded, geometry, pixels)
+        got = encode_pixels(loaded, geometry, pixels, vision_layer)
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_compiled_layers_equal_reference(loaded, workload, reference):
+    """Compiled layers (CUDA's default, forced here on the CPU) change no token, and ``warm_up`` compiles every
+    shape the engine runs: none is compiled while requests wait."""
+    engine = FastEngine(loaded, EngineConfig(kind="fast", max_batch_size=6, max_seq_len=160, compile="on"))
+    engine.warm_up()
+    assert engine.steps.compiled
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert engine.generate(workload) == reference
+
+
+def test_a_failed_compile_leaves_the_layers_uncompiled(loaded, workload, reference, monkeypatch, caplog):
+    def broken(layer, hidden):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr("serve.fastpath.compiled_steps", lambda: LayerSteps(vision=broken, compiled=True))
+    engine = FastEngine(loaded, EngineConfig(kind="fast", max_batch_size=6, max_seq_len=160, compile="on"))
+    engine.warm_up()
+    assert not engine.steps.compiled and "no compiler here" in caplog.text
+    assert engine.generate(workload[:4]) == reference[:4]
