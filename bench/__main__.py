@@ -166,13 +166,21 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--poll-interval", type=float, default=1.0, help="seconds between replica polls (%(default)s)")
     load.add_argument("--engine-baseline", type=Path, help="an engine-only run folder, for the service/engine ratio")
     load.add_argument("--no-progress", action="store_true", help="no progress bar")
+    load.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="sending processes, each a share of every point (%(default)s); one tops out at a few hundred requests/s",
+    )
     add_workload_args(run)
     add_pricing_args(run)
 
     engine = commands.add_parser("engine", help="measure the engine alone, without HTTP or Ray")
     engine.add_argument("--model", required=True, help="Hugging Face id or folder")
     engine.add_argument("--out", type=Path, required=True, help="output folder")
-    engine.add_argument("--engine", dest="engines", type=_names, help="paths side by side: hf,fast,fast-sdpa (hf)")
+    engine.add_argument(
+        "--engine", dest="engines", type=_names, help="paths side by side: hf,fast,fast-eager,fast-sdpa (hf)"
+    )
     engine.add_argument("--batch-sizes", type=_ints, help="comma-separated (1,8,32)")
     engine.add_argument("--iterations", type=int, help="timed batches per point (5)")
     engine.add_argument("--warmup-iterations", type=int, help="untimed batches first (1)")
@@ -264,6 +272,7 @@ def command_run(args: argparse.Namespace) -> int:
             serve_api_token=token,
             poll_interval_s=args.poll_interval,
             progress=not args.no_progress,
+            processes=args.processes,
         )
     )
     config = {

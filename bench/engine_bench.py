@@ -41,9 +41,11 @@ from serve.text import TextCodec
 PATHS: dict[str, dict[str, str]] = {
     "hf": {"kind": "hf"},
     "fast": {"kind": "fast"},
+    "fast-eager": {"kind": "fast", "compile": "off"},
     "fast-sdpa": {"kind": "fast", "decode_attention": "sdpa"},
 }
-"""Engine paths by name: the reference, the fast engine, and the fast engine with SDPA decode attention."""
+"""Engine paths by name: the reference, the fast engine, and the fast engine with its layers uncompiled or
+with SDPA decode attention."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,7 @@ def run_engine_bench(
     batches: list[BatchRecord] = []
     for kind in config.engines:
         engine = build_engine(loaded, EngineConfig(**PATHS[kind], **engine_config))
+        engine.warm_up()
         for batch_size in config.batch_sizes:
             batches += time_batches(
                 engine, loaded, kind, requests, batch_size, config.iterations, config.warmup_iterations
