@@ -27,10 +27,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import math
+import multiprocessing
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from multiprocessing.synchronize import Barrier
 from typing import Literal
 
 import numpy as np
@@ -418,35 +421,148 @@ async def run_load(
     serve_api_token: str | None = None,
     poll_interval_s: float = 1.0,
     progress: bool = True,
+    processes: int = 1,
 ) -> LoadRun:
-    """Run every point in turn against ``url`` (after ``/health`` answers), polling replicas if asked."""
+    """Run every point in turn against ``url`` (after ``/health`` answers), polling replicas if asked.
+
+    With ``processes`` above 1, that many processes send, each a share of every point (its concurrency, rate
+    and in-flight cap divided), starting each point together; their records are merged on one clock. One
+    Python process tops out at a few hundred requests a second, below what one GPU replica serves.
+    """
     config.check(points)
-    origin = time.perf_counter()
+    if processes < 1:
+        raise ValueError("processes must be at least 1")
+    origin = time.perf_counter()  # CLOCK_MONOTONIC: the same clock in every process of this machine
 
     def clock() -> float:
         return time.perf_counter() - origin
 
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    connections = max([config.max_in_flight] + [p.concurrency or 0 for p in points])
     poller = ReplicaPoller(serve_api, clock, poll_interval_s, serve_api_token) if serve_api else None
+    polling = asyncio.create_task(poller.run()) if poller else None
+    try:
+        if processes == 1:
+            results, records = await send_points(url, points, workload, config, api_key, origin, progress)
+        else:
+            results, records = await send_in_processes(url, points, workload, config, api_key, origin, processes)
+    finally:
+        if polling is not None:
+            polling.cancel()
+            await asyncio.gather(polling, return_exceptions=True)
+    return LoadRun(
+        started_at,
+        results,
+        records,
+        poller.samples if poller else [],
+        poller.failures if poller else 0,
+    )
+
+
+async def send_points(
+    url: str,
+    points: list[LoadPoint],
+    workload: list[WorkItem],
+    config: LoadConfig,
+    api_key: str | None,
+    origin: float,
+    progress: bool,
+    barrier: Barrier | None = None,
+) -> tuple[list[PointResult], list[RequestRecord]]:
+    """One process's sending: every point in turn, each begun once all processes reach ``barrier``."""
+
+    def clock() -> float:
+        return time.perf_counter() - origin
+
+    connections = max([config.max_in_flight] + [p.concurrency or 0 for p in points])
     gc.freeze()  # what exists now (a large heap once torch is imported) stays out of collections during the run
     try:
         async with KosmosClient(url, api_key=api_key, timeout=config.timeout_s, max_connections=connections) as client:
             await client.wait_ready(config.ready_timeout_s)
-            polling = asyncio.create_task(poller.run()) if poller else None
             generator = LoadGenerator(client, workload, config, clock, progress)
-            try:
-                results = [await generator.run_point(i, point) for i, point in enumerate(points)]
-            finally:
-                if polling is not None:
-                    polling.cancel()
-                    await asyncio.gather(polling, return_exceptions=True)
+            results = []
+            for index, point in enumerate(points):
+                if barrier is not None:
+                    await asyncio.to_thread(barrier.wait, config.ready_timeout_s + config.grace_s + 60)
+                results.append(await generator.run_point(index, point))
     finally:
         gc.unfreeze()
-    return LoadRun(
-        started_at,
-        results,
-        generator.records,
-        poller.samples if poller else [],
-        poller.failures if poller else 0,
+    return results, generator.records
+
+
+def share(point: LoadPoint, worker: int, workers: int) -> LoadPoint:
+    """``worker``'s part of ``point`` among ``workers`` processes: concurrency split (a process may get none, and
+    then only keeps time with the others), rates divided."""
+    if point.mode == "closed":
+        concurrency = point.concurrency or 0
+        return replace(point, concurrency=concurrency // workers + (worker < concurrency % workers))
+    shape = tuple(replace(s, start_rate=s.start_rate / workers, end_rate=s.end_rate / workers) for s in point.shape)
+    return replace(point, rate=(point.rate or 0.0) / workers, shape=shape)
+
+
+_barrier: Barrier | None = None
+"""In a sending process: the barrier all senders meet at before each point (set when the process starts)."""
+
+
+def _set_barrier(barrier: Barrier) -> None:
+    global _barrier
+    _barrier = barrier
+
+
+def _send_share(
+    url: str, points: list[LoadPoint], workload: list[WorkItem], config: LoadConfig, api_key: str | None, origin: float
+) -> tuple[list[PointResult], list[RequestRecord]]:
+    return asyncio.run(send_points(url, points, workload, config, api_key, origin, False, _barrier))
+
+
+async def send_in_processes(
+    url: str,
+    points: list[LoadPoint],
+    workload: list[WorkItem],
+    config: LoadConfig,
+    api_key: str | None,
+    origin: float,
+    workers: int,
+) -> tuple[list[PointResult], list[RequestRecord]]:
+    """:func:`send_points` in ``workers`` processes, each with its share of every point; merged results."""
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(workers)
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_set_barrier, initargs=(barrier,)) as pool:
+        shares = [
+            loop.run_in_executor(
+                pool,
+                _send_share,
+                url,
+                [share(p, worker, workers) for p in points],
+                workload,
+                replace(config, seed=config.seed * workers + worker, max_in_flight=-(-config.max_in_flight // workers)),
+                api_key,
+                origin,
+            )
+            for worker in range(workers)
+        ]
+        parts = await asyncio.gather(*shares)
+    results = [merge_points(point, [part[0][index] for part in parts]) for index, point in enumerate(points)]
+    records = sorted((r for part in parts for r in part[1]), key=lambda r: (r.point, r.start_s))
+    for point in range(len(points)):  # number each point's requests anew, in the order they were sent
+        for index, record in enumerate(r for r in records if r.point == point):
+            record.index = index
+    return results, records
+
+
+def merge_points(point: LoadPoint, parts: list[PointResult]) -> PointResult:
+    """One point's result from its senders' parts: the window all of them were steady in, their sums."""
+    first = parts[0]
+    return replace(
+        first,
+        concurrency=point.concurrency,
+        rate=point.rate,
+        x=point.x,
+        start_s=min(p.start_s for p in parts),
+        window_start_s=max(p.window_start_s for p in parts),
+        window_end_s=min(p.window_end_s for p in parts),
+        end_s=max(p.end_s for p in parts),
+        sent=sum(p.sent for p in parts),
+        skipped=sum(p.skipped for p in parts),
+        schedule=[(start, end, rate * len(parts)) for start, end, rate in first.schedule],
     )

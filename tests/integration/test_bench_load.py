@@ -388,3 +388,26 @@ def test_report_command_remakes_the_report(stub, tmp_path):
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0
     assert (out / "report.md").read_text() == first
+
+
+def test_several_processes_share_each_point(stub, workload):
+    """Three sending processes: together they keep a closed loop's concurrency in flight (Little's law) and
+    send an open loop's whole rate; their records merge on one clock, numbered per point in sending order."""
+    config = LoadConfig(duration_s=2.0, warmup_s=0.3, grace_s=5.0, seed=5)
+    run = asyncio.run(run_load(stub.url, sweep(concurrency=[1, 6], rates=[30.0]), workload, config, processes=3))
+    for point in run.points:
+        records = [r for r in run.records if r.point == point.index]
+        assert [r.index for r in records] == list(range(point.sent))
+        assert [r.start_s for r in records] == sorted(r.start_s for r in records)
+        assert all(point.start_s <= r.start_s <= r.end_s <= point.end_s for r in records)
+        check_latencies_match_stub(records)
+    closed = [(p, [r for r in run.records if r.point == p.index and not r.warmup]) for p in run.points[:2]]
+    for point, steady in closed:
+        metrics = compute_metrics(steady, point.window_start_s, point.window_end_s)
+        little = metrics.requests_per_s * np.mean([r.latency_s for r in steady])
+        assert little == pytest.approx(point.concurrency, rel=0.15)
+    assert run.points[0].sent < run.points[1].sent / 3  # one slot, held by one of the processes
+    opened = run.points[2]
+    assert opened.rate == 30.0 and opened.schedule[0][2] == pytest.approx(30.0)
+    window = opened.window_end_s - opened.start_s
+    assert 0.6 * 30 * window < opened.sent + opened.skipped < 1.4 * 30 * window  # three Poisson streams of 10/s
