@@ -7,7 +7,8 @@ For each decode attention, compile setting and batch size it submits that many b
 32 new tokens) to a fresh ``FastEngine`` and times every ``step()`` (the device synchronized before and after),
 after one untimed warm-up round that compiles the layers and captures the CUDA graphs; it also times the
 engine's vision encoding alone. The admission step holds the vision tower, the prompt prefill and the first
-decode step; the other steps are decode steps.
+decode step; the other steps are decode steps. ``--kernels N`` adds, at the largest batch, the top N device
+kernels of one admission step and one decode step (CUDA graphs off, so each kernel shows).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,21 +45,24 @@ def timed(loaded: LoadedModel, work) -> float:
     return time.perf_counter() - start
 
 
+def caption_requests(loaded: LoadedModel, batch: int, tokens: int) -> list[GenerationRequest]:
+    """``batch`` brief-caption requests of random images, exactly ``tokens`` new tokens each."""
+    ids = TextCodec(loaded.processor).encode(build_prompt(Task.CAPTION).text)
+    rng = np.random.default_rng(0)
+    params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
+    return [GenerationRequest(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8), ids, params) for _ in range(batch)]
+
+
 def profile_batch(
     loaded: LoadedModel, batch: int, tokens: int, attention: str, compiled: str
 ) -> dict[str, float | int | str | bool]:
     """Times of one batch: vision alone, the admission step, and the median decode step (seconds)."""
-    codec = TextCodec(loaded.processor)
-    ids = codec.encode(build_prompt(Task.CAPTION).text)
-    rng = np.random.default_rng(0)
-    pixels = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(batch)]
-    params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
-    requests = [GenerationRequest(p, ids, params) for p in pixels]
+    requests = caption_requests(loaded, batch, tokens)
     config = EngineConfig(max_batch_size=batch, max_seq_len=128, decode_attention=attention, compile=compiled)
     engine = FastEngine(loaded, config)
     engine.warm_up()
     engine.generate(requests)  # warm-up: kernels chosen, graphs captured
-    on_device = torch.from_numpy(np.stack(pixels)).to(loaded.device)
+    on_device = torch.from_numpy(np.stack([r.pixels for r in requests])).to(loaded.device)
     with torch.inference_mode():
         vision = statistics.median(timed(loaded, lambda: engine.encode(on_device)) for _ in range(3))
     for request in requests:
@@ -80,6 +85,42 @@ def profile_batch(
     }
 
 
+def kernel_table(
+    loaded: LoadedModel, batch: int, tokens: int, attention: str, compiled: str, top: int
+) -> dict[str, Any]:
+    """The ``top`` device kernels by total time in one admission step of ``batch`` requests (vision, prefill,
+    first decode step) and in one decode step, from ``torch.profiler``; CUDA graphs off, so each kernel shows.
+    On the CPU: the operators by self time."""
+    requests = caption_requests(loaded, batch, tokens)
+    config = EngineConfig(
+        max_batch_size=batch, max_seq_len=128, decode_attention=attention, compile=compiled, cuda_graphs=False
+    )
+    engine = FastEngine(loaded, config)
+    engine.warm_up()
+    engine.generate(requests)  # warm-up
+    for request in requests:
+        engine.submit(request, Collector())
+    on_gpu = loaded.device.type == "cuda"
+    activity = torch.profiler.ProfilerActivity.CUDA if on_gpu else torch.profiler.ProfilerActivity.CPU
+    table: dict[str, Any] = {
+        "decode_attention": engine.attention,
+        "compiled": engine.steps.compiled,
+        "batch_size": batch,
+        "clock": "device" if on_gpu else "cpu (operators' self time)",
+    }
+    for phase in ("admission_step", "decode_step"):
+        with torch.profiler.profile(activities=[activity]) as profiler:
+            engine.step()
+            synchronize(loaded)
+        spent = [(e.device_time_total if on_gpu else e.self_cpu_time_total, e) for e in profiler.key_averages()]
+        spent.sort(key=lambda pair: pair[0], reverse=True)
+        table[f"{phase}_ms"] = sum(us for us, _ in spent) / 1e3
+        table[phase] = [{"kernel": e.key[:160], "calls": e.count, "ms": us / 1e3} for us, e in spent[:top]]
+    while engine.has_work:
+        engine.step()
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.engine_profile", description=__doc__)
     parser.add_argument("--model", required=True)
@@ -89,6 +130,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--decode-attention", default="auto", help="comma-separated: auto, sdpa, triton")
     parser.add_argument("--compile", default="auto", help="comma-separated: auto, on, off")
+    parser.add_argument("--kernels", type=int, default=0, help="list this many top kernels at the largest batch")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     loaded = load_model(args.model, dtype=args.dtype, load_format=args.load_format)
@@ -99,7 +141,14 @@ def main() -> None:
         for batch in args.batch_sizes.split(",")
     ]
     name = torch.cuda.get_device_name() if loaded.device.type == "cuda" else "cpu"
-    result = {"gpu": name, "dtype": str(loaded.dtype), "tokens": args.tokens, "points": rows}
+    result: dict[str, Any] = {"gpu": name, "dtype": str(loaded.dtype), "tokens": args.tokens, "points": rows}
+    if args.kernels:
+        largest = max(int(batch) for batch in args.batch_sizes.split(","))
+        result["kernels"] = [
+            kernel_table(loaded, largest, args.tokens, attention, compiled, args.kernels)
+            for attention in args.decode_attention.split(",")
+            for compiled in args.compile.split(",")
+        ]
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     for row in rows:
         print(

@@ -148,15 +148,23 @@ class FastEngine(Engine):
     def warm_up(self) -> None:
         """Compile the layers and capture every decode graph now (Triton attention: one per batch bucket), so
         that no request waits for them. With nothing running, these steps only write the scratch slot and
-        cache positions that a prefill overwrites. If compiling fails, the layers run as written."""
+        cache positions that a prefill overwrites. If compiled layers fail to compile or to be captured, the
+        layers run as written."""
+        try:
+            self._warm_up()
+        except Exception:
+            if not self.steps.compiled:
+                raise
+            log.exception("compiled layers failed; they run uncompiled")
+            self.steps = LayerSteps()
+            self.graphs, self.graph_pool = {}, None
+            self._warm_up()
+
+    def _warm_up(self) -> None:
         if self.steps.compiled:
-            try:
-                for rows in (1, 2):  # Dynamo specializes on 1: these two compile every shape the engine runs
-                    self._admission_forward(rows, COMPILE_WIDTH)
-                    self._decode_forward(rows, 0)
-            except Exception:
-                log.exception("compiling the layers failed; they run uncompiled")
-                self.steps = LayerSteps()
+            for rows in (1, 2):  # Dynamo specializes on 1: these two compile every shape the engine runs
+                self._admission_forward(rows, COMPILE_WIDTH)
+                self._decode_forward(rows, 0)
         if self.use_graphs and self.attention == "triton":
             for batch in self.buckets:
                 self._replay(("decode", batch, 0), partial(self._decode_forward, batch, 0))
