@@ -4,8 +4,8 @@ card's name.
 
     python -m bench.perf_run --out bench/results/perf-h100              # GPU: real-size random weights, fp16
     python -m bench.perf_run --out /tmp/perf --tiny --quick              # CPU: the tiny model, a smoke run
-    python -m bench.perf_run --out /tmp/perf --service-focus             # GPU: the fast engine's baseline, then
-                                                                         # the service (no HF path, no profile)
+    python -m bench.perf_run --out /tmp/perf --paths hf,fast --concurrency 1,128,384 --no-profile
+                                                                         # GPU, shorter: two paths, three loads
 
 The workload is the performance goal's: brief grounded captions of 640x480 JPEGs, exactly 32 new tokens
 (``ignore_eos``). Each step is the ordinary CLI (``python -m bench engine``, ``python -m serve run``,
@@ -102,7 +102,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (a smoke run of the script)")
     parser.add_argument("--quick", action="store_true", help="short points and small batches")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--service-focus", action="store_true", help="only the fast engine's baseline and the service")
+    parser.add_argument("--paths", default="hf,fast-eager,fast", help="engine paths side by side (%(default)s)")
+    parser.add_argument("--concurrency", help="the service's closed-loop clients (GPU: 1,64,256,512)")
+    parser.add_argument("--no-profile", action="store_true", help="skip where the fast engine's time goes")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -117,9 +119,9 @@ def main() -> None:
         config, batches, concurrency, duration = "configs/perf.yaml", "1,64,256,512,1024", "1,64,256,512", "15"
     if args.quick:
         batches, concurrency, duration = "1,4", "1,8", "3"
-    paths = "hf,fast-eager,fast"
-    if args.service_focus:
-        paths, batches, duration = "fast", batches.split(",")[0] + "," + ",".join(batches.split(",")[-2:]), "10"
+    concurrency = args.concurrency or concurrency
+    if "fast" not in args.paths.split(","):
+        parser.error("--paths must include fast, the service's engine")
     python = sys.executable
     engine = [
         python,
@@ -128,7 +130,7 @@ def main() -> None:
         "engine",
         *model,
         "--engine",
-        paths,
+        args.paths,
         "--batch-sizes",
         batches,
         "--iterations",
@@ -171,7 +173,7 @@ def main() -> None:
             "20",
             "--no-progress",
             "--processes",
-            "1" if args.tiny else "4",
+            "1" if args.tiny else "6",
             *WORKLOAD,
             "--engine-baseline",
             str(out / "engine"),
@@ -208,9 +210,9 @@ def main() -> None:
             shutil.copy(path, out / path.name)  # the engine's log lines: steps/s, batch, busy time
         service.send_signal(signal.SIGTERM)
         service.wait(timeout=120)
-    if not args.service_focus:  # last: the goals' figures come first where time is short
+    if not args.no_profile:  # last: the goals' figures come first where time is short
         run(profile, out / "profile.log")
-    steps = (engine, sweep, steady) if args.service_focus else (engine, sweep, steady, profile)
+    steps = (engine, sweep, steady) if args.no_profile else (engine, sweep, steady, profile)
     perf = combine(out, [" ".join(c) for c in steps], vars(args))
     (out / "perf.json").write_text(json.dumps(perf, indent=2) + "\n")
     print(json.dumps(perf["headline"], indent=2))

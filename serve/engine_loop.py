@@ -51,7 +51,8 @@ class LoopSink:
 @dataclass
 class EngineStats:
     """What the loop has done, for metrics: queue depth, running sequences, steps, tokens, the time spent in
-    steps (``busy_s``), and the sequences running after each step, summed (``step_rows``: a mean batch)."""
+    steps (``busy_s``), the sequences running after each step, summed (``step_rows``: a mean batch), and the
+    seconds finished requests spent in the engine, queued and generating, summed (``engine_s``)."""
 
     waiting: int = 0
     running: int = 0
@@ -60,15 +61,19 @@ class EngineStats:
     generated_tokens: int = 0
     busy_s: float = 0.0
     step_rows: int = 0
+    engine_s: float = 0.0
 
     def summary(self, before: EngineStats, seconds: float) -> str:
         """One log line on the ``seconds`` since ``before``: the rates and the share of time in steps."""
         steps = self.steps - before.steps
         batch = (self.step_rows - before.step_rows) / max(steps, 1)
+        finished = self.finished - before.finished
+        inside = (self.engine_s - before.engine_s) / max(finished, 1)
         return (
-            f"engine: {steps / seconds:.0f} steps/s, {(self.finished - before.finished) / seconds:.1f} requests/s, "
+            f"engine: {steps / seconds:.0f} steps/s, {finished / seconds:.1f} requests/s, "
             f"{(self.generated_tokens - before.generated_tokens) / seconds:.0f} tokens/s, mean batch {batch:.1f}, "
-            f"busy {(self.busy_s - before.busy_s) / seconds:.0%}, {self.waiting} waiting"
+            f"busy {(self.busy_s - before.busy_s) / seconds:.0%}, {self.waiting} waiting, "
+            f"{inside * 1e3:.0f} ms a request in the engine"
         )
 
 
@@ -199,6 +204,7 @@ class _Counting:
     def __init__(self, sink: Sink, stats: EngineStats, engine_ids: dict[int, int], ticket: int) -> None:
         self.sink, self.stats, self.engine_ids, self.ticket = sink, stats, engine_ids, ticket
         self.streaming = sink.streaming
+        self.submitted = time.perf_counter()
 
     def tokens(self, token_ids: list[int]) -> None:
         self.sink.tokens(token_ids)
@@ -207,6 +213,7 @@ class _Counting:
         self.engine_ids.pop(self.ticket, None)
         self.stats.finished += 1
         self.stats.generated_tokens += result.completion_tokens
+        self.stats.engine_s += time.perf_counter() - self.submitted
         self.sink.finish(result)
 
     def fail(self, error: BaseException) -> None:

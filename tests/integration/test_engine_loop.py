@@ -40,8 +40,11 @@ def test_concurrent_callers_get_their_own_results(engine_loop, work):
     async def main():
         return await asyncio.gather(*(engine_loop.generate(r) for r in requests))
 
+    before, began = engine_loop.stats.engine_s, time.perf_counter()
     assert asyncio.run(main()) == expected
+    wall = time.perf_counter() - began
     assert engine_loop.stats.finished >= len(requests)
+    assert 0 < engine_loop.stats.engine_s - before <= len(requests) * wall  # each request's time in the engine
 
 
 def test_stream_yields_tokens_then_the_result(engine_loop, work):
@@ -84,10 +87,13 @@ def test_bad_requests_raise_before_queueing(engine_loop, work):
 
 
 def test_stats_summarise_a_window():
-    before = EngineStats(steps=100, finished=2, generated_tokens=64, busy_s=1.0, step_rows=400)
-    after = EngineStats(waiting=3, steps=300, finished=12, generated_tokens=384, busy_s=6.0, step_rows=2000)
+    before = EngineStats(steps=100, finished=2, generated_tokens=64, busy_s=1.0, step_rows=400, engine_s=3.0)
+    after = EngineStats(
+        waiting=3, steps=300, finished=12, generated_tokens=384, busy_s=6.0, step_rows=2000, engine_s=5.5
+    )
     assert after.summary(before, 10) == (
-        "engine: 20 steps/s, 1.0 requests/s, 32 tokens/s, mean batch 8.0, busy 50%, 3 waiting"
+        "engine: 20 steps/s, 1.0 requests/s, 32 tokens/s, mean batch 8.0, busy 50%, 3 waiting, "
+        "250 ms a request in the engine"
     )
 
 
