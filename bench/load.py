@@ -541,7 +541,11 @@ async def send_in_processes(
             )
             for worker in range(workers)
         ]
-        parts = await asyncio.gather(*shares)
+        try:
+            parts = await asyncio.gather(*shares)
+        except BaseException:
+            barrier.abort()  # the others stop at their next meeting rather than wait there for the one that failed
+            raise
     results = [merge_points(point, [part[0][index] for part in parts]) for index, point in enumerate(points)]
     records = sorted((r for part in parts for r in part[1]), key=lambda r: (r.point, r.start_s))
     for point in range(len(points)):  # number each point's requests anew, in the order they were sent

@@ -411,3 +411,14 @@ def test_several_processes_share_each_point(stub, workload):
     assert opened.rate == 30.0 and opened.schedule[0][2] == pytest.approx(30.0)
     window = opened.window_end_s - opened.start_s
     assert 0.6 * 30 * window < opened.sent + opened.skipped < 1.4 * 30 * window  # three Poisson streams of 10/s
+
+
+def test_a_sending_process_that_fails_fails_the_run(workload):
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        nobody = f"http://127.0.0.1:{free.getsockname()[1]}"
+    config = LoadConfig(duration_s=0.5, warmup_s=0.0, ready_timeout_s=1.0)
+    began = time.monotonic()
+    with pytest.raises(TimeoutError, match="was not ready within 1 s"):
+        asyncio.run(run_load(nobody, sweep(concurrency=[2]), workload, config, progress=False, processes=2))
+    assert time.monotonic() - began < 30
