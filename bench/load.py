@@ -432,7 +432,7 @@ async def run_load(
     config.check(points)
     if processes < 1:
         raise ValueError("processes must be at least 1")
-    origin = time.perf_counter()  # CLOCK_MONOTONIC: the same clock in every process of this machine
+    origin = time.perf_counter()
 
     def clock() -> float:
         return time.perf_counter() - origin
@@ -440,11 +440,12 @@ async def run_load(
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     poller = ReplicaPoller(serve_api, clock, poll_interval_s, serve_api_token) if serve_api else None
     polling = asyncio.create_task(poller.run()) if poller else None
+    target = Target(url, api_key, workload, config, origin)
     try:
         if processes == 1:
-            results, records = await send_points(url, points, workload, config, api_key, origin, progress)
+            results, records = await send_points(target, points, progress)
         else:
-            results, records = await send_in_processes(url, points, workload, config, api_key, origin, processes)
+            results, records = await send_in_processes(target, points, processes)
     finally:
         if polling is not None:
             polling.cancel()
@@ -458,27 +459,35 @@ async def run_load(
     )
 
 
+@dataclass(frozen=True)
+class Target:
+    """What every sending process shares: the service, the workload, the settings and the run's clock origin."""
+
+    url: str
+    api_key: str | None
+    workload: list[WorkItem]
+    config: LoadConfig
+    origin: float
+    """``time.perf_counter()`` at the run's start: CLOCK_MONOTONIC, the same in every process of a machine."""
+
+
 async def send_points(
-    url: str,
-    points: list[LoadPoint],
-    workload: list[WorkItem],
-    config: LoadConfig,
-    api_key: str | None,
-    origin: float,
-    progress: bool,
-    barrier: Barrier | None = None,
+    target: Target, points: list[LoadPoint], progress: bool, barrier: Barrier | None = None
 ) -> tuple[list[PointResult], list[RequestRecord]]:
     """One process's sending: every point in turn, each begun once all processes reach ``barrier``."""
+    config = target.config
 
     def clock() -> float:
-        return time.perf_counter() - origin
+        return time.perf_counter() - target.origin
 
     connections = max([config.max_in_flight] + [p.concurrency or 0 for p in points])
     gc.freeze()  # what exists now (a large heap once torch is imported) stays out of collections during the run
     try:
-        async with KosmosClient(url, api_key=api_key, timeout=config.timeout_s, max_connections=connections) as client:
+        async with KosmosClient(
+            target.url, api_key=target.api_key, timeout=config.timeout_s, max_connections=connections
+        ) as client:
             await client.wait_ready(config.ready_timeout_s)
-            generator = LoadGenerator(client, workload, config, clock, progress)
+            generator = LoadGenerator(client, target.workload, config, clock, progress)
             results = []
             for index, point in enumerate(points):
                 if barrier is not None:
@@ -508,22 +517,16 @@ def _set_barrier(barrier: Barrier) -> None:
     _barrier = barrier
 
 
-def _send_share(
-    url: str, points: list[LoadPoint], workload: list[WorkItem], config: LoadConfig, api_key: str | None, origin: float
-) -> tuple[list[PointResult], list[RequestRecord]]:
-    return asyncio.run(send_points(url, points, workload, config, api_key, origin, False, _barrier))
+def _send_share(target: Target, points: list[LoadPoint]) -> tuple[list[PointResult], list[RequestRecord]]:
+    return asyncio.run(send_points(target, points, False, _barrier))
 
 
 async def send_in_processes(
-    url: str,
-    points: list[LoadPoint],
-    workload: list[WorkItem],
-    config: LoadConfig,
-    api_key: str | None,
-    origin: float,
-    workers: int,
+    target: Target, points: list[LoadPoint], workers: int
 ) -> tuple[list[PointResult], list[RequestRecord]]:
     """:func:`send_points` in ``workers`` processes, each with its share of every point; merged results."""
+    config = target.config
+    cap = -(-config.max_in_flight // workers)
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(workers)
     loop = asyncio.get_running_loop()
@@ -532,12 +535,8 @@ async def send_in_processes(
             loop.run_in_executor(
                 pool,
                 _send_share,
-                url,
+                replace(target, config=replace(config, seed=config.seed * workers + worker, max_in_flight=cap)),
                 [share(p, worker, workers) for p in points],
-                workload,
-                replace(config, seed=config.seed * workers + worker, max_in_flight=-(-config.max_in_flight // workers)),
-                api_key,
-                origin,
             )
             for worker in range(workers)
         ]
