@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--batch-sizes", type=_ints, help="comma-separated (1,8,32)")
     engine.add_argument("--iterations", type=int, help="timed batches per point (5)")
     engine.add_argument("--warmup-iterations", type=int, help="untimed batches first (1)")
+    engine.add_argument(
+        "--concurrency", type=_ints, help="closed loops at the engine: requests kept in it, running or waiting (none)"
+    )
+    engine.add_argument("--seconds", type=float, help="timed seconds of each closed loop (10)")
     engine.add_argument("--load-format", choices=["auto", "dummy"], help="dummy: random weights (auto)")
     engine.add_argument("--dtype", help="auto, float32, float16, bfloat16 (auto)")
     engine.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (auto)")
@@ -311,6 +315,11 @@ def command_engine(args: argparse.Namespace) -> int:
         print(
             f"{point['path']:>5} batch {point['batch_size']:>4}: {point['images_per_s']:8.2f} images/s, "
             f"{point['latency_s']:7.3f} s/batch, {point['tokens_per_s']:9.1f} tokens/s"
+        )
+    for point in summary["continuous"]:
+        print(
+            f"{point['path']:>5} {point['concurrency']:>4} in flight: {point['images_per_s']:8.2f} images/s, "
+            f"p50 {point['latency_p50_s']:7.3f} s, mean batch {point['mean_batch']:6.1f}"
         )
     print(f"wrote {report}")
     return 0

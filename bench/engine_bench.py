@@ -11,6 +11,12 @@ token, so tokens per request are reported as measured; ``--ignore-eos`` forces e
 path and batch size, ``summary.json`` holds ``images_per_s``, ``latency_s`` (one batch, which is every
 request's latency in a static batch) and ``tokens_per_s``; ``batches.jsonl`` holds every timed batch. The
 service report divides its throughput by these (``python -m bench run ... --engine-baseline DIR``).
+
+``--concurrency 256,512`` adds closed loops at the engine itself, as a service drives it: that many requests
+are kept in the engine, running or waiting for a slot (a new one submitted as each finishes), so it admits
+while it decodes; after one turnover of requests, ``--seconds`` are timed. ``summary.json``'s ``continuous``
+holds per path and level the images/s, request latencies, the sequences running after each step (``mean_batch``:
+the fast engine's decode batch; 0 for ``hf``, whose steps run whole batches) and the steps per second.
 """
 
 from __future__ import annotations
@@ -25,13 +31,13 @@ from typing import Any
 import torch
 
 from bench.cost import NodeSpec, PriceTable
-from bench.metrics import BatchRecord, compute_engine_metrics
+from bench.metrics import BatchRecord, compute_engine_metrics, percentile
 from bench.provenance import provenance
 from bench.records import write_json, write_jsonl
 from bench.summary import KIND_ENGINE, costs, pricing_header
 from bench.workload import WorkItem, WorkloadConfig, build_workload
 from serve.config import EngineConfig, LimitsConfig
-from serve.engine import GenerationRequest, build_engine
+from serve.engine import GenerationRequest, GenerationResult, build_engine
 from serve.images import prepare_image
 from serve.model import LoadedModel, load_model
 from serve.sampling import SamplingParams
@@ -60,11 +66,15 @@ class EngineBenchConfig:
     load_format: str = "auto"
     dtype: str = "auto"
     device: str = "auto"
+    concurrency: tuple[int, ...] = ()
+    seconds: float = 10.0
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
 
     def __post_init__(self) -> None:
         if not self.engines or not self.batch_sizes or min(self.batch_sizes) < 1 or self.iterations < 1:
             raise ValueError("give at least one engine path, batch sizes >= 1 and at least one timed batch")
+        if min(self.concurrency, default=1) < 1 or self.seconds <= 0:
+            raise ValueError("closed-loop levels must be at least 1 and their timed seconds positive")
         if unknown := set(self.engines) - set(PATHS):
             raise ValueError(f"unknown engine paths {sorted(unknown)}; the paths are {', '.join(PATHS)}")
 
@@ -133,6 +143,71 @@ def time_batches(
     return timed
 
 
+class _Timed:
+    """A sink that records when its request was submitted and when it finished."""
+
+    streaming = False
+
+    def __init__(self, finished: list[tuple[float, float, int]]) -> None:
+        self.finished = finished
+        self.submitted = time.perf_counter()
+
+    def tokens(self, token_ids: list[int]) -> None:
+        pass
+
+    def finish(self, result: GenerationResult) -> None:
+        self.finished.append((self.submitted, time.perf_counter(), result.completion_tokens))
+
+    def fail(self, error: BaseException) -> None:
+        raise error
+
+
+def time_closed_loop(
+    engine: Any, kind: str, requests: Sequence[GenerationRequest], concurrency: int, seconds: float
+) -> dict[str, Any]:
+    """Keep ``concurrency`` requests in the engine for one turnover, then ``seconds`` timed; the figures of the
+    requests that finished in the timed window."""
+    finished: list[tuple[float, float, int]] = []
+    sent = 0
+
+    def top_up() -> None:
+        nonlocal sent
+        while sent - len(finished) < concurrency:
+            engine.submit(requests[sent % len(requests)], _Timed(finished))
+            sent += 1
+
+    top_up()
+    while len(finished) < concurrency:  # warm-up: every first request has finished
+        if wait := engine.step():
+            time.sleep(wait)
+        top_up()
+    start, steps, rows = time.perf_counter(), 0, 0
+    while time.perf_counter() - start < seconds:
+        if wait := engine.step():
+            time.sleep(wait)
+        steps, rows = steps + 1, rows + engine.running_count
+        top_up()
+    end = time.perf_counter()
+    while engine.has_work:  # drain, untimed
+        if wait := engine.step():
+            time.sleep(wait)
+    timed = [(began, ended, tokens) for began, ended, tokens in finished if start <= ended < end]
+    latencies = [ended - began for began, ended, _ in timed]
+    window = end - start
+    return {
+        "path": kind,
+        "concurrency": concurrency,
+        "requests": len(timed),
+        "images_per_s": len(timed) / window,
+        "tokens_per_s": sum(tokens for _, _, tokens in timed) / window,
+        "latency_mean_s": sum(latencies) / len(latencies) if latencies else None,
+        "latency_p50_s": percentile(latencies, 50),
+        "latency_p99_s": percentile(latencies, 99),
+        "mean_batch": rows / max(steps, 1),
+        "steps_per_s": steps / window,
+    }
+
+
 def run_engine_bench(
     config: EngineBenchConfig, out_dir: Path, prices: PriceTable, nodes: Sequence[NodeSpec], utilization: float
 ) -> dict[str, Any]:
@@ -148,6 +223,7 @@ def run_engine_bench(
         "batch_wait_s": 0.0,  # every batch is submitted whole: waiting for more only adds latency
     }
     batches: list[BatchRecord] = []
+    continuous = []
     for kind in config.engines:
         engine = build_engine(loaded, EngineConfig(**PATHS[kind], **engine_config))
         engine.warm_up()
@@ -155,6 +231,7 @@ def run_engine_bench(
             batches += time_batches(
                 engine, loaded, kind, requests, batch_size, config.iterations, config.warmup_iterations
             )
+        continuous += [time_closed_loop(engine, kind, requests, level, config.seconds) for level in config.concurrency]
         del engine
         gc.collect()
         if loaded.device.type == "cuda":
@@ -172,6 +249,7 @@ def run_engine_bench(
         "dtype": str(loaded.dtype).removeprefix("torch."),
         **pricing_header(prices, nodes, usd_per_hour, utilization),
         "points": points,
+        "continuous": continuous,
     }
     write_jsonl(out_dir / "batches.jsonl", batches)
     write_json(out_dir / "summary.json", summary)

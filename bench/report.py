@@ -372,6 +372,21 @@ def _nodes_name(summary: dict[str, Any]) -> str:
     return ", ".join(summary.get("nodes") or []) or "unpriced nodes"
 
 
+CONTINUOUS_COLUMNS = {
+    "path": "path",
+    "concurrency": "in flight",
+    "requests": "requests",
+    "images_per_s": "images/s",
+    "tokens_per_s": "output tok/s",
+    "latency_mean_s": "mean (s)",
+    "latency_p50_s": "p50 (s)",
+    "latency_p99_s": "p99 (s)",
+    "mean_batch": "mean batch",
+    "steps_per_s": "steps/s",
+}
+"""The closed-loop table of an engine report, with its column titles."""
+
+
 def write_engine_report(out_dir: Path) -> Path:
     """``summary.csv``, ``engine_throughput.png`` and ``report.md`` of an engine-only run folder."""
     out_dir = Path(out_dir)
@@ -410,6 +425,17 @@ def write_engine_report(out_dir: Path) -> Path:
         "![engine throughput](engine_throughput.png)",
         "",
     ]
+    if summary.get("continuous"):
+        lines += [
+            "## Closed loops at the engine",
+            "",
+            f"Requests kept in the engine (a new one as each finishes), {config['seconds']:g} s timed after one "
+            "turnover: the engine admits while it decodes, as under a service's load. Mean batch: sequences "
+            "running after each step (0 for hf, whose steps run whole batches).",
+            "",
+            markdown_table(pd.DataFrame(summary["continuous"]).rename(columns=CONTINUOUS_COLUMNS)),
+            "",
+        ]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

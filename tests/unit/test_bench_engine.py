@@ -26,7 +26,8 @@ WORKLOAD = ["--resolutions", "64x48", "--pool-size", "5", "--max-tokens", "6", "
 def engine_run(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("engine")
     args = ["engine", "--model", str(tiny_dir), "--out", str(out), "--engine", "hf,fast", "--batch-sizes", "1,3"]
-    assert main([*args, "--iterations", str(ITERATIONS), "--device", "cpu", "--nodes", "g6.xlarge", *WORKLOAD]) == 0
+    args += ["--iterations", str(ITERATIONS), "--concurrency", "2,5", "--seconds", "1.5"]
+    assert main([*args, "--device", "cpu", "--nodes", "g6.xlarge", *WORKLOAD]) == 0
     return out
 
 
@@ -56,6 +57,21 @@ def test_engine_mode_writes_its_files(engine_run):
     assert "| fast | 3 |" in report and "| hf | 1 |" in report
     with Image.open(engine_run / "engine_throughput.png") as image:
         assert image.size[0] > 500
+
+
+def test_closed_loops_keep_their_requests_in_the_engine(engine_run):
+    """Little's law at the engine: images/s x mean latency = requests kept in it; the fast engine's batch is
+    bounded by its three slots (the largest batch size), the rest wait."""
+    points = read_json(engine_run / "summary.json")["continuous"]
+    assert [(p["path"], p["concurrency"]) for p in points] == [(e, c) for e in ("hf", "fast") for c in (2, 5)]
+    for point in points:
+        assert point["requests"] >= 10
+        assert point["images_per_s"] * point["latency_mean_s"] == pytest.approx(point["concurrency"], rel=0.2)
+        assert point["latency_p50_s"] <= point["latency_p99_s"]
+        assert 1 <= point["tokens_per_s"] / point["images_per_s"] <= 7
+    fast = {p["concurrency"]: p for p in points if p["path"] == "fast"}
+    assert 1 < fast[2]["mean_batch"] <= 2 < fast[5]["mean_batch"] <= 3
+    assert "## Closed loops at the engine" in (engine_run / "report.md").read_text()
 
 
 def test_both_paths_ran_the_same_requests(engine_run, loaded):
