@@ -179,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--model", required=True, help="Hugging Face id or folder")
     engine.add_argument("--out", type=Path, required=True, help="output folder")
     engine.add_argument(
-        "--engine", dest="engines", type=_names, help="paths side by side: hf,fast,fast-eager,fast-sdpa (hf)"
+        "--engine",
+        dest="engines",
+        type=_names,
+        help="paths side by side: hf,fast,fast-eager,fast-sdpa,fast-overlap (hf)",
     )
     engine.add_argument("--batch-sizes", type=_ints, help="comma-separated (1,8,32)")
     engine.add_argument("--iterations", type=int, help="timed batches per point (5)")

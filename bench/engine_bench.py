@@ -49,9 +49,10 @@ PATHS: dict[str, dict[str, str]] = {
     "fast": {"kind": "fast"},
     "fast-eager": {"kind": "fast", "compile": "off"},
     "fast-sdpa": {"kind": "fast", "decode_attention": "sdpa"},
+    "fast-overlap": {"kind": "fast", "overlap": True},
 }
-"""Engine paths by name: the reference, the fast engine, and the fast engine with its layers uncompiled or
-with SDPA decode attention."""
+"""Engine paths by name: the reference, the fast engine, and the fast engine with its layers uncompiled, with
+SDPA decode attention, or with overlapped decode steps."""
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (a smoke run of the script)")
     parser.add_argument("--quick", action="store_true", help="short points and small batches")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--paths", default="hf,fast-eager,fast", help="engine paths side by side (%(default)s)")
+    parser.add_argument(
+        "--paths", default="hf,fast-eager,fast,fast-overlap", help="engine paths side by side (%(default)s)"
+    )
     parser.add_argument("--concurrency", help="the service's closed-loop clients (GPU: 1,64,256,512)")
     parser.add_argument("--no-profile", action="store_true", help="skip where the fast engine's time goes")
     args = parser.parse_args()
@@ -266,6 +268,9 @@ def combine(out: Path, commands: list[str], options: dict[str, Any]) -> dict[str
             "fast_over_hf": best["fast"] / best["hf"] if "hf" in best else None,
             "fast_over_eager": best["fast"] / best["fast-eager"] if "fast-eager" in best else None,
             "engine_fast_closed_loop_images_per_s": looped,
+            "engine_fast_overlap_closed_loop_images_per_s": max(
+                (p["images_per_s"] for p in engine["continuous"] if p["path"] == "fast-overlap"), default=None
+            ),
             "service_images_per_s": peak,
             "service_over_engine": peak / best["fast"],
             "p99_at_80_percent_s": at80["latency_p99_s"],

@@ -125,6 +125,11 @@ class EngineConfig(_Strict):
     decode_attention: Literal["auto", "triton", "sdpa"] = Field(
         "auto", description="fast engine's decode attention; auto: the Triton kernel on CUDA when triton imports"
     )
+    overlap: bool = Field(
+        False,
+        description="fast engine: launch each decode step before taking the previous step's tokens, so the host's "
+        "book-keeping runs while the device computes; a sequence that ends at its end token costs one more step",
+    )
     admit_ratio: float = Field(
         0.25, ge=0, description="fast engine: admit waiting requests once they number this fraction of the running"
     )

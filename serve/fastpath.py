@@ -14,9 +14,13 @@ Hugging Face modules' own layers (same weights, same functions) and writes keys 
 ``serve.attention``, which reads each sequence's own length, or with SDPA over the first ``Tb`` positions
 (``Tb`` rounded up to a multiple of 32) and a length mask. On CUDA each decode step batch (and SDPA span),
 and each small admission (batch and prompt width rounded up), is captured once as a CUDA graph and replayed,
-which removes the Python and launch cost that dominates Hugging Face's steps. Book-keeping is vectorized
-with numpy; Python runs per sequence only for sequences that stream, sample or ban n-grams, and for those
-that finish.
+which removes the Python and launch cost that dominates Hugging Face's steps. The layers themselves are
+``serve.layers``' functions, compiled on CUDA. Book-keeping is vectorized with numpy; Python runs per sequence
+only for sequences that stream, sample or ban n-grams, and for those that finish. With
+``EngineConfig.overlap`` each decode step is launched before the previous step's tokens are taken (its inputs
+are those tokens, still on the device), so the host's book-keeping runs while the device computes, as in
+SGLang's overlap scheduler; a sequence ending at its end token then costs one more step, and one ending by
+length none.
 
 On the tiny model in float32 on the CPU its greedy tokens equal :class:`serve.engine.HFEngine`'s
 (``tests/integration/test_fastpath.py``).
@@ -64,6 +68,17 @@ class Running:
     request: GenerationRequest
     sink: Sink
     chooser: TokenChooser
+
+
+@dataclass
+class InFlight:
+    """A decode step launched on the device whose tokens the host has not taken yet."""
+
+    slots: np.ndarray
+    ids: np.ndarray
+    """The sequences in ``slots`` at launch: a slot freed (or reused) since then is skipped."""
+    tokens: torch.Tensor
+    """Each row's chosen token, on the device; row ``i`` is slot ``i``."""
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -130,6 +145,10 @@ class FastEngine(Engine):
         self.staged_pixels = torch.zeros((slots, 224, 224, 3), dtype=torch.uint8, pin_memory=pinned)
         self.host_tokens = torch.zeros(slots, dtype=torch.long, pin_memory=pinned)
         self.copied = torch.cuda.Event(blocking=True) if pinned else None
+        # Two, used in turn: the device may still be reading one when the host fills the other.
+        self.staged_inputs = [torch.zeros((2, slots), dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self.steps_launched = 0
+        self.in_flight: InFlight | None = None
         self.admit_ids = torch.full((slots, length), self.geometry.pad_id, dtype=torch.long, device=device)
         self.admit_offsets = torch.zeros(slots, dtype=torch.long, device=device)
         self.admit_last = torch.zeros(slots, dtype=torch.long, device=device)
@@ -138,6 +157,7 @@ class FastEngine(Engine):
         self.time_index = torch.arange(length, device=device)
         # Book-keeping on the host, one entry per slot.
         self.running: dict[int, Running] = {}
+        self.sequence_ids = np.full(slots, -1, dtype=np.int64)  # the running request of each slot; -1: free
         self.free = list(range(slots))
         self.host_inputs = np.zeros((2, slots), dtype=np.int64)  # step_inputs as the host keeps them
         self.last_token, self.lengths = self.host_inputs
@@ -223,6 +243,7 @@ class FastEngine(Engine):
         return 0
 
     def _admit(self, count: int) -> None:
+        self._settle()  # the new sequences' slots must be free of any step in flight
         batch = [self.waiting.popleft() for _ in range(count)]
         slots = [heapq.heappop(self.free) for _ in range(count)]
         try:
@@ -238,6 +259,7 @@ class FastEngine(Engine):
             self.running[slot] = Running(
                 pending.id, request, pending.sink, TokenChooser(request.params, request.prompt_ids)
             )
+            self.sequence_ids[slot] = pending.id
             self.lengths[slot] = len(request.prompt_ids)
             self.counts[slot] = 0
             self.limits[slot] = request.params.max_new_tokens
@@ -246,7 +268,7 @@ class FastEngine(Engine):
                 self.special.add(slot)
             if pending.sink.streaming:
                 self.streaming.add(slot)
-        self._accept(np.asarray(slots), self._choose(logits, slots))
+        self._accept(np.asarray(slots), self._wait(self._fetch(self._choose(logits, slots))))
 
     def _prefill(self, batch: list[Pending], slots: list[int]) -> torch.Tensor:
         """Encode images and prompts, fill the slots' caches, and return each prompt's last logits.
@@ -309,19 +331,47 @@ class FastEngine(Engine):
     # -- decoding ------------------------------------------------------------------------------------------
 
     def _decode(self) -> None:
+        """Launch one decode step for the running sequences, then take the tokens of the step before it, whose
+        book-keeping thus runs while the device computes (with ``overlap``; else this step's tokens at once)."""
         active = np.fromiter(self.running, dtype=np.int64)
+        if self.in_flight is not None:  # the step in flight ends these by length: they need no further step
+            active = active[self.counts[active] + 1 < self.limits[active]]
+        logits = self._launch(active) if len(active) else None
+        self._settle()
+        if logits is not None:  # chosen after the settle: sampling and n-gram bans read the tokens it took
+            tokens = self._fetch(self._choose(logits, range(len(logits))))
+            self.in_flight = InFlight(active, self.sequence_ids[active].copy(), tokens)
+            if not self.config.overlap:
+                self._settle()
+
+    def _launch(self, active: np.ndarray) -> torch.Tensor:
+        """Start the decode step of the sequences in ``active`` slots; returns its logits (rows: slots)."""
         batch = next(b for b in self.buckets if b > active.max())
         span = 0  # the Triton kernel reads each sequence's own length
         if self.attention == "sdpa":
             longest = int(self.lengths[active].max() + 1)
             span = min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, self.config.max_seq_len)
-        self.step_inputs[:, :batch].copy_(torch.from_numpy(self.host_inputs[:, :batch]))
+        staged = self.staged_inputs[self.steps_launched % 2]
+        staged[:, :batch].copy_(torch.from_numpy(self.host_inputs[:, :batch]))
+        self.step_inputs[:, :batch].copy_(staged[:, :batch], non_blocking=True)
+        if self.in_flight is not None:  # the last tokens are still on the device
+            self.input_tokens[:batch].copy_(self.in_flight.tokens[:batch])
         if self.use_graphs:
             logits = self._replay(("decode", batch, span), partial(self._decode_forward, batch, span))
         else:
             logits = self._decode_forward(batch, span)
         self.lengths[active] += 1
-        self._accept(active, self._choose(logits, range(batch))[active])
+        self.steps_launched += 1
+        return logits
+
+    def _settle(self) -> None:
+        """Take the tokens of the step in flight, for the sequences still running in its slots."""
+        step, self.in_flight = self.in_flight, None
+        if step is None:
+            return
+        tokens = self._wait(step.tokens)
+        slots = step.slots[self.sequence_ids[step.slots] == step.ids]
+        self._accept(slots, tokens[slots])
 
     def _replay(self, key: tuple[str, int, int], forward: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Replay the graph recorded for ``key`` (recording it on first use) and return its output."""
@@ -370,26 +420,31 @@ class FastEngine(Engine):
 
     # -- token choice and book-keeping ---------------------------------------------------------------------
 
-    def _choose(self, logits: torch.Tensor, rows: Sequence[int]) -> np.ndarray:
-        """Next token per row of ``logits``; ``rows[i]`` is the slot of row ``i`` (argmax unless special)."""
+    def _choose(self, logits: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+        """Next token per row of ``logits``, on the device; ``rows[i]`` is the slot of row ``i`` (argmax
+        unless special)."""
         tokens = logits.argmax(dim=-1)
         special = [i for i, slot in enumerate(rows) if slot in self.special]
         if special:
             index = torch.tensor(special, device=logits.device)
             choosers = [self.running[rows[i]].chooser for i in special]
             tokens[index] = choose_special(logits[index].float(), choosers)
-        return self._to_host(tokens)
+        return tokens
 
-    def _to_host(self, tokens: torch.Tensor) -> np.ndarray:
-        """The chosen tokens on the host. On CUDA the thread sleeps until the copy lands (a blocking event)
+    def _fetch(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Start copying chosen tokens to the host (page-locked memory, on CUDA); returns them as given."""
+        if self.copied is not None:
+            self.host_tokens[: len(tokens)].copy_(tokens, non_blocking=True)
+            self.copied.record()
+        return tokens
+
+    def _wait(self, tokens: torch.Tensor) -> np.ndarray:
+        """The fetched tokens on the host. On CUDA the thread sleeps until the copy lands (a blocking event)
         instead of spinning on a core the process's other threads could use."""
         if self.copied is None:
             return tokens.cpu().numpy()
-        host = self.host_tokens[: len(tokens)]
-        host.copy_(tokens, non_blocking=True)
-        self.copied.record()
         self.copied.synchronize()
-        return host.numpy().copy()
+        return self.host_tokens[: len(tokens)].numpy().copy()
 
     def _accept(self, slots: np.ndarray, tokens: np.ndarray) -> None:
         """Record one new token per slot (``tokens[i]`` for ``slots[i]``), stream it, and end sequences."""
@@ -420,6 +475,7 @@ class FastEngine(Engine):
 
     def _release(self, slot: int) -> None:
         del self.running[slot]
+        self.sequence_ids[slot] = -1
         self.lengths[slot] = 0
         self.special.discard(slot)
         self.streaming.discard(slot)

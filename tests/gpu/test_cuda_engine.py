@@ -58,12 +58,17 @@ def cuda_loaded(tiny_dir):
     return load_model(str(tiny_dir), device="cuda", dtype="float32")
 
 
-@pytest.mark.parametrize(("attention", "compiled"), [("triton", "on"), ("triton", "off"), ("sdpa", "on")])
-def test_graphed_engine_equals_reference(cuda_loaded, codec, attention, compiled):
+@pytest.mark.parametrize(
+    ("attention", "compiled", "overlap"),
+    [("triton", "on", False), ("triton", "off", False), ("sdpa", "on", False), ("triton", "on", True)],
+)
+def test_graphed_engine_equals_reference(cuda_loaded, codec, attention, compiled, overlap):
     workload = requests_for(codec, [SamplingParams(max_new_tokens=4 + 5 * (i % 7)) for i in range(14)])
     reference = HFEngine(cuda_loaded, EngineConfig(kind="hf", max_batch_size=1))
     expected = [reference.generate([r])[0] for r in workload]
-    config = EngineConfig(max_batch_size=6, max_seq_len=160, decode_attention=attention, compile=compiled)
+    config = EngineConfig(
+        max_batch_size=6, max_seq_len=160, decode_attention=attention, compile=compiled, overlap=overlap
+    )
     fast = FastEngine(cuda_loaded, config)
     fast.warm_up()
     assert fast.steps.compiled == (compiled == "on")

@@ -28,9 +28,11 @@ def requests_for(codec, params: list[SamplingParams]) -> list[GenerationRequest]
     return out
 
 
-@pytest.fixture(scope="module")
-def fast(loaded):
-    return FastEngine(loaded, EngineConfig(kind="fast", max_batch_size=6, max_seq_len=160))
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "overlap"])
+def fast(loaded, request):
+    """The engine as it runs by default, and with each decode step launched before the last one's tokens are
+    taken (``overlap``): the same tokens either way."""
+    return FastEngine(loaded, EngineConfig(kind="fast", max_batch_size=6, max_seq_len=160, overlap=request.param))
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +192,14 @@ def test_a_failed_compile_leaves_the_layers_uncompiled(loaded, workload, referen
     engine.warm_up()
     assert not engine.steps.compiled and "no compiler here" in caplog.text and "run uncompiled" in caplog.text
     assert engine.generate(workload[:4]) == reference[:4]
+
+
+def test_overlap_runs_no_step_past_a_length_limit(loaded, workload):
+    """Sequences that end by length are known to end before their last tokens are taken: overlapped, the
+    engine launches the same nine-token batch's eight decode steps as it does in sync, and nothing is left."""
+    forced = [GenerationRequest(r.pixels, r.prompt_ids, SamplingParams(9, ignore_eos=True)) for r in workload[:4]]
+    runs = {}
+    for overlap in (False, True):
+        engine = FastEngine(loaded, EngineConfig(kind="fast", max_batch_size=6, max_seq_len=160, overlap=overlap))
+        runs[overlap] = engine.generate(forced), engine.steps_launched, engine.in_flight
+    assert runs[True] == runs[False] and runs[False][1:] == (8, None)
