@@ -16,10 +16,10 @@ fi
 export RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 if [ "${GPU_TESTS:-1}" = 1 ]; then
-  timeout 120 python3 -m pytest -q ${GPU_TEST_ARGS:-tests/gpu tests/unit/test_attention.py} 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+  timeout 100 python3 -m pytest -q ${GPU_TEST_ARGS:-tests/gpu tests/unit/test_attention.py} 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 fi
 # shellcheck disable=SC2086  # PERF_ARGS holds several words, e.g. --paths hf,fast --no-profile
-timeout "${PERF_TIMEOUT:-480}" python3 -m bench.perf_run --out /tmp/perf ${PERF_ARGS:-} > "$OUT/perf_run.log" 2>&1
+timeout "${PERF_TIMEOUT:-460}" python3 -m bench.perf_run --out /tmp/perf ${PERF_ARGS:-} > "$OUT/perf_run.log" 2>&1
 echo "perf_run exit $?"; tail -30 "$OUT/perf_run.log"
 tar czf "$OUT/perf.tgz" -C /tmp/perf --exclude='*.png' --exclude='requests.jsonl' . 2>/dev/null
 ls -la "$OUT"
