@@ -121,7 +121,7 @@ def kernel_table(
     return table
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.engine_profile", description=__doc__)
     parser.add_argument("--model", required=True)
     parser.add_argument("--load-format", default="auto")
@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--compile", default="auto", help="comma-separated: auto, on, off")
     parser.add_argument("--kernels", type=int, default=0, help="list this many top kernels at the largest batch")
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     loaded = load_model(args.model, dtype=args.dtype, load_format=args.load_format)
     rows = [
         profile_batch(loaded, int(batch), args.tokens, attention, compiled)

@@ -135,3 +135,24 @@ def test_pixel_deviation_is_zero_for_the_same_pixels_and_exact_otherwise():
     deviation = pixel_deviation(images, shifted)
     assert deviation["pixel_mean_abs_diff"] == pytest.approx(expected.mean())
     assert deviation["pixel_max_abs_diff"] == 3.0
+
+
+def test_profile_times_the_phases_and_lists_the_top_operators(tiny_dir, tmp_path):
+    from bench import engine_profile
+
+    out = tmp_path / "profile.json"
+    args = ["--model", str(tiny_dir), "--batch-sizes", "1,3", "--tokens", "6", "--decode-attention", "sdpa"]
+    engine_profile.main([*args, "--compile", "off", "--kernels", "4", "--out", str(out)])
+    result = read_json(out)
+    assert result["gpu"] == "cpu" and [p["batch_size"] for p in result["points"]] == [1, 3]
+    for point in result["points"]:
+        assert point["compiled"] is False and point["decode_attention"] == "sdpa"
+        assert point["decode_steps"] == 4  # six tokens: the admission step gives two, four decode steps the rest
+        assert 0 < point["vision_s"] < point["admission_step_s"] and point["decode_step_s"] > 0
+        assert point["total_s"] > point["admission_step_s"]
+        assert point["images_per_s"] == pytest.approx(point["batch_size"] / point["total_s"])
+    (table,) = result["kernels"]
+    assert table["batch_size"] == 3 and table["clock"].startswith("cpu")
+    for phase in ("admission_step", "decode_step"):
+        spent = [row["ms"] for row in table[phase]]
+        assert len(spent) == 4 and spent == sorted(spent, reverse=True) and sum(spent) <= table[f"{phase}_ms"]
