@@ -171,6 +171,10 @@ def time_closed_loop(
     finished: list[tuple[float, float, int]] = []
     sent = 0
 
+    def advance() -> None:
+        if wait := engine.step():
+            time.sleep(wait)
+
     def top_up() -> None:
         nonlocal sent
         while sent - len(finished) < concurrency:
@@ -179,19 +183,16 @@ def time_closed_loop(
 
     top_up()
     while len(finished) < concurrency:  # warm-up: every first request has finished
-        if wait := engine.step():
-            time.sleep(wait)
+        advance()
         top_up()
     start, steps, rows = time.perf_counter(), 0, 0
     while time.perf_counter() - start < seconds:
-        if wait := engine.step():
-            time.sleep(wait)
+        advance()
         steps, rows = steps + 1, rows + engine.running_count
         top_up()
     end = time.perf_counter()
     while engine.has_work:  # drain, untimed
-        if wait := engine.step():
-            time.sleep(wait)
+        advance()
     timed = [(began, ended, tokens) for began, ended, tokens in finished if start <= ended < end]
     latencies = [ended - began for began, ended, _ in timed]
     window = end - start

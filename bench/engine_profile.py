@@ -53,15 +53,20 @@ def caption_requests(loaded: LoadedModel, batch: int, tokens: int) -> list[Gener
     return [GenerationRequest(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8), ids, params) for _ in range(batch)]
 
 
+def warmed_engine(loaded: LoadedModel, requests: list[GenerationRequest], **config: Any) -> FastEngine:
+    """A fast engine with one slot per request, its layers compiled and graphs captured by one untimed run."""
+    engine = FastEngine(loaded, EngineConfig(max_batch_size=len(requests), max_seq_len=128, **config))
+    engine.warm_up()
+    engine.generate(requests)
+    return engine
+
+
 def profile_batch(
     loaded: LoadedModel, batch: int, tokens: int, attention: str, compiled: str
 ) -> dict[str, float | int | str | bool]:
     """Times of one batch: vision alone, the admission step, and the median decode step (seconds)."""
     requests = caption_requests(loaded, batch, tokens)
-    config = EngineConfig(max_batch_size=batch, max_seq_len=128, decode_attention=attention, compile=compiled)
-    engine = FastEngine(loaded, config)
-    engine.warm_up()
-    engine.generate(requests)  # warm-up: kernels chosen, graphs captured
+    engine = warmed_engine(loaded, requests, decode_attention=attention, compile=compiled)
     on_device = torch.from_numpy(np.stack([r.pixels for r in requests])).to(loaded.device)
     with torch.inference_mode():
         vision = statistics.median(timed(loaded, lambda: engine.encode(on_device)) for _ in range(3))
@@ -92,12 +97,7 @@ def kernel_table(
     first decode step) and in one decode step, from ``torch.profiler``; CUDA graphs off, so each kernel shows.
     On the CPU: the operators by self time."""
     requests = caption_requests(loaded, batch, tokens)
-    config = EngineConfig(
-        max_batch_size=batch, max_seq_len=128, decode_attention=attention, compile=compiled, cuda_graphs=False
-    )
-    engine = FastEngine(loaded, config)
-    engine.warm_up()
-    engine.generate(requests)  # warm-up
+    engine = warmed_engine(loaded, requests, decode_attention=attention, compile=compiled, cuda_graphs=False)
     for request in requests:
         engine.submit(request, Collector())
     on_gpu = loaded.device.type == "cuda"
