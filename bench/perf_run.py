@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument(
         "--paths", default="hf,fast-eager,fast,fast-overlap", help="engine paths side by side (%(default)s)"
     )
-    parser.add_argument("--concurrency", help="the service's closed-loop clients (GPU: 1,64,256,512)")
+    parser.add_argument("--concurrency", help="the service's closed-loop clients (GPU: 1,128,384,768)")
     parser.add_argument("--no-profile", action="store_true", help="skip where the fast engine's time goes")
     args = parser.parse_args()
     out = args.out.resolve()
@@ -118,7 +118,7 @@ def main() -> None:
     else:
         write_tiny(model_dir, real_size=True)
         model = ["--model", str(model_dir), "--load-format", "dummy"]
-        config, batches, concurrency, duration = "configs/perf.yaml", "1,64,256,512,1024", "1,64,256,512", "15"
+        config, batches, concurrency, duration = "configs/perf.yaml", "1,64,256,512,1024", "1,128,384,768", "15"
         in_engine = "256,512"
     if args.quick:
         batches, concurrency, duration, in_engine = "1,4", "1,8", "3", "4"
