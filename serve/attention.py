@@ -35,25 +35,36 @@ def triton_available(device: torch.device | str) -> bool:
 
 
 def decode_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, scale: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
 ) -> torch.Tensor:
-    """Attention of one query per row over its slot's first ``lengths[b]`` cached positions.
+    """Store each row's new key and value at position ``lengths[b] - 1`` of its slot, then attend with its
+    query over the slot's first ``lengths[b]`` positions.
 
-    ``query`` is ``[B, H, D]``; ``keys`` and ``values`` are ``[S, H, L, D]`` with ``S >= B`` (row ``b`` reads
-    slot ``b``); ``lengths`` is ``[B]`` integers in ``[1, L]``. Returns ``[B, H, D]`` in ``query``'s dtype,
-    with the softmax accumulated in float32.
+    ``query``, ``key`` and ``value`` are ``[B, H, D]``; ``keys`` and ``values`` are ``[S, H, L, D]`` with
+    ``S >= B`` (row ``b`` is slot ``b``); ``lengths`` is ``[B]`` integers in ``[1, L]``. Returns ``[B, H, D]``
+    in ``query``'s dtype, with the softmax accumulated in float32.
     """
     if not triton_available(query.device):
-        return decode_attention_reference(query, keys, values, lengths, scale)
+        return decode_attention_reference(query, key, value, keys, values, lengths, scale)
     batch, heads, head_dim = query.shape
     if head_dim & (head_dim - 1):
         raise ValueError(f"head_dim must be a power of two, not {head_dim}")
     query = query.contiguous()
-    if keys.stride(-1) != 1 or values.stride(-1) != 1:
+    if key.stride() != value.stride():
+        key, value = key.contiguous(), value.contiguous()
+    if any(t.stride(-1) != 1 for t in (key, value, keys, values)):
         raise ValueError("keys and values must be contiguous in their last dimension")
     out = torch.empty_like(query)
     _decode_kernel[(heads, batch)](
         query,
+        key,
+        value,
         keys,
         values,
         lengths,
@@ -61,6 +72,8 @@ def decode_attention(
         scale,
         query.stride(0),
         query.stride(1),
+        key.stride(0),
+        key.stride(1),
         *keys.stride()[:3],
         *values.stride()[:3],
         HEAD_DIM=head_dim,
@@ -71,14 +84,23 @@ def decode_attention(
 
 
 def decode_attention_reference(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, scale: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    scale: float,
 ) -> torch.Tensor:
-    """:func:`decode_attention` as masked SDPA in float32 over the whole cache (no host sync).
+    """:func:`decode_attention` as a scatter, then masked SDPA in float32 over the whole cache (no host sync).
 
-    Positions at and beyond each row's length are zeroed before attending, so nothing there (not even NaN)
-    reaches the output.
+    Positions beyond each row's length are zeroed before attending, so nothing there (not even NaN) reaches
+    the output.
     """
     batch = query.shape[0]
+    rows = torch.arange(batch, device=query.device)
+    keys[rows, :, lengths - 1] = key
+    values[rows, :, lengths - 1] = value
     positions = torch.arange(keys.shape[2], device=query.device)
     visible = positions[None, :] < lengths[:, None]  # [B, L]
     hidden = ~visible[:, None, :, None]
@@ -95,6 +117,8 @@ if triton is not None:
     @triton.jit
     def _decode_kernel(
         q_ptr,
+        new_k_ptr,
+        new_v_ptr,
         k_ptr,
         v_ptr,
         lengths_ptr,
@@ -102,6 +126,8 @@ if triton is not None:
         scale,
         stride_qb,
         stride_qh,
+        stride_nb,
+        stride_nh,
         stride_ks,
         stride_kh,
         stride_kl,
@@ -111,21 +137,28 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
-        """One (head, row) program: ``out[row, head] = softmax(q k^T * scale) v`` over ``lengths[row]``."""
+        """One (head, row) program: store the new key and value at ``lengths[row] - 1``, then
+        ``out[row, head] = softmax(q k^T * scale) v`` over ``lengths[row]`` positions: the cached ones, then the
+        new one from registers (never read back, so the store needs no barrier)."""
         head = tl.program_id(0)
         row = tl.program_id(1).to(tl.int64)  # slot offsets can pass 2**31 elements in a large cache
-        length = tl.load(lengths_ptr + row).to(tl.int32)
+        cached = tl.load(lengths_ptr + row).to(tl.int32) - 1
         dims = tl.arange(0, HEAD_DIM)
         q_offset = row * stride_qb + head * stride_qh
         q = tl.load(q_ptr + q_offset + dims).to(tl.float32) * scale
+        new_offset = row * stride_nb + head * stride_nh  # the new key and value share their strides
+        new_k = tl.load(new_k_ptr + new_offset + dims)
+        new_v = tl.load(new_v_ptr + new_offset + dims)
         k_base = k_ptr + row * stride_ks + head * stride_kh
         v_base = v_ptr + row * stride_vs + head * stride_vh
-        best = float("-inf")  # running maximum of the scores
-        total = 0.0  # running sum of exp(score - best)
-        acc = tl.zeros([HEAD_DIM], dtype=tl.float32)  # running sum of exp(score - best) * value
-        for start in range(0, length, BLOCK_N):
+        tl.store(k_base + cached * stride_kl + dims, new_k.to(k_ptr.dtype.element_ty))
+        tl.store(v_base + cached * stride_vl + dims, new_v.to(v_ptr.dtype.element_ty))
+        best = tl.sum(new_k.to(tl.float32) * q, axis=0)  # running maximum of the scores: the new one first
+        total = 1.0  # running sum of exp(score - best)
+        acc = new_v.to(tl.float32)  # running sum of exp(score - best) * value
+        for start in range(0, cached, BLOCK_N):
             positions = start + tl.arange(0, BLOCK_N)
-            inside = positions < length
+            inside = positions < cached
             k = tl.load(k_base + positions[:, None] * stride_kl + dims[None, :], mask=inside[:, None], other=0.0)
             scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
             scores = tl.where(inside, scores, float("-inf"))

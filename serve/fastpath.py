@@ -398,14 +398,15 @@ class FastEngine(Engine):
         hidden = self.decoder.embed_tokens(tokens) * self.decoder.embed_scale + self.position_table[where]
         hidden = hidden[:, None]
         visible = (self.time_index[:span][None, :] <= where[:, None])[:, None, None, :] if span else None
-        slots = self.slot_index[:batch]
+        slots, lengths, scale = self.slot_index[:batch], where + 1, self.head_dim**-0.5
         for layer, qkv, keys, values in zip(self.decoder.layers, self.qkv, self.keys, self.values):
             q, k, v = self.steps.attention_inputs(layer, qkv, hidden, self.head_dim)
-            keys[slots, :, where] = k[:, :, 0]
-            values[slots, :, where] = v[:, :, 0]
-            if self.attention == "triton":
-                mixed = decode_attention(q[:, :, 0], keys, values, where + 1, self.head_dim**-0.5).view(batch, 1, -1)
+            if self.attention == "triton":  # the kernel writes the new key and value into the cache itself
+                mixed = decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], keys, values, lengths, scale)
+                mixed = mixed.view(batch, 1, -1)
             else:
+                keys[slots, :, where] = k[:, :, 0]
+                values[slots, :, where] = v[:, :, 0]
                 mixed = merge_heads(
                     F.scaled_dot_product_attention(
                         q, keys[:batch, :, :span], values[:batch, :, :span], attn_mask=visible

@@ -21,36 +21,44 @@ LENGTHS = [1, 31, 32, 33, 100, 160, 7]
 
 
 def cache(dtype: torch.dtype, slots: int = 9) -> tuple[torch.Tensor, ...]:
+    """Query, new key and value, cache and lengths; garbage from each row's new position on."""
     generator = torch.Generator(device="cuda").manual_seed(0)
     shape = (slots, 4, 160, 64)
     keys = torch.randn(shape, generator=generator, device="cuda").to(dtype)
     values = torch.randn(shape, generator=generator, device="cuda").to(dtype)
-    query = torch.randn((len(LENGTHS), 4, 64), generator=generator, device="cuda").to(dtype)
+    query, key, value = (
+        torch.randn((len(LENGTHS), 4, 64), generator=generator, device="cuda").to(dtype) for _ in range(3)
+    )
     lengths = torch.tensor(LENGTHS, device="cuda")
     for row, length in enumerate(LENGTHS):  # what lies beyond a row's length must not reach its output
-        keys[row, :, length:] = float("nan")
-        values[row, :, length:] = float("nan")
-    return query, keys, values, lengths
+        keys[row, :, length - 1 :] = float("nan")
+        values[row, :, length - 1 :] = float("nan")
+    return query, key, value, keys, values, lengths
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.float16, 2e-3)])
 def test_kernel_equals_reference(dtype, tolerance):
-    query, keys, values, lengths = cache(dtype)
-    got = decode_attention(query, keys, values, lengths, 0.125)
-    expected = decode_attention_reference(query, keys, values, lengths, 0.125)
+    query, key, value, keys, values, lengths = cache(dtype)
+    expected_keys, expected_values = keys.clone(), values.clone()
+    expected = decode_attention_reference(query, key, value, expected_keys, expected_values, lengths, 0.125)
+    got = decode_attention(query, key, value, keys, values, lengths, 0.125)
     assert got.dtype == dtype and not got.isnan().any()
     torch.testing.assert_close(got.float(), expected.float(), atol=tolerance, rtol=tolerance)
+    assert torch.equal(keys.nan_to_num(), expected_keys.nan_to_num())
+    assert torch.equal(values.nan_to_num(), expected_values.nan_to_num())
 
 
 def test_kernel_replays_in_a_graph_with_new_lengths():
-    query, keys, values, lengths = cache(torch.float16)
-    decode_attention(query, keys, values, lengths, 0.125)  # compile outside the capture
+    query, key, value, keys, values, lengths = cache(torch.float16)
+    decode_attention(query, key, value, keys.clone(), values.clone(), lengths, 0.125)  # compile outside
+    shorter = torch.tensor([1, 6, 7, 8, 9, 10, 7], device="cuda")  # within each row's written length
+    expected = decode_attention_reference(query, key, value, keys.clone(), values.clone(), shorter, 0.125)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = decode_attention(query, keys, values, lengths, 0.125)
-    lengths.copy_(torch.tensor([1, 6, 7, 8, 9, 10, 7], device="cuda"))  # within each row's written length
+        out = decode_attention(query, key, value, keys, values, lengths, 0.125)
+    lengths.copy_(shorter)
     graph.replay()
-    torch.testing.assert_close(out, decode_attention_reference(query, keys, values, lengths, 0.125))
+    torch.testing.assert_close(out, expected)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +22,8 @@ from serve.sampling import SamplingParams
 from serve.tasks import Task, build_prompt
 from tests.helpers import LIMITS, encode, photo
 from tests.integration.test_hf_engine import QUESTIONS, Recorder
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def requests_for(codec, params: list[SamplingParams]) -> list[GenerationRequest]:
@@ -203,3 +211,40 @@ def test_overlap_runs_no_step_past_a_length_limit(loaded, workload):
         engine = FastEngine(loaded, EngineConfig(kind="fast", max_batch_size=6, max_seq_len=160, overlap=overlap))
         runs[overlap] = engine.generate(forced), engine.steps_launched, engine.in_flight
     assert runs[True] == runs[False] and runs[False][1:] == (8, None)
+
+
+# The workload through an engine whose decode steps run the Triton kernel in Triton's interpreter (set before
+# Triton decorates the kernel, hence a fresh process); prints each result's tokens and finish reason.
+TRITON_SCRIPT = """
+import json, sys
+from serve.config import EngineConfig
+from serve.fastpath import FastEngine
+from serve.model import load_model
+from serve.sampling import SamplingParams
+from serve.text import TextCodec
+from tests.integration.test_fastpath import requests_for
+loaded = load_model(sys.argv[1], device="cpu")
+limits = [SamplingParams(max_new_tokens=4 + 5 * (i % 7)) for i in range(14)]
+workload = requests_for(TextCodec(loaded.processor), limits)
+engine = FastEngine(loaded, EngineConfig(max_batch_size=6, max_seq_len=160, decode_attention="triton"))
+assert engine.attention == "triton"
+print(json.dumps([[r.token_ids, r.finish_reason] for r in engine.generate(workload)]))
+"""
+
+
+def test_triton_decode_equals_reference(tiny_dir, reference):
+    """The CUDA engine's decode attention (the Triton kernel, which also writes the new keys and values into
+    the cache) gives the reference's tokens, run here by Triton's interpreter on the CPU."""
+    pytest.importorskip("triton", minversion="3.9")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", TRITON_SCRIPT, str(tiny_dir)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert results == [[r.token_ids, r.finish_reason] for r in reference]

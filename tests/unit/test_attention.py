@@ -1,5 +1,5 @@
 """Decode attention: the Triton kernel (in Triton's interpreter, on the CPU) against the reference, and the
-reference against a naive softmax."""
+reference against a naive softmax; both write each row's new key and value into its slot."""
 
 from __future__ import annotations
 
@@ -29,28 +29,45 @@ import sys, torch
 from serve.attention import decode_attention, triton_available
 from tests.unit.test_attention import CASES, make_case
 assert triton_available("cpu")
-torch.save({name: decode_attention(*make_case(name)) for name in CASES}, sys.argv[1])
+results = {}
+for name in CASES:
+    inputs = make_case(name)
+    results[name] = decode_attention(*inputs), inputs[3], inputs[4]
+torch.save(results, sys.argv[1])
 """
 
 
-def make_case(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """Seeded inputs with garbage in the cache beyond each row's length and in the slots no row reads."""
+Case = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]
+
+
+def make_case(name: str) -> Case:
+    """Seeded inputs (query, new key, new value, keys, values, lengths, scale) with garbage in the cache from
+    each row's new position on (which the new key and value must replace) and in the slots no row reads."""
     slots, heads, length, head_dim, lengths, dtype = CASES[name]
     generator = torch.Generator().manual_seed(list(CASES).index(name))
     batch = len(lengths)
-    query = torch.randn(batch, heads, head_dim, generator=generator).to(dtype)
+    query, key, value = (torch.randn(batch, heads, head_dim, generator=generator).to(dtype) for _ in range(3))
     keys = torch.randn(slots, heads, length, head_dim, generator=generator).to(dtype)
     values = torch.randn(slots, heads, length, head_dim, generator=generator).to(dtype)
     huge = torch.finfo(dtype).max
     for row, n in enumerate(lengths):
-        keys[row, :, n:] = huge
-        values[row, :, n:] = float("nan")
+        keys[row, :, n - 1 :] = huge
+        values[row, :, n - 1 :] = float("nan")
     keys[batch:], values[batch:] = float("nan"), huge
-    return query, keys, values, torch.tensor(lengths), head_dim**-0.5
+    return query, key, value, keys, values, torch.tensor(lengths), head_dim**-0.5
+
+
+def written(inputs: Case) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache as it must be after the call: the inputs' cache with each new key and value at its place."""
+    _, key, value, keys, values, lengths, _ = inputs
+    keys, values = keys.clone(), values.clone()
+    for row, n in enumerate(lengths.tolist()):
+        keys[row, :, n - 1], values[row, :, n - 1] = key[row], value[row]
+    return keys, values
 
 
 def naive(query, keys, values, lengths, scale) -> torch.Tensor:
-    """Explicit softmax over q·k in float64, one (row, head) at a time."""
+    """Explicit softmax over q·k in float64, one (row, head) at a time, over a written cache."""
     out = torch.empty(query.shape, dtype=torch.float64)
     for row, n in enumerate(lengths.tolist()):
         for head in range(query.shape[1]):
@@ -74,28 +91,38 @@ def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Ten
     return torch.load(path)
 
 
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal element for element, NaN where the other is NaN."""
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
 @pytest.mark.parametrize("name", CASES)
-def test_kernel_matches_reference(interpreted: dict[str, torch.Tensor], name: str) -> None:
+def test_kernel_matches_reference(interpreted: dict[str, tuple[torch.Tensor, ...]], name: str) -> None:
     inputs = make_case(name)
-    out = interpreted[name]
+    out, keys, values = interpreted[name]
     assert out.dtype == inputs[0].dtype and out.shape == inputs[0].shape
     torch.testing.assert_close(out, decode_attention_reference(*inputs), **tolerance(inputs[0].dtype))
+    expected_keys, expected_values = written(make_case(name))
+    assert same(keys, expected_keys) and same(values, expected_values)
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_reference_matches_naive(name: str) -> None:
     inputs = make_case(name)
     out = decode_attention_reference(*inputs)
-    assert out.dtype == inputs[0].dtype
-    torch.testing.assert_close(out.double(), naive(*inputs), **tolerance(inputs[0].dtype))
+    query, _, _, keys, values, lengths, scale = inputs
+    assert out.dtype == query.dtype
+    expected_keys, expected_values = written(make_case(name))
+    assert same(keys, expected_keys) and same(values, expected_values)
+    torch.testing.assert_close(out.double(), naive(query, keys, values, lengths, scale), **tolerance(query.dtype))
 
 
 def test_cpu_falls_back_to_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not triton_available("cpu")
     assert triton_available("cuda") == (attention.triton is not None)
-    inputs = make_case("mixed_fp32")
-    torch.testing.assert_close(decode_attention(*inputs), decode_attention_reference(*inputs), atol=0, rtol=0)
+    got, expected = decode_attention(*make_case("mixed_fp32")), decode_attention_reference(*make_case("mixed_fp32"))
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -103,14 +130,15 @@ def test_cpu_falls_back_to_reference(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cuda_kernel_replays_in_a_graph(name: str) -> None:
     """Captured once with every length 1, replayed after the lengths change on the device."""
     pytest.importorskip("triton")
-    query, keys, values, lengths, scale = make_case(name)
-    query, keys, values, lengths = (x.cuda() for x in (query, keys, values, lengths))
-    visible = torch.ones_like(lengths)
-    decode_attention(query, keys, values, visible, scale)  # compiles outside the graph
+    query, key, value, keys, values, lengths, scale = make_case(name)
+    query, key, value, keys, values, lengths = (x.cuda() for x in (query, key, value, keys, values, lengths))
+    expected = decode_attention_reference(query, key, value, keys.clone(), values.clone(), lengths, scale)
+    ones = torch.ones_like(lengths)
+    decode_attention(query, key, value, keys.clone(), values.clone(), ones, scale)  # compiles outside the graph
     graph = torch.cuda.CUDAGraph()
+    visible = ones.clone()
     with torch.cuda.graph(graph):
-        out = decode_attention(query, keys, values, visible, scale)
+        out = decode_attention(query, key, value, keys, values, visible, scale)
     visible.copy_(lengths)
     graph.replay()
-    expected = decode_attention_reference(query, keys, values, lengths, scale)
     torch.testing.assert_close(out, expected, **tolerance(query.dtype))
