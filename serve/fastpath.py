@@ -51,8 +51,10 @@ LENGTH_BUCKET = 32
 """Granularity of the attended cache length in an SDPA decode step."""
 WIDTH_BUCKET = 16
 """Granularity of the prompt width of a captured admission."""
-GRAPH_ADMISSIONS = 32
-"""Admissions of at most this many requests replay CUDA graphs; larger ones are bound by arithmetic."""
+ADMISSION_ROWS = (1, 2, 4, 8, 12, 16, 20, 24, 28, 32)
+"""Admissions of at most 32 requests replay CUDA graphs, their rows padded to the next of these sizes (padding
+costs a whole admission's arithmetic a row: powers of two would pad 17 requests to 32); larger admissions run
+without graphs, bound by arithmetic."""
 VOCAB_ALIGN = 64
 """The output projection's rows are padded to a multiple of this (aligned matrix-product kernels)."""
 COMPILE_WIDTH = 19
@@ -280,9 +282,9 @@ class FastEngine(Engine):
         count = len(requests)
         lengths = np.array([len(r.prompt_ids) for r in requests])
         rows, width = count, int(lengths.max())
-        padded = self.graph_admissions and count <= GRAPH_ADMISSIONS
+        padded = self.graph_admissions and count <= ADMISSION_ROWS[-1]
         if padded:
-            rows = next(size for size in self.buckets if size >= count)
+            rows = min(next(size for size in ADMISSION_ROWS if size >= count), self.config.max_batch_size)
             width = min(-(-width // WIDTH_BUCKET) * WIDTH_BUCKET, self.config.max_seq_len)
         ids = np.full((rows, width), self.geometry.pad_id, dtype=np.int64)
         offsets, last = np.zeros(rows, dtype=np.int64), np.zeros(rows, dtype=np.int64)
