@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from unittest.mock import Mock
+
+import numpy as np
 import pytest
 
 from serve.tasks import Task, build_prompt
-from serve.text import AnswerStream
+from serve.text import AnswerStream, TextCodec
 from tests.helpers import photo
 
 PROMPTS = [
@@ -26,6 +29,18 @@ def test_encode_equals_processor(codec, loaded, task, text, region):
     ids = codec.encode(prompt.text)
     assert ids.tolist() == expected["input_ids"][0].tolist()
     assert expected["image_embeds_position_mask"][0].nonzero().flatten().tolist() == list(range(2, 66))
+
+
+def test_encode_remembers_prompts(loaded):
+    """A repeated prompt is not tokenized again, and its shared ids cannot be changed by a caller."""
+    codec = TextCodec(loaded.processor)
+    codec.tokenizer = Mock(wraps=codec.tokenizer, bos_token=codec.tokenizer.bos_token)
+    caption, question = build_prompt(Task.CAPTION).text, build_prompt(Task.VQA, "What is it?").text
+    first = codec.encode(caption)
+    assert np.array_equal(codec.encode(caption), first) and codec.tokenizer.call_count == 1
+    assert len(codec.encode(question)) != len(first) and codec.tokenizer.call_count == 2
+    with pytest.raises(ValueError, match="read-only"):
+        first[0] = 0
 
 
 GENERATED = [
