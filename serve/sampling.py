@@ -48,15 +48,18 @@ class TokenChooser:
     """The per-request state of token choice: the n-gram table and the seeded random stream."""
 
     def __init__(self, params: SamplingParams, prompt_ids: Sequence[int]) -> None:
+        """Greedy requests (most) skip the random stream and, without a ban, the history: the engine's single
+        thread makes one chooser per request."""
         self.params = params
-        self.history = [int(t) for t in prompt_ids]
         self.n = params.no_repeat_ngram_size
+        self.history = [int(t) for t in prompt_ids] if self.n else []
         self.ngrams: dict[tuple[int, ...], set[int]] = defaultdict(set)
-        if self.n:
-            for start in range(len(self.history) - self.n + 1):
-                self._record(start)
-        seed = params.seed if params.seed is not None else int(np.random.SeedSequence().entropy % 2**63)
-        self.random = np.random.Generator(np.random.Philox(seed))
+        for start in range(len(self.history) - self.n + 1 if self.n else 0):
+            self._record(start)
+        self.random: np.random.Generator | None = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else int(np.random.SeedSequence().entropy % 2**63)
+            self.random = np.random.Generator(np.random.Philox(seed))
 
     @property
     def simple(self) -> bool:
@@ -71,9 +74,10 @@ class TokenChooser:
         return list(self.ngrams.get(prefix, ()))
 
     def append(self, token: int) -> None:
-        self.history.append(token)
-        if self.n and len(self.history) >= self.n:
-            self._record(len(self.history) - self.n)
+        if self.n:
+            self.history.append(token)
+            if len(self.history) >= self.n:
+                self._record(len(self.history) - self.n)
 
     def _record(self, start: int) -> None:
         gram = self.history[start : start + self.n]
