@@ -427,7 +427,7 @@ class FastEngine(Engine):
         """Next token per row of ``logits``, on the device; ``rows[i]`` is the slot of row ``i`` (argmax
         unless special)."""
         tokens = logits.argmax(dim=-1)
-        special = [i for i, slot in enumerate(rows) if slot in self.special]
+        special = [i for i, slot in enumerate(rows) if slot in self.special] if self.special else []
         if special:
             index = torch.tensor(special, device=logits.device)
             choosers = [self.running[rows[i]].chooser for i in special]
