@@ -1,4 +1,5 @@
-"""Attention for the decode step: one query token per sequence over its slot's cached keys and values.
+"""The KV cache's kernels: attention for the decode step (one query token per sequence over its slot's cached
+keys and values), and the admission's cache writes.
 
 :func:`decode_attention` runs a Triton kernel on CUDA: one program per (row, head) loops over that row's own
 length, read from ``lengths`` on the device, with an online softmax in float32. The launch depends only on
@@ -19,6 +20,9 @@ try:
     import triton.language as tl
 except ImportError:  # the CPU install: the reference serves
     triton = None
+
+WRITE_BLOCK = 32
+"""Prompt positions per program of :func:`write_cache`'s kernel."""
 
 BLOCK_N = 16
 """Cache positions per loop iteration of the kernel."""
@@ -81,6 +85,38 @@ def decode_attention(
         num_warps=NUM_WARPS,
     )
     return out
+
+
+def write_cache(
+    keys: torch.Tensor, values: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """Store ``key`` and ``value`` (``[R, H, W, D]``) as the first ``W`` positions of slots ``slots`` (``[R]``) of
+    ``keys`` and ``values`` (``[S, H, L, D]``), as ``keys[slots, :, :W] = key``.
+
+    The Triton kernel copies tiles straight from the projection's strided output: on an H200 the indexed
+    assignment ran at about 0.7 TB/s, 21 of a 393 ms admission of 512 images.
+    """
+    rows, heads, width, head_dim = key.shape
+    if not triton_available(key.device) or head_dim & (head_dim - 1):
+        keys[slots, :, :width] = key
+        values[slots, :, :width] = value
+        return
+    if key.stride() != value.stride():
+        key, value = key.contiguous(), value.contiguous()
+    if keys.stride() != values.stride() or key.stride(-1) != 1 or keys.stride(-1) != 1:
+        raise ValueError("the cache's keys and values must share a layout, contiguous in their last dimension")
+    _write_kernel[(triton.cdiv(width, WRITE_BLOCK), heads, rows)](
+        key,
+        value,
+        keys,
+        values,
+        slots,
+        width,
+        *key.stride()[:3],
+        *keys.stride()[:3],
+        HEAD_DIM=head_dim,
+        BLOCK=WRITE_BLOCK,
+    )
 
 
 def decode_attention_reference(
@@ -170,3 +206,35 @@ if triton is not None:
             total = total * shrink + tl.sum(weights, axis=0)
             best = new_best
         tl.store(out_ptr + q_offset + dims, (acc / total).to(out_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _write_kernel(
+        key_ptr,
+        value_ptr,
+        keys_ptr,
+        values_ptr,
+        slots_ptr,
+        width,
+        stride_r,
+        stride_h,
+        stride_w,
+        stride_s,
+        stride_ch,
+        stride_l,
+        HEAD_DIM: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        """One (position block, head, row) program: copy ``BLOCK`` positions of the row's key and value into its
+        slot."""
+        head = tl.program_id(1)
+        row = tl.program_id(2).to(tl.int64)
+        slot = tl.load(slots_ptr + row).to(tl.int64)
+        positions = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inside = (positions < width)[:, None]
+        dims = tl.arange(0, HEAD_DIM)[None, :]
+        source = row * stride_r + head * stride_h + positions[:, None] * stride_w + dims
+        target = slot * stride_s + head * stride_ch + positions[:, None] * stride_l + dims
+        key = tl.load(key_ptr + source, mask=inside)
+        tl.store(keys_ptr + target, key.to(keys_ptr.dtype.element_ty), mask=inside)
+        value = tl.load(value_ptr + source, mask=inside)
+        tl.store(values_ptr + target, value.to(values_ptr.dtype.element_ty), mask=inside)

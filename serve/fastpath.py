@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from serve.attention import decode_attention, triton_available
+from serve.attention import decode_attention, triton_available, write_cache
 from serve.config import EngineConfig
 from serve.engine import Engine, GenerationRequest, GenerationResult, Pending, Sink, encode_pixels
 from serve.layers import LayerSteps, compiled_steps, fuse_qkv, merge_heads
@@ -319,8 +319,7 @@ class FastEngine(Engine):
         targets = self.admit_slots[:rows]
         for layer, qkv, keys, values in zip(self.decoder.layers, self.qkv, self.keys, self.values):
             q, k, v = self.steps.attention_inputs(layer, qkv, hidden, self.head_dim)
-            keys[targets, :, :width] = k
-            values[targets, :, :width] = v
+            write_cache(keys, values, k, v, targets)
             mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             hidden = self.steps.layer_output(layer, hidden, merge_heads(mixed))
         last = hidden[self.slot_index[:rows], self.admit_last[:rows]]

@@ -1,5 +1,6 @@
 """Decode attention: the Triton kernel (in Triton's interpreter, on the CPU) against the reference, and the
-reference against a naive softmax; both write each row's new key and value into its slot."""
+reference against a naive softmax; both write each row's new key and value into its slot. The admission's
+cache write likewise."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 from serve import attention
-from serve.attention import decode_attention, decode_attention_reference, triton_available
+from serve.attention import decode_attention, decode_attention_reference, triton_available, write_cache
+from serve.layers import split_heads
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,15 +28,31 @@ CASES = {
 # Runs the kernel for every case in a fresh process, where TRITON_INTERPRET=1 holds before Triton decorates it.
 INTERPRETER_SCRIPT = """
 import sys, torch
-from serve.attention import decode_attention, triton_available
-from tests.unit.test_attention import CASES, make_case
+from serve.attention import decode_attention, triton_available, write_cache
+from tests.unit.test_attention import CASES, WRITE_DTYPES, make_case, make_write_case
 assert triton_available("cpu")
 results = {}
 for name in CASES:
     inputs = make_case(name)
     results[name] = decode_attention(*inputs), inputs[3], inputs[4]
+for dtype in WRITE_DTYPES:
+    keys, values, key, value, slots = make_write_case(dtype)
+    write_cache(keys, values, key, value, slots)
+    results[f"write_{dtype}"] = keys, values
 torch.save(results, sys.argv[1])
 """
+
+WRITE_DTYPES = (torch.float32, torch.float16)
+
+
+def make_write_case(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """A cache of 5 slots and 3 prompts of 37 positions (more than one block) from a fused projection, as the
+    admission's keys and values are: strided views, not contiguous tensors."""
+    generator = torch.Generator().manual_seed(7)
+    keys, values = (torch.randn(5, 2, 48, 16, generator=generator).to(dtype) for _ in range(2))
+    projected = torch.randn(3, 37, 3 * 2 * 16, generator=generator).to(dtype)
+    _, key, value = (split_heads(part, 16) for part in projected.chunk(3, dim=-1))
+    return keys, values, key, value, torch.tensor([4, 0, 2])
 
 
 Case = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]
@@ -142,3 +160,15 @@ def test_cuda_kernel_replays_in_a_graph(name: str) -> None:
     visible.copy_(lengths)
     graph.replay()
     torch.testing.assert_close(out, expected, **tolerance(query.dtype))
+
+
+@pytest.mark.parametrize("dtype", WRITE_DTYPES)
+def test_write_kernel_matches_indexing(interpreted: dict[str, tuple[torch.Tensor, ...]], dtype) -> None:
+    keys, values, key, value, slots = make_write_case(dtype)
+    assert not key.is_contiguous()
+    expected_keys, expected_values = keys.clone(), values.clone()
+    expected_keys[slots, :, :37], expected_values[slots, :, :37] = key, value
+    got_keys, got_values = interpreted[f"write_{dtype}"]
+    assert torch.equal(got_keys, expected_keys) and torch.equal(got_values, expected_values)
+    write_cache(keys, values, key, value, slots)  # here without Triton: the indexed assignment itself
+    assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
