@@ -198,6 +198,9 @@ class FastEngine(Engine):
             for rows in (1, 2):  # Dynamo specializes on 1: these two compile every shape the engine runs
                 self._admission_forward(rows, COMPILE_WIDTH)
                 self._decode_forward(rows, 0)
+        if triton_available(self.loaded.device):
+            # Triton compiles the cache-write kernel anew for widths that are multiples of 16, as padded ones are
+            self._admission_forward(1, WIDTH_BUCKET)
         if self.use_graphs and self.attention == "triton":
             for batch in self.buckets:
                 self._replay(("decode", batch, 0), partial(self._decode_forward, batch, 0))
