@@ -85,7 +85,7 @@ def test_transformers_left_padding_drifts(loaded, hf_engine, greedy_requests, al
     image_mask = torch.zeros_like(ids, dtype=torch.bool)
     for row, request in enumerate(greedy_requests):
         pad = width - len(request.prompt_ids)
-        ids[row, pad:] = torch.from_numpy(request.prompt_ids)
+        ids[row, pad:] = torch.tensor(request.prompt_ids)
         attention[row, pad:] = 1
         image_mask[row, pad + 2 : pad + 66] = True
     pixels = normalize_pixels(
