@@ -172,3 +172,14 @@ def test_write_kernel_matches_indexing(interpreted: dict[str, tuple[torch.Tensor
     assert torch.equal(got_keys, expected_keys) and torch.equal(got_values, expected_values)
     write_cache(keys, values, key, value, slots)  # here without Triton: the indexed assignment itself
     assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", WRITE_DTYPES)
+def test_cuda_write_kernel_matches_indexing(dtype) -> None:
+    pytest.importorskip("triton")
+    keys, values, key, value, slots = (x.cuda() for x in make_write_case(dtype))
+    expected_keys, expected_values = keys.clone(), values.clone()
+    expected_keys[slots, :, :37], expected_values[slots, :, :37] = key, value
+    write_cache(keys, values, key, value, slots)
+    assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
