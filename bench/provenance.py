@@ -23,7 +23,7 @@ from typing import Any
 SCHEMA_VERSION = 1
 """Version of the layout of every file under a bench output folder; bump it when a field changes meaning."""
 
-PACKAGES = ("torch", "transformers", "ray", "httpx", "numpy", "pillow", "kosmos2-serve")
+PACKAGES = ("torch", "transformers", "ray", "aiohttp", "httpx", "numpy", "pillow", "kosmos2-serve")
 """Packages whose versions every result records (absent ones are recorded as null)."""
 
 REPO = Path(__file__).resolve().parent.parent
