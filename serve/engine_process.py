@@ -5,7 +5,9 @@ runs a Python step between GPU waits. In one process they take turns on one inte
 the other, and a GPU that waits for the host idles. Here the replica only queues requests and awaits their
 results; the engine runs in a child (``python -m serve.engine_process``), as vLLM runs its engine core.
 
-Both sides talk over a socket pair, one pickled message at a time, each carrying every item queued meanwhile:
+Both sides talk over a socket pair, one message at a time, each carrying every item queued meanwhile (pickled,
+except for large arrays such as the pixels, which travel as raw buffers beside it: Ray has already deserialized
+them once, and :func:`send` does not copy them into a pickle again):
 to the child, ``("submit", ticket, request, streaming)`` and ``("cancel", ticket, None, False)``; to the parent, events
 ``(ticket, "tokens" | "finish" | "fail", payload)`` with the engine's stats. A sender thread on each side
 writes, so neither the event loop nor the engine waits on the socket. The child exits when the socket closes
@@ -22,6 +24,7 @@ import os
 import pickle
 import queue
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -105,7 +108,7 @@ class EngineProcess(AsyncEngine):
         while (item := self._outbox.get()) is not None:
             batch = [item, *_drain(self._outbox)]
             try:
-                self._connection.send([message for message in batch if message is not None])
+                send(self._connection, [message for message in batch if message is not None])
             except OSError:
                 return
             if None in batch:
@@ -115,7 +118,7 @@ class EngineProcess(AsyncEngine):
         """Hand each event to its caller's event loop, one callback per loop and message."""
         while True:
             try:
-                events, stats = self._connection.recv()
+                events, stats = receive(self._connection)
             except (EOFError, OSError):
                 break
             except Exception:  # a message that cannot be read: end the child rather than leave callers waiting
@@ -136,6 +139,34 @@ class EngineProcess(AsyncEngine):
         for ticket in list(self._sinks):
             sink = self._sinks.pop(ticket)
             _hand_over(sink.loop, [(sink, "fail", _lost(self._failure))])
+
+
+OUT_OF_BAND_BYTES = 16384
+"""Arrays at least this large travel as raw buffers beside the pickle; smaller ones inside it."""
+
+
+def send(connection: Connection, message: Any) -> None:
+    """Send ``message`` pickled (protocol 5), its large contiguous arrays' data out of band as raw buffers."""
+    buffers: list[pickle.PickleBuffer] = []
+
+    def in_band(buffer: pickle.PickleBuffer) -> bool:
+        if buffer.raw().nbytes < OUT_OF_BAND_BYTES:
+            return True
+        buffers.append(buffer)
+        return False
+
+    payload = pickle.dumps(message, protocol=5, buffer_callback=in_band)
+    connection.send_bytes(struct.pack("!I", len(buffers)) + payload)
+    for buffer in buffers:
+        connection.send_bytes(buffer.raw())
+
+
+def receive(connection: Connection) -> Any:
+    """A message from :func:`send`; its arrays are read-only views of the received buffers."""
+    head = connection.recv_bytes()
+    (count,) = struct.unpack_from("!I", head)
+    buffers = [connection.recv_bytes() for _ in range(count)]
+    return pickle.loads(memoryview(head)[4:], buffers=buffers)
 
 
 def _lost(why: str) -> Unavailable:
@@ -190,7 +221,7 @@ def _send_events(connection: Connection, outbox: queue.SimpleQueue, loop: Engine
         except queue.Empty:
             events = []
         try:
-            connection.send((events, astuple(loop.stats)))
+            send(connection, (events, astuple(loop.stats)))
         except OSError:
             return
 
@@ -216,7 +247,7 @@ def main() -> None:
     threading.Thread(target=_send_events, args=(connection, outbox, loop), name="sender", daemon=True).start()
     while True:
         try:
-            messages = connection.recv()
+            messages = receive(connection)
         except (EOFError, OSError):
             break  # the replica is gone
         for kind, ticket, request, streaming in messages:
