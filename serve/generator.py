@@ -17,7 +17,6 @@ from dataclasses import asdict, replace
 from serve.config import ServiceConfig
 from serve.engine import GenerationRequest, GenerationResult
 from serve.engine_process import EngineProcess
-from serve.jobs import Generated, Prepared
 from serve.metrics import EngineMetrics
 
 log = logging.getLogger("ray.serve")
@@ -71,24 +70,13 @@ class Generator:
     async def stats(self) -> dict[str, int]:
         return asdict(self.loop.stats)
 
-    async def generate(self, prepared: Prepared) -> Generated:
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Tokens for a prepared request."""
         self._sample_metrics()
-        result = await self.loop.generate(_request(prepared))
-        return _generated(result, prepared)
+        return await self.loop.generate(request)
 
-    async def stream(self, prepared: Prepared) -> AsyncIterator[list[int] | Generated]:
-        """Lists of new token ids as they come, then the :class:`Generated` record."""
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[list[int] | GenerationResult]:
+        """Lists of new token ids as they come, then the result."""
         self._sample_metrics()
-        async for item in self.loop.stream(_request(prepared)):
-            yield _generated(item, prepared) if isinstance(item, GenerationResult) else item
-
-
-def _request(prepared: Prepared) -> GenerationRequest:
-    return GenerationRequest(prepared.pixels, prepared.prompt_ids, prepared.params)
-
-
-def _generated(result: GenerationResult, prepared: Prepared) -> Generated:
-    return Generated(
-        result.token_ids, result.finish_reason, result.prompt_tokens, result.completion_tokens, prepared.info
-    )
+        async for item in self.loop.stream(request):
+            yield item

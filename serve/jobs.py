@@ -1,20 +1,19 @@
 """What travels between the deployments, and how a chat request becomes a job.
 
-Ingress -> Preprocessor: a :class:`Job` (the client's image reference, task, text and parameters).
-Preprocessor -> Generator: a :class:`Prepared` (the engine request and its :class:`PromptInfo`). Generator ->
-Preprocessor: a :class:`Generated` (the engine's result with the info passed through untouched), turned
-into the :class:`Finished` answer that goes back to the Ingress. The Preprocessor makes the Generator call
-itself, so the pixels cross one hop. Bad input is not an exception between deployments but a value: a
-``ServiceError`` returned to the Ingress.
+Ingress -> Preprocessor: a :class:`Job` (the client's image reference, task, text and parameters). The
+Preprocessor makes it a :class:`Prepared` (the engine's ``GenerationRequest`` and the :class:`PromptInfo` it
+keeps). Preprocessor -> Generator: the ``GenerationRequest`` alone; Generator -> Preprocessor: the engine's
+``GenerationResult``, which the Preprocessor turns, with its info, into the :class:`Finished` answer that goes
+back to the Ingress. The Preprocessor makes the Generator call itself, so the pixels cross one hop. Bad input
+is not an exception between deployments but a value: a ``ServiceError`` returned to the Ingress.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from serve.config import ServiceConfig
+from serve.engine import GenerationRequest
 from serve.errors import InvalidRequest, NotFound, PayloadTooLarge
 from serve.grounding import Box
 from serve.protocol import MAX_TEXT_CHARS, ChatCompletionRequest, ImagePart, TextPart
@@ -49,22 +48,10 @@ class PromptInfo:
 
 @dataclass(frozen=True)
 class Prepared:
-    """The engine's input: 224x224x3 uint8 pixels, int32 prompt ids and parameters, and the prompt info."""
+    """The engine's input (224x224x3 uint8 pixels, int32 prompt ids, parameters) and what the Preprocessor keeps
+    to make the answer."""
 
-    pixels: np.ndarray
-    prompt_ids: np.ndarray
-    params: SamplingParams
-    info: PromptInfo
-
-
-@dataclass(frozen=True)
-class Generated:
-    """The engine's output for one request, with its prompt info."""
-
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
+    request: GenerationRequest
     info: PromptInfo
 
 

@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from serve.config import ServiceConfig
-from serve.engine import check_length
+from serve.engine import GenerationRequest, GenerationResult, check_length
 from serve.errors import InvalidImage, InvalidRequest, PayloadTooLarge, ServiceError
 from serve.images import PreparedImage, prepare_image
-from serve.jobs import Finished, Generated, Job, Prepared, PromptInfo, Started
+from serve.jobs import Finished, Job, Prepared, PromptInfo, Started
 from serve.model import load_processor
 from serve.remote import fetch_image
 from serve.tasks import build_prompt
@@ -73,7 +73,7 @@ class Preprocessor:
         except ServiceError as exc:
             return exc
         info = PromptInfo(job.request_id, job.task, prompt, prompt_ids.tolist(), image.width, image.height)
-        return Prepared(image.pixels, prompt_ids, job.params, info)
+        return Prepared(GenerationRequest(image.pixels, prompt_ids, job.params), info)
 
     async def _image(self, url: str) -> PreparedImage:
         limits = self.limits
@@ -92,13 +92,12 @@ class Preprocessor:
         prepared = await self.prepare(job)
         if isinstance(prepared, ServiceError):
             return prepared
-        return self._finish(await self.generator.generate.remote(prepared))
+        return self._finish(await self.generator.generate.remote(prepared.request), prepared.info)
 
-    def _finish(self, generated: Generated) -> Finished:
+    def _finish(self, result: GenerationResult, info: PromptInfo) -> Finished:
         """The answer's clean text and entities."""
-        info = generated.info
-        answer = self.codec.answer(info.prompt, info.prompt_ids, generated.token_ids, info.width, info.height)
-        return Finished(answer, generated.finish_reason, generated.prompt_tokens, generated.completion_tokens)
+        answer = self.codec.answer(info.prompt, info.prompt_ids, result.token_ids, info.width, info.height)
+        return Finished(answer, result.finish_reason, result.prompt_tokens, result.completion_tokens)
 
     async def stream(self, job: Job) -> AsyncIterator[Started | ServiceError | TextPiece | Finished]:
         """Prepare, then stream: ``Started`` (or the error, alone), text pieces, the finished answer."""
@@ -109,9 +108,9 @@ class Preprocessor:
         yield Started()
         info = prepared.info
         pieces = AnswerStream(self.codec, info.prompt, info.prompt_ids)
-        async for item in self.generator.options(stream=True).stream.remote(prepared):
-            if isinstance(item, Generated):
-                finished = self._finish(item)
+        async for item in self.generator.options(stream=True).stream.remote(prepared.request):
+            if isinstance(item, GenerationResult):
+                finished = self._finish(item, info)
                 rest = pieces.finish(finished.answer.text)
                 if rest:
                     yield TextPiece(rest)
