@@ -60,8 +60,7 @@ def decode_attention(
     if head_dim & (head_dim - 1):
         raise ValueError(f"head_dim must be a power of two, not {head_dim}")
     query = query.contiguous()
-    if key.stride() != value.stride():
-        key, value = key.contiguous(), value.contiguous()
+    key, value = _one_layout(key, value)
     if any(t.stride(-1) != 1 for t in (key, value, keys, values)):
         raise ValueError("keys and values must be contiguous in their last dimension")
     out = torch.empty_like(query)
@@ -101,8 +100,7 @@ def write_cache(
         keys[slots, :, :width] = key
         values[slots, :, :width] = value
         return
-    if key.stride() != value.stride():
-        key, value = key.contiguous(), value.contiguous()
+    key, value = _one_layout(key, value)
     if keys.stride() != values.stride() or key.stride(-1) != 1 or keys.stride(-1) != 1:
         raise ValueError("the cache's keys and values must share a layout, contiguous in their last dimension")
     _write_kernel[(triton.cdiv(width, WRITE_BLOCK), heads, rows)](
@@ -117,6 +115,14 @@ def write_cache(
         HEAD_DIM=head_dim,
         BLOCK=WRITE_BLOCK,
     )
+
+
+def _one_layout(key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``key`` and ``value`` with the same strides, which the kernels take once for both (the views of one
+    fused projection already have them; otherwise both are made contiguous)."""
+    if key.stride() == value.stride():
+        return key, value
+    return key.contiguous(), value.contiguous()
 
 
 def decode_attention_reference(

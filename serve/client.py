@@ -121,7 +121,7 @@ TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError)
 class KosmosClient:
     """Async client for one service URL; use ``async with KosmosClient(url) as client``, in a running loop.
 
-    ``timeout`` bounds getting a connection and each wait for the answer's next bytes, as httpx's does.
+    ``timeout`` bounds getting a connection and each wait for the answer's next bytes (not the whole answer).
     """
 
     def __init__(
@@ -141,15 +141,19 @@ class KosmosClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.http.close()
 
-    async def post(self, body: dict[str, Any]) -> dict[str, Any]:
-        """POST a chat completion body and return the JSON answer; raises :class:`APIError`."""
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """The JSON answer to one request; raises :class:`APIError`."""
         try:
-            async with self.http.post(f"{self.base_url}/v1/chat/completions", json=body) as response:
+            async with self.http.request(method, f"{self.base_url}{path}", json=body) as response:
                 content = await response.read()
         except TRANSPORT_ERRORS as exc:
             raise transport_error(exc) from exc
         raise_for_error(response, content)
         return json.loads(content)
+
+    async def post(self, body: dict[str, Any]) -> dict[str, Any]:
+        """POST a chat completion body and return the JSON answer; raises :class:`APIError`."""
+        return await self._call("POST", "/v1/chat/completions", body)
 
     async def complete(self, image: bytes | str | Path, **kwargs: Any) -> Completion:
         """One completion; keyword arguments as for :func:`chat_request`."""
@@ -187,13 +191,7 @@ class KosmosClient:
         raise APIError(0, "the stream ended without [DONE]", "transport")
 
     async def models(self) -> list[str]:
-        try:
-            async with self.http.get(f"{self.base_url}/v1/models") as response:
-                content = await response.read()
-        except TRANSPORT_ERRORS as exc:
-            raise transport_error(exc) from exc
-        raise_for_error(response, content)
-        return [card["id"] for card in json.loads(content)["data"]]
+        return [card["id"] for card in (await self._call("GET", "/v1/models"))["data"]]
 
     async def wait_ready(self, timeout: float = 120.0) -> None:
         """Wait until ``/health`` answers 200; raises ``TimeoutError``."""

@@ -127,3 +127,14 @@ def test_refused_connection_and_cut_stream_are_transport_errors():
 
     with pytest.raises(APIError, match="without \\[DONE\\]"):
         asyncio.run(served(cut, collect))
+
+
+def test_models_lists_the_served_ids():
+    async def handler(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"GET /v1/models HTTP/1.1")
+        body = json.dumps({"object": "list", "data": [{"id": "kosmos-2", "object": "model"}]}).encode()
+        writer.write(answer("200 OK", body))
+        await writer.drain()
+
+    assert asyncio.run(served(handler, lambda c: c.models())) == ["kosmos-2"]
