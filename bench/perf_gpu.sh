@@ -16,7 +16,7 @@ fi
 export RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 if [ "${GPU_TESTS:-1}" = 1 ]; then
-  timeout 100 python3 -m pytest -q ${GPU_TEST_ARGS:-tests/gpu tests/unit/test_attention.py} 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+  timeout 100 python3 -m pytest -q ${GPU_TEST_ARGS:-tests/gpu tests/unit/test_attention.py tests/unit/test_ffn.py} 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 fi
 # shellcheck disable=SC2086  # PERF_ARGS holds several words, e.g. --paths hf,fast --no-profile
 timeout "${PERF_TIMEOUT:-460}" python3 -m bench.perf_run --out /tmp/perf ${PERF_ARGS:-} > "$OUT/perf_run.log" 2>&1

@@ -103,9 +103,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short points and small batches")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
-        "--paths", default="hf,fast-eager,fast,fast-overlap", help="engine paths side by side (%(default)s)"
+        "--paths",
+        default="hf,fast,fast-overlap",
+        help="engine paths side by side (%(default)s; also fast-eager, fast-sdpa)",
     )
-    parser.add_argument("--concurrency", help="the service's closed-loop clients (GPU: 1,128,384,768)")
+    parser.add_argument("--concurrency", help="the service's closed-loop clients (GPU: 1,384,768,1024)")
     parser.add_argument("--no-profile", action="store_true", help="skip where the fast engine's time goes")
     args = parser.parse_args()
     out = args.out.resolve()
@@ -118,8 +120,8 @@ def main() -> None:
     else:
         write_tiny(model_dir, real_size=True)
         model = ["--model", str(model_dir), "--load-format", "dummy"]
-        config, batches, concurrency, duration = "configs/perf.yaml", "1,64,256,512,1024", "1,128,384,768", "15"
-        in_engine = "256,512"
+        config, batches, concurrency, duration = "configs/perf.yaml", "1,64,256,512,1024", "1,384,768,1024", "15"
+        in_engine = "384,768"
     if args.quick:
         batches, concurrency, duration, in_engine = "1,4", "1,8", "3", "4"
     concurrency = args.concurrency or concurrency
@@ -156,7 +158,7 @@ def main() -> None:
         "--decode-attention",
         "sdpa" if args.tiny else "triton",
         "--compile",
-        "off" if args.tiny else "off,on",
+        "off" if args.tiny else "on",
         "--kernels",
         "12",
         "--out",

@@ -5,7 +5,9 @@ Written as functions of a layer, one compiled function serves every layer of a t
 ``torch.compile(dynamic=True)`` takes the layer's weights as inputs, not as constants, so compiling traces
 one layer once. Compiled, each layer's elementwise work (layer norms with the residual adds before them, the
 activation, the head transposes) runs as a few fused kernels instead of a dozen; the matrix products stay
-cuBLAS's. :class:`LayerSteps` holds the three functions as written, :func:`compiled_steps` compiled.
+cuBLAS's. The text feed-forward block's GELU and inner layer norm are the exception: :mod:`serve.ffn`'s kernel
+runs them between the compiled parts (Inductor's fusion of the two was slower than eager). :class:`LayerSteps`
+holds the functions as written, :func:`compiled_steps` compiled.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers.activations import GELUActivation
+
+from serve.ffn import gelu_layer_norm
 
 
 def split_heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -56,12 +61,26 @@ def attention_inputs(
     return tuple(split_heads(part, head_dim) for part in projected.chunk(3, dim=-1))
 
 
-def layer_output(layer: torch.nn.Module, hidden: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
-    """The rest of a text decoder layer after its attention (``mixed``, heads merged: ``[B, T, H * D]``): the
-    attention's sub-layer norm and output projection, the residual, and the feed-forward block."""
+def attention_output(
+    layer: torch.nn.Module, hidden: torch.Tensor, mixed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A text decoder layer after its attention (``mixed``, heads merged: ``[B, T, H * D]``) up to the middle of
+    its feed-forward block: the attention's sub-layer norm, output projection and residual (the new ``hidden``),
+    and the block's first projection of its normed input (``inner``)."""
     attention = layer.self_attn
     hidden = hidden + attention.out_proj(attention.inner_attn_ln(mixed))
-    return hidden + layer.ffn(layer.final_layer_norm(hidden))
+    return hidden, layer.ffn.fc1(layer.final_layer_norm(hidden))
+
+
+def feed_forward_output(ffn: torch.nn.Module, hidden: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """The rest of the feed-forward block (``Kosmos2TextFFN``) after :func:`attention_output`, with its residual:
+    activation and inner layer norm (one kernel for the exact GELU, Kosmos-2's), second projection."""
+    norm = ffn.ffn_layernorm
+    if isinstance(ffn.activation_fn, GELUActivation) and ffn.activation_fn.act is F.gelu:
+        middle = gelu_layer_norm(inner, norm.weight, norm.bias, norm.eps)
+    else:
+        middle = norm(ffn.activation_fn(inner))
+    return hidden + ffn.fc2(middle)
 
 
 @dataclass(frozen=True)
@@ -70,8 +89,13 @@ class LayerSteps:
 
     vision: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] = vision_layer
     attention_inputs: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = attention_inputs
-    layer_output: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = layer_output
+    attention_output: Callable[..., tuple[torch.Tensor, torch.Tensor]] = attention_output
     compiled: bool = False
+
+    def layer_output(self, layer: torch.nn.Module, hidden: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+        """The rest of a text decoder layer after its attention: the layer's output hidden states."""
+        hidden, inner = self.attention_output(layer, hidden, mixed)
+        return feed_forward_output(layer.ffn, hidden, inner)
 
 
 @functools.cache
@@ -82,4 +106,4 @@ def compiled_steps() -> LayerSteps:
     def compiled(function: Callable) -> Callable:
         return torch.compile(function, dynamic=True, fullgraph=True)
 
-    return LayerSteps(compiled(vision_layer), compiled(attention_inputs), compiled(layer_output), compiled=True)
+    return LayerSteps(compiled(vision_layer), compiled(attention_inputs), compiled(attention_output), compiled=True)
