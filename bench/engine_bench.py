@@ -49,10 +49,10 @@ PATHS: dict[str, dict[str, str]] = {
     "fast": {"kind": "fast"},
     "fast-eager": {"kind": "fast", "compile": "off"},
     "fast-sdpa": {"kind": "fast", "decode_attention": "sdpa"},
-    "fast-overlap": {"kind": "fast", "overlap": True},
+    "fast-sync": {"kind": "fast", "overlap": False},
 }
 """Engine paths by name: the reference, the fast engine, and the fast engine with its layers uncompiled, with
-SDPA decode attention, or with overlapped decode steps."""
+SDPA decode attention, or with each decode step's tokens taken before the next is launched."""
 
 
 @dataclass(frozen=True)

@@ -54,8 +54,9 @@ def caption_requests(loaded: LoadedModel, batch: int, tokens: int) -> list[Gener
 
 
 def warmed_engine(loaded: LoadedModel, requests: list[GenerationRequest], **config: Any) -> FastEngine:
-    """A fast engine with one slot per request, its layers compiled and graphs captured by one untimed run."""
-    engine = FastEngine(loaded, EngineConfig(max_batch_size=len(requests), max_seq_len=128, **config))
+    """A fast engine with one slot per request, its layers compiled and graphs captured by one untimed run; its
+    decode steps not overlapped, so that each ``step()`` times (and profiles) exactly one step's device work."""
+    engine = FastEngine(loaded, EngineConfig(max_batch_size=len(requests), max_seq_len=128, overlap=False, **config))
     engine.warm_up()
     engine.generate(requests)
     return engine

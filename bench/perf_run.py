@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
         "--paths",
-        default="hf,fast,fast-overlap",
+        default="hf,fast,fast-sync",
         help="engine paths side by side (%(default)s; also fast-eager, fast-sdpa)",
     )
     parser.add_argument("--concurrency", help="the service's closed-loop clients (GPU: 1,384,768,1024)")
@@ -270,8 +270,8 @@ def combine(out: Path, commands: list[str], options: dict[str, Any]) -> dict[str
             "fast_over_hf": best["fast"] / best["hf"] if "hf" in best else None,
             "fast_over_eager": best["fast"] / best["fast-eager"] if "fast-eager" in best else None,
             "engine_fast_closed_loop_images_per_s": looped,
-            "engine_fast_overlap_closed_loop_images_per_s": max(
-                (p["images_per_s"] for p in engine["continuous"] if p["path"] == "fast-overlap"), default=None
+            "engine_fast_sync_closed_loop_images_per_s": max(
+                (p["images_per_s"] for p in engine["continuous"] if p["path"] == "fast-sync"), default=None
             ),
             "service_images_per_s": peak,
             "service_over_engine": peak / best["fast"],

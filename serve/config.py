@@ -126,9 +126,10 @@ class EngineConfig(_Strict):
         "auto", description="fast engine's decode attention; auto: the Triton kernel on CUDA when triton imports"
     )
     overlap: bool = Field(
-        False,
+        True,
         description="fast engine: launch each decode step before taking the previous step's tokens, so the host's "
-        "book-keeping runs while the device computes; a sequence that ends at its end token costs one more step",
+        "book-keeping runs while the device computes; a sequence that ends at its end token costs one more step "
+        "(on an H200: 942.6 against 930.5 images/s at a static batch of 1024, 864 against 842 in a closed loop)",
     )
     admit_ratio: float = Field(
         0.25, ge=0, description="fast engine: admit waiting requests once they number this fraction of the running"

@@ -38,8 +38,8 @@ def requests_for(codec, params: list[SamplingParams]) -> list[GenerationRequest]
 
 @pytest.fixture(scope="module", params=[False, True], ids=["sync", "overlap"])
 def fast(loaded, request):
-    """The engine as it runs by default, and with each decode step launched before the last one's tokens are
-    taken (``overlap``): the same tokens either way."""
+    """The engine with each decode step's tokens taken before the next is launched (``sync``), and as it runs by
+    default, each decode step launched before the last one's tokens are taken (``overlap``): the same tokens."""
     return FastEngine(loaded, EngineConfig(kind="fast", max_batch_size=6, max_seq_len=160, overlap=request.param))
 
 

@@ -18,10 +18,11 @@ from serve.layers import LayerSteps
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# name: (shape, dtype): Kosmos-2's width (a power of two), and a narrow one the kernel masks
+# name: (shape, dtype): Kosmos-2's width (four whole chunks), a ragged last chunk, one narrow masked chunk
 CASES = {
     "kosmos_fp32": ((2, 3, 8192), torch.float32),
     "kosmos_fp16": ((5, 8192), torch.float16),
+    "ragged_fp32": ((3, 5000), torch.float32),
     "masked_fp32": ((4, 7, 96), torch.float32),
 }
 
