@@ -1,7 +1,7 @@
 """The fast engine's memory-bound kernels against their alternatives, at the shapes of a 512-image admission and
 a 512-row decode step of the real-size model (fp16): the FFN's GELU + layer norm (eager, Inductor, and the
-Triton kernel at several chunk sizes), the vision MLP's quick GELU (eager, Inductor), and the vision tower's
-attention under each SDPA backend. One JSON of milliseconds, with the bandwidth or arithmetic rate each reaches.
+engine's Triton kernel), the vision MLP's quick GELU (eager, Inductor), and the vision tower's attention under
+each SDPA backend. One JSON of milliseconds, with the bandwidth or arithmetic rate each reaches.
 
     python -m bench.kernels --out kernels.json            # a CUDA GPU
     python -m bench.kernels --out kernels.json --quick    # small shapes (the CPU, with TRITON_INTERPRET=1)
@@ -23,9 +23,6 @@ import torch.nn.functional as F
 
 from serve.attention import triton_available
 from serve.ffn import gelu_layer_norm_reference, launch_gelu_norm
-
-CHUNKS = (1024, 2048, 4096, 8192)
-"""Chunk sizes of the GELU + layer norm kernel to compare (``serve.ffn.CHUNK`` is the engine's)."""
 
 
 def timed_ms(function: Callable[[], Any], device: torch.device, repeats: int) -> float:
@@ -61,11 +58,7 @@ def gelu_norm_rows(rows: int, width: int, device: torch.device, repeats: int) ->
         compiled = torch.compile(gelu_layer_norm_reference, dynamic=True)
         ways["inductor"] = lambda: compiled(inner, weight, bias, 1e-5)
     if triton_available(device):
-        for chunk in CHUNKS:
-            if chunk <= max(width, CHUNKS[0]):
-                ways[f"kernel chunk {chunk}"] = lambda chunk=chunk: launch_gelu_norm(
-                    inner, weight, bias, out, 1e-5, chunk
-                )
+        ways["kernel"] = lambda: launch_gelu_norm(inner, weight, bias, out, 1e-5)
     moved = 2 * inner.numel() * inner.element_size()
     return [
         _rate(f"gelu+layer_norm {rows}x{width}", name, timed_ms(way, device, repeats), bytes_moved=moved)

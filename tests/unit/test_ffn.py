@@ -18,7 +18,7 @@ from serve.layers import LayerSteps
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# name: (shape, dtype): Kosmos-2's width (four whole chunks), a ragged last chunk, one narrow masked chunk
+# name: (shape, dtype): Kosmos-2's width (a power of two), and widths the kernel's block masks
 CASES = {
     "kosmos_fp32": ((2, 3, 8192), torch.float32),
     "kosmos_fp16": ((5, 8192), torch.float16),
