@@ -341,10 +341,11 @@ class FastEngine(Engine):
         if self.in_flight is not None:  # the step in flight ends these by length: they need no further step
             active = active[self.counts[active] + 1 < self.limits[active]]
         logits = self._launch(active) if len(active) else None
+        launched = self.sequence_ids[active].copy()  # before the settle, which may end some of them
         self._settle()
         if logits is not None:  # chosen after the settle: sampling and n-gram bans read the tokens it took
             tokens = self._fetch(self._choose(logits, range(len(logits))))
-            self.in_flight = InFlight(active, self.sequence_ids[active].copy(), tokens)
+            self.in_flight = InFlight(active, launched, tokens)
             if not self.config.overlap:
                 self._settle()
 

@@ -80,6 +80,23 @@ def test_requests_joining_mid_flight(fast, workload, reference):
     assert [s.seen for s in sinks] == [r.token_ids for r in reference]
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_slots_left_free_after_an_end_token(loaded, hf_engine, codec, overlap):
+    """More slots than requests, so a slot freed by its end token stays free: the overlapped step launched
+    before that token was taken must not hand the slot a token (it ended the engine's step with a KeyError)."""
+    questions = ["why?", "what colour is the large circle at the top left of the picture?", "is it big?"]
+    requests = []
+    for i in range(12):
+        pixels = prepare_image(encode(photo(200 + 10 * i, 160, seed=30 + i), "PNG"), LIMITS).pixels
+        prompt = build_prompt(Task.VQA, questions[i % 3]).text
+        requests.append(GenerationRequest(pixels, codec.encode(prompt), SamplingParams(max_new_tokens=8 + 2 * i)))
+    expected = [hf_engine.generate([r])[0] for r in requests]
+    assert len({len(r.token_ids) for r in expected if r.finish_reason == "stop"}) >= 2  # ends at several steps
+    engine = FastEngine(loaded, EngineConfig(kind="fast", max_batch_size=16, max_seq_len=256, overlap=overlap))
+    assert engine.generate(requests) == expected
+    assert not engine.running and sorted(engine.free) == list(range(16))
+
+
 def test_sampling_and_bans_match_reference_and_repeat(fast, hf_engine, codec):
     params = [
         SamplingParams(max_new_tokens=20, temperature=0.9, seed=11),
