@@ -189,6 +189,12 @@ class Engine(ABC):
         """Drop a request that is waiting (subclasses also stop running ones)."""
         self.waiting = deque(p for p in self.waiting if p.id != request_id)
 
+    def fail_all(self, error: BaseException) -> None:
+        """End every request in the engine with ``error``: after a step failed midway, their state is unknown."""
+        waiting, self.waiting = self.waiting, deque()
+        for pending in waiting:
+            pending.sink.fail(error)
+
     def warm_up(self) -> None:  # noqa: B027 (an optional hook)
         """Prepare what the first requests would otherwise wait for (the fast engine's CUDA graphs)."""
 

@@ -183,8 +183,10 @@ class EngineLoop(AsyncEngine):
             started = time.perf_counter()
             try:
                 wait = self.engine.step()
-            except Exception:  # engines fail their requests themselves; this guards the loop
-                log.exception("engine step failed")
+            except Exception as exc:  # a defect: the requests' state is unknown, so none gets a half answer
+                held = len(self.engine.waiting) + self.engine.running_count
+                log.exception("engine step failed; failing the %d requests in the engine", held)
+                self.engine.fail_all(exc)
                 wait = None
             self.stats.busy_s += time.perf_counter() - started
             self.stats.step_rows += self.engine.running_count

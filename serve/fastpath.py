@@ -220,6 +220,13 @@ class FastEngine(Engine):
             if sequence.id == request_id:
                 self._release(slot)
 
+    def fail_all(self, error: BaseException) -> None:
+        super().fail_all(error)
+        self.in_flight, self.held_steps = None, 0
+        for slot, sequence in list(self.running.items()):
+            self._release(slot)
+            sequence.sink.fail(error)
+
     @torch.inference_mode()
     def step(self) -> float | None:
         count = self._admission_size()

@@ -86,6 +86,35 @@ def test_bad_requests_raise_before_queueing(engine_loop, work):
     assert engine_loop.alive
 
 
+def test_a_failed_step_fails_the_requests_in_the_engine_and_the_next_ones_run(loaded, work):
+    """A step that raises midway (a defect) leaves its sequences' state unknown: every request in the engine gets
+    the error, none a half answer, and the requests after it are answered as usual."""
+    requests, expected = work
+    engine = FastEngine(loaded, EngineConfig(max_batch_size=4, max_seq_len=160))
+    accept, calls = engine._accept, []
+
+    def flaky(slots, tokens):
+        calls.append(len(slots))
+        if len(calls) == 3:
+            raise RuntimeError("a defect in the book-keeping")
+        accept(slots, tokens)
+
+    engine._accept = flaky
+    loop = EngineLoop(engine)
+
+    async def main():
+        first = await asyncio.gather(*(loop.generate(r) for r in requests[:6]), return_exceptions=True)
+        return first, await asyncio.gather(*(loop.generate(r) for r in requests))
+
+    try:
+        first, second = asyncio.run(main())
+    finally:
+        loop.stop()
+    assert [str(r) for r in first if isinstance(r, BaseException)] == ["a defect in the book-keeping"] * 6
+    assert second == expected
+    assert engine.running_count == 0 and sorted(engine.free) == list(range(4))
+
+
 def test_stats_summarise_a_window():
     before = EngineStats(steps=100, finished=2, generated_tokens=64, busy_s=1.0, step_rows=400, engine_s=3.0)
     after = EngineStats(
