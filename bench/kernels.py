@@ -1,6 +1,6 @@
 """The fast engine's memory-bound kernels against their alternatives, at the shapes of a 512-image admission and
-a 512-row decode step of the real-size model (fp16): the FFN's GELU + layer norm (eager, Inductor, and the
-engine's Triton kernel), the vision MLP's quick GELU (eager, Inductor), and the vision tower's attention under
+a 512-row decode step of the real-size model (fp16): the FFN's GELU + layer norm and the vision MLP's quick
+GELU (each eager, by Inductor, and by the engine's Triton kernel), and the vision tower's attention under
 each SDPA backend. One JSON of milliseconds, with the bandwidth or arithmetic rate each reaches.
 
     python -m bench.kernels --out kernels.json            # a CUDA GPU
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from serve.attention import triton_available
-from serve.ffn import gelu_layer_norm_reference, launch_gelu_norm
+from serve.ffn import gelu_layer_norm_reference, launch_gelu_norm, launch_quick_gelu, quick_gelu_reference
 
 
 def timed_ms(function: Callable[[], Any], device: torch.device, repeats: int) -> float:
@@ -67,16 +67,15 @@ def gelu_norm_rows(rows: int, width: int, device: torch.device, repeats: int) ->
 
 
 def quick_gelu_rows(rows: int, width: int, device: torch.device, repeats: int) -> list[dict[str, Any]]:
-    """The vision MLP's activation, ``x * sigmoid(1.702 x)``, eager and compiled."""
+    """The vision MLP's activation, ``x * sigmoid(1.702 x)``: eager, compiled, and the engine's kernel (in
+    place; repeated, it stays bounded)."""
     inner = torch.randn(rows, width, device=device, dtype=torch.float16)
-
-    def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
-
-    ways: dict[str, Callable[[], Any]] = {"eager": lambda: quick_gelu(inner)}
+    ways: dict[str, Callable[[], Any]] = {"eager": lambda: quick_gelu_reference(inner)}
     if device.type == "cuda":
-        compiled = torch.compile(quick_gelu, dynamic=True)
+        compiled = torch.compile(quick_gelu_reference, dynamic=True)
         ways["inductor"] = lambda: compiled(inner)
+    if triton_available(device):
+        ways["kernel"] = lambda: launch_quick_gelu(inner)
     moved = 2 * inner.numel() * inner.element_size()
     return [
         _rate(f"quick_gelu {rows}x{width}", name, timed_ms(way, device, repeats), bytes_moved=moved)

@@ -93,7 +93,7 @@ def encode_pixels(
 ) -> torch.Tensor:
     """:func:`encode_images` for (B, 224, 224, 3) uint8 pixels already on the device. ``layer_step(layer,
     hidden)``, when given, runs each layer of the vision tower instead of the model's own forward (the fast
-    engine's :func:`serve.layers.vision_layer`, compiled or not)."""
+    engine's :meth:`serve.layers.LayerSteps.vision`, compiled or not)."""
     model = loaded.model
     values = normalize_pixels(pixels, geometry, loaded.dtype)
     tower = model.vision_model.model

@@ -1,5 +1,5 @@
-"""The middle of the text decoder's feed-forward block (``Kosmos2TextFFN``): GELU, then the block's own layer
-norm (``ffn_layernorm``), between its two matrix products.
+"""The elementwise middles of the feed-forward blocks, between their two matrix products: the text decoder's
+GELU and its own layer norm (``Kosmos2TextFFN.ffn_layernorm``), and the vision tower's quick GELU.
 
 :func:`gelu_layer_norm` runs one Triton kernel on CUDA: a program per row reads the whole row into registers,
 applies the exact (erf) GELU and the layer norm in float32, and writes it once. Elsewhere it runs
@@ -8,6 +8,11 @@ admission's prefill (36,352 rows of 8,192; ``bench/results/perf-h200-ffn``): thi
 eager's two kernels 0.86 and Inductor's fusion of them 1.7 (``python -m bench.kernels``). A variant that
 streamed each row in chunks and read it twice, computing the GELU twice, took 0.96-1.02 ms: the arithmetic of
 ``erf``, not memory traffic, seems to bound these kernels.
+
+:func:`quick_gelu_` applies ``x * sigmoid(1.702 x)`` in place, one read and one write in float32 registers (on
+CUDA a Triton kernel, elsewhere the model's own expression). Inductor's fusion of it inside the compiled
+vision layer took 12.2 ms of a 512-image admission in one H200 run and 23.3 in another (1.1 ms a layer alone,
+2.0 TB/s); reading and writing the 131,584 x 4,096 activations once is about 0.45 ms a layer at 4.8 TB/s.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ try:
     import triton.language as tl
 except ImportError:  # the CPU install: the reference serves
     triton = None
+
+QUICK_BLOCK = 4096
+"""Elements per program of the quick GELU kernel (16 a thread at 8 warps: two 16-byte loads of fp16)."""
 
 MAX_WIDTH = 16384
 """The widest row the kernel holds in registers (Kosmos-2's FFN is 8,192 wide); wider rows take the reference."""
@@ -45,6 +53,24 @@ def launch_gelu_norm(
     _gelu_norm_kernel[(rows.shape[0],)](
         rows, weight, bias, out, rows.shape[1], eps, BLOCK=block, num_warps=min(16, max(1, block // 512))
     )
+
+
+def quick_gelu_(inner: torch.Tensor) -> torch.Tensor:
+    """``inner * sigmoid(1.702 * inner)`` written over ``inner`` (contiguous), which is returned."""
+    if not triton_available(inner.device) or not inner.is_contiguous():
+        return inner.copy_(quick_gelu_reference(inner))
+    launch_quick_gelu(inner)
+    return inner
+
+
+def launch_quick_gelu(inner: torch.Tensor) -> None:
+    """The in-place kernel over contiguous ``inner``, ``QUICK_BLOCK`` elements a program."""
+    _quick_gelu_kernel[(triton.cdiv(inner.numel(), QUICK_BLOCK),)](inner, inner.numel(), BLOCK=QUICK_BLOCK, num_warps=8)
+
+
+def quick_gelu_reference(inner: torch.Tensor) -> torch.Tensor:
+    """The activation as the Hugging Face module computes it (``QuickGELUActivation``)."""
+    return inner * torch.sigmoid(1.702 * inner)
 
 
 def gelu_layer_norm_reference(
@@ -72,3 +98,11 @@ if triton is not None:
         bias = tl.load(bias_ptr + cols, mask=inside, other=0.0).to(tl.float32)
         normed = centred / tl.sqrt(variance + eps) * weight + bias
         tl.store(out_ptr + base + cols, normed.to(out_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _quick_gelu_kernel(ptr, count, BLOCK: tl.constexpr):
+        """``BLOCK`` elements of a flat tensor, in place: ``x * sigmoid(1.702 x)`` in float32."""
+        offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = offsets < count
+        x = tl.load(ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        tl.store(ptr + offsets, (x * tl.sigmoid(1.702 * x)).to(ptr.dtype.element_ty), mask=inside)

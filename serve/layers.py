@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers.activations import GELUActivation
+from transformers.activations import GELUActivation, QuickGELUActivation
 
-from serve.ffn import gelu_layer_norm
+from serve.ffn import gelu_layer_norm, quick_gelu_
 
 
 def split_heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -35,15 +35,24 @@ def merge_heads(mixed: torch.Tensor) -> torch.Tensor:
     return mixed.transpose(1, 2).reshape(batch, length, -1)
 
 
-def vision_layer(layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """One layer of the vision tower (``Kosmos2VisionEncoderLayer``), bidirectional SDPA as the model's own."""
+def vision_attention(layer: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer of the vision tower (``Kosmos2VisionEncoderLayer``) up to the middle of its MLP: the attention
+    (bidirectional SDPA, as the model's own) with its residual (the new ``hidden``), and the MLP's first
+    projection of its normed input (``inner``)."""
     attention = layer.self_attn
     normed = layer.layer_norm1(hidden)
     projections = (attention.q_proj, attention.k_proj, attention.v_proj)
     q, k, v = (split_heads(proj(normed), attention.head_dim) for proj in projections)
     mixed = F.scaled_dot_product_attention(q, k, v, scale=attention.scale)
     hidden = hidden + attention.out_proj(merge_heads(mixed))
-    return hidden + layer.mlp(layer.layer_norm2(hidden))
+    return hidden, layer.mlp.fc1(layer.layer_norm2(hidden))
+
+
+def vision_mlp_output(mlp: torch.nn.Module, hidden: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """The rest of the vision MLP after :func:`vision_attention`, with its residual: the activation (in place;
+    one kernel for the quick GELU, Kosmos-2's) and the second projection."""
+    quick = isinstance(mlp.activation_fn, QuickGELUActivation)
+    return hidden + mlp.fc2(quick_gelu_(inner) if quick else mlp.activation_fn(inner))
 
 
 def fuse_qkv(attention: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,10 +96,15 @@ def feed_forward_output(ffn: torch.nn.Module, hidden: torch.Tensor, inner: torch
 class LayerSteps:
     """The layer functions the fast engine calls, and whether they are compiled."""
 
-    vision: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] = vision_layer
+    vision_attention: Callable[..., tuple[torch.Tensor, torch.Tensor]] = vision_attention
     attention_inputs: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = attention_inputs
     attention_output: Callable[..., tuple[torch.Tensor, torch.Tensor]] = attention_output
     compiled: bool = False
+
+    def vision(self, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """One layer of the vision tower: its output hidden states."""
+        hidden, inner = self.vision_attention(layer, hidden)
+        return vision_mlp_output(layer.mlp, hidden, inner)
 
     def layer_output(self, layer: torch.nn.Module, hidden: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
         """The rest of a text decoder layer after its attention: the layer's output hidden states."""
@@ -106,4 +120,4 @@ def compiled_steps() -> LayerSteps:
     def compiled(function: Callable) -> Callable:
         return torch.compile(function, dynamic=True, fullgraph=True)
 
-    return LayerSteps(compiled(vision_layer), compiled(attention_inputs), compiled(attention_output), compiled=True)
+    return LayerSteps(compiled(vision_attention), compiled(attention_inputs), compiled(attention_output), compiled=True)

@@ -17,7 +17,7 @@ from serve.engine import GenerationRequest, ModelGeometry, build_engine, encode_
 from serve.errors import InvalidRequest
 from serve.fastpath import FastEngine
 from serve.images import prepare_image
-from serve.layers import LayerSteps, vision_layer
+from serve.layers import LayerSteps
 from serve.sampling import SamplingParams
 from serve.tasks import Task, build_prompt
 from tests.helpers import LIMITS, encode, photo
@@ -192,12 +192,13 @@ def test_trickling_requests_are_gathered(loaded, workload, reference):
 
 
 def test_vision_layers_equal_the_models_own(loaded, workload):
-    """The engine's vision layer function gives the model's own image embeddings, bit for bit."""
+    """The engine's vision layers (the quick GELU in place by its reference on the CPU) give the model's own
+    image embeddings, bit for bit."""
     geometry = ModelGeometry(loaded)
     pixels = torch.from_numpy(np.stack([r.pixels for r in workload[:3]]))
     with torch.inference_mode():
         expected = encode_pixels(loaded, geometry, pixels)
-        got = encode_pixels(loaded, geometry, pixels, vision_layer)
+        got = encode_pixels(loaded, geometry, pixels, LayerSteps().vision)
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
@@ -215,7 +216,7 @@ def test_a_failed_compile_leaves_the_layers_uncompiled(loaded, workload, referen
     def broken(layer, hidden):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr("serve.fastpath.compiled_steps", lambda: LayerSteps(vision=broken, compiled=True))
+    monkeypatch.setattr("serve.fastpath.compiled_steps", lambda: LayerSteps(vision_attention=broken, compiled=True))
     engine = FastEngine(loaded, EngineConfig(kind="fast", max_batch_size=6, max_seq_len=160, compile="on"))
     engine.warm_up()
     assert not engine.steps.compiled and "no compiler here" in caplog.text and "run uncompiled" in caplog.text

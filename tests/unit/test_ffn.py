@@ -1,6 +1,6 @@
-"""The feed-forward block's GELU + layer norm: the Triton kernel (in Triton's interpreter on the CPU, and on a
-GPU where there is one) against the same operations in float64, and the fast engine's layer against the
-Hugging Face module."""
+"""The feed-forward blocks' middles, GELU + layer norm and the vision tower's quick GELU: the Triton kernels (in
+Triton's interpreter on the CPU, and on a GPU where there is one) against the same operations in float64, and
+the fast engine's layer against the Hugging Face module."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers.activations import QuickGELUActivation
 
-from serve.ffn import gelu_layer_norm, gelu_layer_norm_reference
+from serve.ffn import gelu_layer_norm, gelu_layer_norm_reference, quick_gelu_, quick_gelu_reference
 from serve.layers import LayerSteps
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,10 +30,12 @@ CASES = {
 INTERPRETER_SCRIPT = """
 import sys, torch
 from serve.attention import triton_available
-from serve.ffn import gelu_layer_norm
+from serve.ffn import gelu_layer_norm, quick_gelu_
 from tests.unit.test_ffn import CASES, make_case
 assert triton_available("cpu")
-torch.save({name: gelu_layer_norm(*make_case(name)) for name in CASES}, sys.argv[1])
+results = {name: gelu_layer_norm(*make_case(name)) for name in CASES}
+results |= {f"quick_{name}": quick_gelu_(make_case(name)[0]) for name in CASES}
+torch.save(results, sys.argv[1])
 """
 
 
@@ -80,6 +83,21 @@ def test_reference_is_the_modules_operations(name: str) -> None:
     assert torch.equal(gelu_layer_norm(inner, weight, bias, eps), norm(F.gelu(inner)))  # on the CPU: the reference
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_quick_gelu_kernel_matches_float64(interpreted: dict[str, torch.Tensor], name: str) -> None:
+    inner = make_case(name)[0]
+    out = interpreted[f"quick_{name}"]
+    assert out.dtype == inner.dtype and out.shape == inner.shape
+    torch.testing.assert_close(out.double(), quick_gelu_reference(inner.double()), **tolerance(inner.dtype))
+
+
+def test_quick_gelu_reference_is_the_modules_in_place() -> None:
+    inner = make_case("kosmos_fp16")[0]
+    expected = QuickGELUActivation()(inner)
+    out = quick_gelu_(inner)  # on the CPU: the reference, written over its input
+    assert out.data_ptr() == inner.data_ptr() and torch.equal(out, expected)
+
+
 def test_layer_output_equals_the_hugging_face_layer(tiny_dir: Path) -> None:
     """Attention output, residual and feed-forward block as the engine composes them (the kernel's reference on
     the CPU) equal the module's own arithmetic on the same inputs, bit for bit."""
@@ -103,3 +121,12 @@ def test_cuda_kernel_matches_float64(name: str) -> None:
     out = gelu_layer_norm(*(x.cuda() if isinstance(x, torch.Tensor) else x for x in inputs))
     assert out.dtype == inputs[0].dtype and out.shape == inputs[0].shape
     torch.testing.assert_close(out.cpu().double(), exact(*inputs), **tolerance(inputs[0].dtype))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", CASES)
+def test_cuda_quick_gelu_matches_float64(name: str) -> None:
+    pytest.importorskip("triton")
+    inner = make_case(name)[0]
+    out = quick_gelu_(inner.cuda())
+    torch.testing.assert_close(out.cpu().double(), quick_gelu_reference(inner.double()), **tolerance(inner.dtype))
