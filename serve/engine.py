@@ -168,6 +168,8 @@ class Engine(ABC):
         self.geometry = ModelGeometry(loaded)
         self.waiting: deque[Pending] = deque()
         self._ids = itertools.count()
+        self.device_wait_s = 0.0
+        """Seconds the engine has blocked waiting for its device (the fast engine on CUDA counts them)."""
 
     def check(self, request: GenerationRequest) -> None:
         """Refuse a request the engine cannot run, with a message for the client."""

@@ -51,8 +51,11 @@ class LoopSink:
 @dataclass
 class EngineStats:
     """What the loop has done, for metrics: queue depth, running sequences, steps, tokens, the time spent in
-    steps (``busy_s``), the sequences running after each step, summed (``step_rows``: a mean batch), and the
-    seconds finished requests spent in the engine, queued and generating, summed (``engine_s``)."""
+    steps (``busy_s``), the sequences running after each step, summed (``step_rows``: a mean batch), the
+    seconds finished requests spent in the engine, queued and generating, summed (``engine_s``), and of the
+    time in steps, the engine thread's CPU time (``step_cpu_s``) and its waits for the device (``device_wait_s``):
+    the rest is time the thread was ready but not running (other processes or threads held the cores or the
+    interpreter), which slows a GPU fed from the host."""
 
     waiting: int = 0
     running: int = 0
@@ -62,6 +65,8 @@ class EngineStats:
     busy_s: float = 0.0
     step_rows: int = 0
     engine_s: float = 0.0
+    step_cpu_s: float = 0.0
+    device_wait_s: float = 0.0
 
     def summary(self, before: EngineStats, seconds: float) -> str:
         """One log line on the ``seconds`` since ``before``: the rates and the share of time in steps."""
@@ -69,10 +74,12 @@ class EngineStats:
         batch = (self.step_rows - before.step_rows) / max(steps, 1)
         finished = self.finished - before.finished
         inside = (self.engine_s - before.engine_s) / max(finished, 1)
+        cpu, device = self.step_cpu_s - before.step_cpu_s, self.device_wait_s - before.device_wait_s
         return (
             f"engine: {steps / seconds:.0f} steps/s, {finished / seconds:.1f} requests/s, "
             f"{(self.generated_tokens - before.generated_tokens) / seconds:.0f} tokens/s, mean batch {batch:.1f}, "
-            f"busy {(self.busy_s - before.busy_s) / seconds:.0%}, {self.waiting} waiting, "
+            f"busy {(self.busy_s - before.busy_s) / seconds:.0%} (on a core {cpu / seconds:.0%}, "
+            f"waiting on the device {device / seconds:.0%}), {self.waiting} waiting, "
             f"{inside * 1e3:.0f} ms a request in the engine"
         )
 
@@ -180,7 +187,7 @@ class EngineLoop(AsyncEngine):
             if not self.engine.has_work:
                 self._wake.wait(self.idle_wait_s)
                 continue
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.thread_time()
             try:
                 wait = self.engine.step()
             except Exception as exc:  # a defect: the requests' state is unknown, so none gets a half answer
@@ -189,6 +196,8 @@ class EngineLoop(AsyncEngine):
                 self.engine.fail_all(exc)
                 wait = None
             self.stats.busy_s += time.perf_counter() - started
+            self.stats.step_cpu_s += time.thread_time() - cpu
+            self.stats.device_wait_s = self.engine.device_wait_s
             self.stats.step_rows += self.engine.running_count
             if wait:
                 self._wake.wait(wait)

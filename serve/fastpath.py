@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -456,7 +457,9 @@ class FastEngine(Engine):
         instead of spinning on a core the process's other threads could use."""
         if self.copied is None:
             return tokens.cpu().numpy()
+        began = time.perf_counter()
         self.copied.synchronize()
+        self.device_wait_s += time.perf_counter() - began
         return self.host_tokens[: len(tokens)].numpy().copy()
 
     def _accept(self, slots: np.ndarray, tokens: np.ndarray) -> None:

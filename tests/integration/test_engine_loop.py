@@ -45,6 +45,8 @@ def test_concurrent_callers_get_their_own_results(engine_loop, work):
     wall = time.perf_counter() - began
     assert engine_loop.stats.finished >= len(requests)
     assert 0 < engine_loop.stats.engine_s - before <= len(requests) * wall  # each request's time in the engine
+    stats = engine_loop.stats  # the engine thread's CPU in steps is part of their wall time; no device here
+    assert 0 < stats.step_cpu_s <= stats.busy_s and stats.device_wait_s == 0
 
 
 def test_stream_yields_tokens_then_the_result(engine_loop, work):
@@ -116,13 +118,23 @@ def test_a_failed_step_fails_the_requests_in_the_engine_and_the_next_ones_run(lo
 
 
 def test_stats_summarise_a_window():
-    before = EngineStats(steps=100, finished=2, generated_tokens=64, busy_s=1.0, step_rows=400, engine_s=3.0)
+    before = EngineStats(
+        steps=100, finished=2, generated_tokens=64, busy_s=1.0, step_rows=400, engine_s=3.0, step_cpu_s=0.5
+    )
     after = EngineStats(
-        waiting=3, steps=300, finished=12, generated_tokens=384, busy_s=6.0, step_rows=2000, engine_s=5.5
+        waiting=3,
+        steps=300,
+        finished=12,
+        generated_tokens=384,
+        busy_s=6.0,
+        step_rows=2000,
+        engine_s=5.5,
+        step_cpu_s=2.5,
+        device_wait_s=1.5,
     )
     assert after.summary(before, 10) == (
-        "engine: 20 steps/s, 1.0 requests/s, 32 tokens/s, mean batch 8.0, busy 50%, 3 waiting, "
-        "250 ms a request in the engine"
+        "engine: 20 steps/s, 1.0 requests/s, 32 tokens/s, mean batch 8.0, busy 50% (on a core 20%, "
+        "waiting on the device 15%), 3 waiting, 250 ms a request in the engine"
     )
 
 
