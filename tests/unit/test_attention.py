@@ -4,19 +4,13 @@ cache write likewise."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from serve import attention
 from serve.attention import decode_attention, decode_attention_reference, triton_available, write_cache
 from serve.layers import split_heads
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import run_interpreted
 
 # name: (slots, heads, max length, head_dim, lengths (one per row), dtype); BLOCK_N is 16
 CASES = {
@@ -101,12 +95,7 @@ def tolerance(dtype: torch.dtype) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
-    # Older interpreters (Triton 3.6 with numpy 2.5) fail to take a loaded scalar as the loop's bound.
-    pytest.importorskip("triton", minversion="3.9")
-    path = tmp_path_factory.mktemp("attention") / "out.pt"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT, str(path)], cwd=ROOT, env=env, check=True, timeout=300)
-    return torch.load(path)
+    return run_interpreted(INTERPRETER_SCRIPT, tmp_path_factory.mktemp("attention") / "out.pt")
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:

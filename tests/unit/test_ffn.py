@@ -4,9 +4,6 @@ the fast engine's layer against the Hugging Face module."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +13,7 @@ from transformers.activations import QuickGELUActivation
 
 from serve.ffn import gelu_layer_norm, gelu_layer_norm_reference, quick_gelu_, quick_gelu_reference
 from serve.layers import LayerSteps
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import run_interpreted
 
 # name: (shape, dtype): Kosmos-2's width (a power of two), and widths the kernel's block masks
 CASES = {
@@ -60,11 +56,7 @@ def tolerance(dtype: torch.dtype) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
-    pytest.importorskip("triton", minversion="3.9")
-    path = tmp_path_factory.mktemp("ffn") / "out.pt"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    subprocess.run([sys.executable, "-c", INTERPRETER_SCRIPT, str(path)], cwd=ROOT, env=env, check=True, timeout=300)
-    return torch.load(path)
+    return run_interpreted(INTERPRETER_SCRIPT, tmp_path_factory.mktemp("ffn") / "out.pt")
 
 
 @pytest.mark.parametrize("name", CASES)
