@@ -257,6 +257,9 @@ class PointResult:
     skipped: int
     schedule: list[Step]
     """The arrival-rate steps as run, in run time (empty in a closed loop)."""
+    sender_cpu_s: float = 0.0
+    """CPU seconds the sending process (or processes, summed) spent from the point's start to its end: the load
+    generator's own cost, without its start-up and the workload's encoding."""
 
 
 @dataclass
@@ -290,7 +293,7 @@ class LoadGenerator:
 
     async def run_point(self, index: int, point: LoadPoint) -> PointResult:
         config, clock = self.config, self.clock
-        start = clock()
+        start, cpu = clock(), time.process_time()
         steps = point.steps()
         rng = np.random.default_rng([config.seed, index])
         arrivals = None if steps is None else Lookahead(start + t for t in arrival_times(steps, config.burstiness, rng))
@@ -355,6 +358,7 @@ class LoadGenerator:
             sent=sent,
             skipped=skipped,
             schedule=schedule,
+            sender_cpu_s=time.process_time() - cpu,
         )
 
     async def issue(self, point: int, index: int, item: WorkItem, scheduled: float, warm: bool) -> None:
@@ -563,4 +567,5 @@ def merge_points(point: LoadPoint, parts: list[PointResult]) -> PointResult:
         sent=sum(p.sent for p in parts),
         skipped=sum(p.skipped for p in parts),
         schedule=[(start, end, rate * len(parts)) for start, end, rate in first.schedule],
+        sender_cpu_s=sum(p.sender_cpu_s for p in parts),
     )

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -204,15 +203,15 @@ def main() -> None:
             "--out",
             str(out / "service-80"),
         ]
-        before, children = snapshot(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        before = snapshot()
         samplers = sample_stacks(out)
         run(steady, out / "steady.log")
         for sampler in samplers:
             sampler.wait(timeout=60)
-        after, done = snapshot(), resource.getrusage(resource.RUSAGE_CHILDREN)
-        after["load generator"] = done.ru_utime + done.ru_stime - children.ru_utime - children.ru_stime
-        served = json.loads((out / "service-80" / "summary.json").read_text())["points"][0]["requests"]
-        cpu = per_request_ms(before, after, served)
+        after = snapshot()
+        point = json.loads((out / "service-80" / "summary.json").read_text())["points"][0]
+        after["load generator"] = point["sender_cpu_s"]  # over the point only: not its start-up
+        cpu = per_request_ms(before, after, point["sent"])  # every request sent, the warm-up's included
         (out / "cpu_per_request.json").write_text(json.dumps(cpu, indent=2) + "\n")
     finally:
         for path in Path(tempfile.gettempdir(), "ray", "session_latest", "logs", "serve").glob("replica_*Generator*"):

@@ -401,6 +401,7 @@ def test_several_processes_share_each_point(stub, workload):
         assert [r.start_s for r in records] == sorted(r.start_s for r in records)
         assert all(point.start_s <= r.start_s <= r.end_s <= point.end_s for r in records)
         check_latencies_match_stub(records)
+        assert 0 < point.sender_cpu_s < 3 * (point.end_s - point.start_s)  # three senders' CPU over the point
     closed = [(p, [r for r in run.records if r.point == p.index and not r.warmup]) for p in run.points[:2]]
     for point, steady in closed:
         metrics = compute_metrics(steady, point.window_start_s, point.window_end_s)
