@@ -465,7 +465,8 @@ def write_preprocess_report(out_dir: Path) -> Path:
         "squash-resize to 224x224 uint8, the processor's pixels; normalization happens later on the GPU). "
         "`ours_fast`: the same with `limits.fast_jpeg: true` (JPEGs decoded at reduced scale with libjpeg's DCT "
         "scaling before the resize); its pixel deviation from `ours_exact` is the absolute difference over every "
-        "channel of every pixel of every image, in levels of 0..255.",
+        "channel of every pixel of every image, in levels of 0..255. Rates count CPU seconds; allocator: "
+        f"{summary.get('allocator', 'default')}.",
         *provenance_lines(summary),
         "",
         markdown_table(frame[[c for c in columns if c in frame]].rename(columns=columns)),
