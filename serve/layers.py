@@ -5,9 +5,10 @@ Written as functions of a layer, one compiled function serves every layer of a t
 ``torch.compile(dynamic=True)`` takes the layer's weights as inputs, not as constants, so compiling traces
 one layer once. Compiled, each layer's elementwise work (layer norms with the residual adds before them, the
 activation, the head transposes) runs as a few fused kernels instead of a dozen; the matrix products stay
-cuBLAS's. The text feed-forward block's GELU and inner layer norm are the exception: :mod:`serve.ffn`'s kernel
-runs them between the compiled parts (Inductor's fusion of the two was slower than eager). :class:`LayerSteps`
-holds the functions as written, :func:`compiled_steps` compiled.
+cuBLAS's. The feed-forward blocks' middles are the exception: :mod:`serve.ffn`'s kernels run them between the
+compiled parts (the text block's GELU and inner layer norm, whose fusion by Inductor was slower than eager, and
+the vision MLP's quick GELU, in place). :class:`LayerSteps` holds the functions as written,
+:func:`compiled_steps` compiled.
 """
 
 from __future__ import annotations
