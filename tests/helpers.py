@@ -22,15 +22,15 @@ LIMITS = LimitsConfig().image_limits()
 """The service's default image limits."""
 
 
-def run_interpreted(script: str, out: Path) -> Any:
-    """Run ``script``, which saves its results to the path in ``sys.argv[1]`` with ``torch.save``, in a fresh
-    process where Triton's interpreter runs the kernels on the CPU (``TRITON_INTERPRET=1`` must hold before
-    Triton decorates them); returns what it saved. Skips the test without Triton 3.9 or later: older
+def run_interpreted(script: str, out: Path, *args: str) -> Any:
+    """Run ``script``, which saves its results to the path in ``sys.argv[1]`` with ``torch.save`` (``args``
+    follow it), in a fresh process where Triton's interpreter runs the kernels on the CPU (``TRITON_INTERPRET=1``
+    must hold before Triton decorates them); returns what it saved. Skips the test without Triton 3.9 or later: older
     interpreters (Triton 3.6 with numpy 2.5) fail to take a loaded scalar as a loop's bound."""
     pytest.importorskip("triton", minversion="3.9")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     root = Path(__file__).resolve().parent.parent
-    subprocess.run([sys.executable, "-c", script, str(out)], cwd=root, env=env, check=True, timeout=300)
+    subprocess.run([sys.executable, "-c", script, str(out), *args], cwd=root, env=env, check=True, timeout=300)
     return torch.load(out)
 
 

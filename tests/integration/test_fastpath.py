@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -20,10 +14,8 @@ from serve.images import prepare_image
 from serve.layers import LayerSteps
 from serve.sampling import SamplingParams
 from serve.tasks import Task, build_prompt
-from tests.helpers import LIMITS, encode, photo
+from tests.helpers import LIMITS, encode, photo, run_interpreted
 from tests.integration.test_hf_engine import QUESTIONS, Recorder
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def requests_for(codec, params: list[SamplingParams]) -> list[GenerationRequest]:
@@ -234,38 +226,27 @@ def test_overlap_runs_no_step_past_a_length_limit(loaded, workload):
     assert runs[True] == runs[False] and runs[False][1:] == (8, None)
 
 
-# The workload through an engine whose decode steps run the Triton kernel in Triton's interpreter (set before
-# Triton decorates the kernel, hence a fresh process); prints each result's tokens and finish reason.
+# The workload through an engine whose kernels run in Triton's interpreter (set before Triton decorates them,
+# hence a fresh process); saves each result's tokens and finish reason.
 TRITON_SCRIPT = """
-import json, sys
+import sys, torch
 from serve.config import EngineConfig
 from serve.fastpath import FastEngine
 from serve.model import load_model
 from serve.sampling import SamplingParams
 from serve.text import TextCodec
 from tests.integration.test_fastpath import requests_for
-loaded = load_model(sys.argv[1], device="cpu")
+loaded = load_model(sys.argv[2], device="cpu")
 limits = [SamplingParams(max_new_tokens=4 + 5 * (i % 7)) for i in range(14)]
 workload = requests_for(TextCodec(loaded.processor), limits)
 engine = FastEngine(loaded, EngineConfig(max_batch_size=6, max_seq_len=160, decode_attention="triton"))
 assert engine.attention == "triton"
-print(json.dumps([[r.token_ids, r.finish_reason] for r in engine.generate(workload)]))
+torch.save([[r.token_ids, r.finish_reason] for r in engine.generate(workload)], sys.argv[1])
 """
 
 
-def test_triton_decode_equals_reference(tiny_dir, reference):
-    """The CUDA engine's decode attention (the Triton kernel, which also writes the new keys and values into
-    the cache) gives the reference's tokens, run here by Triton's interpreter on the CPU."""
-    pytest.importorskip("triton", minversion="3.9")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run(
-        [sys.executable, "-c", TRITON_SCRIPT, str(tiny_dir)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    results = json.loads(run.stdout.strip().splitlines()[-1])
+def test_triton_decode_equals_reference(tiny_dir, reference, tmp_path):
+    """The CUDA engine's kernels (decode attention, which also writes the new keys and values into the cache,
+    the cache writes and the feed-forward middles) give the reference's tokens, run by Triton's interpreter."""
+    results = run_interpreted(TRITON_SCRIPT, tmp_path / "results.pt", str(tiny_dir))
     assert results == [[r.token_ids, r.finish_reason] for r in reference]
