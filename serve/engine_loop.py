@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from serve.engine import Engine, GenerationRequest, GenerationResult, Sink
+from serve.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,8 @@ class EngineLoop(AsyncEngine):
             except Exception as exc:  # a defect: the requests' state is unknown, so none gets a half answer
                 held = len(self.engine.waiting) + self.engine.running_count
                 log.exception("engine step failed; failing the %d requests in the engine", held)
-                self.engine.fail_all(exc)
+                message = f"the engine failed while serving this request ({type(exc).__name__}); it has been logged"
+                self.engine.fail_all(ServiceError(message, code="engine_error"))  # a 500, whatever exc was
                 wait = None
             self.stats.busy_s += time.perf_counter() - started
             self.stats.step_cpu_s += time.thread_time() - cpu

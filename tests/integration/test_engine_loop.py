@@ -15,7 +15,7 @@ from serve.config import EngineConfig, ServiceConfig
 from serve.engine import GenerationRequest, GenerationResult
 from serve.engine_loop import EngineLoop, EngineStats
 from serve.engine_process import EngineProcess
-from serve.errors import InvalidRequest, Unavailable
+from serve.errors import InvalidRequest, ServiceError, Unavailable
 from serve.fastpath import FastEngine
 from serve.sampling import SamplingParams
 from tests.integration.test_fastpath import requests_for
@@ -112,7 +112,9 @@ def test_a_failed_step_fails_the_requests_in_the_engine_and_the_next_ones_run(lo
         first, second = asyncio.run(main())
     finally:
         loop.stop()
-    assert [str(r) for r in first if isinstance(r, BaseException)] == ["a defect in the book-keeping"] * 6
+    failures = [r for r in first if isinstance(r, BaseException)]
+    assert [(type(r), r.status, r.code) for r in failures] == [(ServiceError, 500, "engine_error")] * 6
+    assert "RuntimeError" in failures[0].message
     assert second == expected
     assert engine.running_count == 0 and sorted(engine.free) == list(range(4))
 
