@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,41 +47,48 @@ def timed_ms(function: Callable[[], Any], device: torch.device, repeats: int) ->
 
 
 def gelu_norm_rows(rows: int, width: int, device: torch.device, repeats: int) -> list[dict[str, Any]]:
-    """Each way of computing ``layer_norm(gelu(x))`` over ``[rows, width]``; bandwidth counts one read and one
-    write of the rows."""
+    """Each way of computing ``layer_norm(gelu(x))`` over ``[rows, width]``."""
     generator = torch.Generator(device=device).manual_seed(0)
     inner = 3 * torch.randn(rows, width, device=device, generator=generator, dtype=torch.float16)
     weight = torch.ones(width, device=device, dtype=torch.float16)
     bias = torch.zeros(width, device=device, dtype=torch.float16)
     out = torch.empty_like(inner)
-    ways: dict[str, Callable[[], Any]] = {"eager": lambda: gelu_layer_norm_reference(inner, weight, bias, 1e-5)}
-    if device.type == "cuda":
-        compiled = torch.compile(gelu_layer_norm_reference, dynamic=True)
-        ways["inductor"] = lambda: compiled(inner, weight, bias, 1e-5)
-    if triton_available(device):
-        ways["kernel"] = lambda: launch_gelu_norm(inner, weight, bias, out, 1e-5)
-    moved = 2 * inner.numel() * inner.element_size()
-    return [
-        _rate(f"gelu+layer_norm {rows}x{width}", name, timed_ms(way, device, repeats), bytes_moved=moved)
-        for name, way in ways.items()
-    ]
+    kernel = partial(launch_gelu_norm, inner, weight, bias, out, 1e-5)
+    return elementwise_ways(
+        f"gelu+layer_norm {rows}x{width}",
+        gelu_layer_norm_reference,
+        kernel,
+        (inner, weight, bias, 1e-5),
+        device,
+        repeats,
+    )
 
 
 def quick_gelu_rows(rows: int, width: int, device: torch.device, repeats: int) -> list[dict[str, Any]]:
-    """The vision MLP's activation, ``x * sigmoid(1.702 x)``: eager, compiled, and the engine's kernel (in
-    place; repeated, it stays bounded)."""
+    """The vision MLP's activation, ``x * sigmoid(1.702 x)`` (the kernel in place; repeated, it stays bounded)."""
     inner = torch.randn(rows, width, device=device, dtype=torch.float16)
-    ways: dict[str, Callable[[], Any]] = {"eager": lambda: quick_gelu_reference(inner)}
+    kernel = partial(launch_quick_gelu, inner)
+    return elementwise_ways(f"quick_gelu {rows}x{width}", quick_gelu_reference, kernel, (inner,), device, repeats)
+
+
+def elementwise_ways(
+    label: str,
+    reference: Callable[..., torch.Tensor],
+    kernel: Callable[[], Any],
+    args: tuple[Any, ...],
+    device: torch.device,
+    repeats: int,
+) -> list[dict[str, Any]]:
+    """``reference(*args)`` eager and compiled by Inductor (CUDA), and the engine's ``kernel`` (where Triton
+    runs); bandwidth counts one read and one write of ``args[0]``."""
+    ways: dict[str, Callable[[], Any]] = {"eager": lambda: reference(*args)}
     if device.type == "cuda":
-        compiled = torch.compile(quick_gelu_reference, dynamic=True)
-        ways["inductor"] = lambda: compiled(inner)
+        compiled = torch.compile(reference, dynamic=True)
+        ways["inductor"] = lambda: compiled(*args)
     if triton_available(device):
-        ways["kernel"] = lambda: launch_quick_gelu(inner)
-    moved = 2 * inner.numel() * inner.element_size()
-    return [
-        _rate(f"quick_gelu {rows}x{width}", name, timed_ms(way, device, repeats), bytes_moved=moved)
-        for name, way in ways.items()
-    ]
+        ways["kernel"] = kernel
+    moved = 2 * args[0].numel() * args[0].element_size()
+    return [_rate(label, name, timed_ms(way, device, repeats), bytes_moved=moved) for name, way in ways.items()]
 
 
 def vision_attention(batch: int, device: torch.device, repeats: int) -> list[dict[str, Any]]:
