@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument(
         "--concurrency", type=_ints, help="closed loops at the engine: requests kept in it, running or waiting (none)"
     )
-    engine.add_argument("--seconds", type=float, help="timed seconds of each closed loop (10)")
+    engine.add_argument("--rates", type=_floats, help="open loops at the engine: Poisson arrivals, requests/s (none)")
+    engine.add_argument("--seconds", type=float, help="timed seconds of each closed or open loop (10)")
     engine.add_argument("--load-format", choices=["auto", "dummy"], help="dummy: random weights (auto)")
     engine.add_argument("--dtype", help="auto, float32, float16, bfloat16 (auto)")
     engine.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (auto)")
@@ -323,6 +324,12 @@ def command_engine(args: argparse.Namespace) -> int:
         print(
             f"{point['path']:>5} {point['concurrency']:>4} in flight: {point['images_per_s']:8.2f} images/s, "
             f"p50 {point['latency_p50_s']:7.3f} s, mean batch {point['mean_batch']:6.1f}"
+        )
+    for point in summary["open"]:
+        print(
+            f"{point['path']:>5} {point['rate']:6.1f} arriving/s: {point['images_per_s']:8.2f} images/s, "
+            f"p50 {point['latency_p50_s']:7.3f} s, p99 {point['latency_p99_s']:7.3f} s, "
+            f"mean batch {point['mean_batch']:6.1f}, {point['waiting_at_end']} waiting at the end"
         )
     print(f"wrote {report}")
     return 0

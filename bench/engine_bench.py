@@ -17,11 +17,17 @@ are kept in the engine, running or waiting for a slot (a new one submitted as ea
 while it decodes; after one turnover of requests, ``--seconds`` are timed. ``summary.json``'s ``continuous``
 holds per path and level the images/s, request latencies, the sequences running after each step (``mean_batch``:
 the fast engine's decode batch; 0 for ``hf``, whose steps run whole batches) and the steps per second.
+
+``--rates 600,800`` adds open loops: requests arrive at that many a second (Poisson, seeded), one at a time, as
+a service's CPU tier hands them over, whatever the engine's backlog; after ``OPEN_LOOP_WARMUP_S``,
+``--seconds`` are timed. A rate above what the engine sustains shows as throughput below the rate and a
+growing queue (``waiting_at_end``). ``summary.json``'s ``open`` holds them, latencies counted from arrival.
 """
 
 from __future__ import annotations
 
 import gc
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -68,14 +74,15 @@ class EngineBenchConfig:
     dtype: str = "auto"
     device: str = "auto"
     concurrency: tuple[int, ...] = ()
+    rates: tuple[float, ...] = ()
     seconds: float = 10.0
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
 
     def __post_init__(self) -> None:
         if not self.engines or not self.batch_sizes or min(self.batch_sizes) < 1 or self.iterations < 1:
             raise ValueError("give at least one engine path, batch sizes >= 1 and at least one timed batch")
-        if min(self.concurrency, default=1) < 1 or self.seconds <= 0:
-            raise ValueError("closed-loop levels must be at least 1 and their timed seconds positive")
+        if min(self.concurrency, default=1) < 1 or min(self.rates, default=1) <= 0 or self.seconds <= 0:
+            raise ValueError("closed-loop levels must be at least 1, open-loop rates and timed seconds positive")
         if unknown := set(self.engines) - set(PATHS):
             raise ValueError(f"unknown engine paths {sorted(unknown)}; the paths are {', '.join(PATHS)}")
 
@@ -149,9 +156,9 @@ class _Timed:
 
     streaming = False
 
-    def __init__(self, finished: list[tuple[float, float, int]]) -> None:
+    def __init__(self, finished: list[tuple[float, float, int]], submitted: float | None = None) -> None:
         self.finished = finished
-        self.submitted = time.perf_counter()
+        self.submitted = time.perf_counter() if submitted is None else submitted
 
     def tokens(self, token_ids: list[int]) -> None:
         pass
@@ -210,6 +217,55 @@ def time_closed_loop(
     }
 
 
+OPEN_LOOP_WARMUP_S = 2.0
+"""Untimed seconds of an open loop before its timed window: the engine's backlog and batch settle first."""
+
+
+def time_open_loop(
+    engine: Any, kind: str, requests: Sequence[GenerationRequest], rate: float, seconds: float, seed: int = 0
+) -> dict[str, Any]:
+    """Submit requests at Poisson arrival times, ``rate`` a second, for ``OPEN_LOOP_WARMUP_S`` then ``seconds``
+    timed, stepping the engine between arrivals; the figures of the requests that finished in the timed window
+    (latency from each one's arrival time). Then the requests still waiting are dropped and the running ones
+    finish, untimed."""
+    arrivals = random.Random(seed)
+    finished: list[tuple[float, float, int]] = []
+    sent, steps, rows = 0, 0, 0
+    begin = time.perf_counter()
+    start, end, arrival = begin + OPEN_LOOP_WARMUP_S, begin + OPEN_LOOP_WARMUP_S + seconds, begin
+    while (now := time.perf_counter()) < end:
+        while arrival <= now:
+            engine.submit(requests[sent % len(requests)], _Timed(finished, submitted=arrival))
+            sent += 1
+            arrival += arrivals.expovariate(rate)
+        if not engine.has_work:
+            time.sleep(max(arrival - now, 0.0))
+            continue
+        if wait := engine.step():
+            time.sleep(min(wait, max(arrival - time.perf_counter(), 0.0)))
+        if now >= start:
+            steps, rows = steps + 1, rows + engine.running_count
+    waiting = len(engine.waiting)
+    engine.cancel(*(pending.id for pending in engine.waiting))  # an overload's backlog is not worth draining
+    while engine.has_work:  # the running ones, untimed
+        if wait := engine.step():
+            time.sleep(wait)
+    timed = [(began, ended, tokens) for began, ended, tokens in finished if start <= ended < end]
+    latencies = [ended - began for began, ended, _ in timed]
+    return {
+        "path": kind,
+        "rate": rate,
+        "requests": len(timed),
+        "images_per_s": len(timed) / seconds,
+        "tokens_per_s": sum(tokens for _, _, tokens in timed) / seconds,
+        "latency_p50_s": percentile(latencies, 50),
+        "latency_p99_s": percentile(latencies, 99),
+        "mean_batch": rows / max(steps, 1),
+        "steps_per_s": steps / seconds,
+        "waiting_at_end": waiting,
+    }
+
+
 def run_engine_bench(
     config: EngineBenchConfig, out_dir: Path, prices: PriceTable, nodes: Sequence[NodeSpec], utilization: float
 ) -> dict[str, Any]:
@@ -225,7 +281,8 @@ def run_engine_bench(
         "batch_wait_s": 0.0,  # every batch is submitted whole: waiting for more only adds latency
     }
     batches: list[BatchRecord] = []
-    continuous = []
+    continuous: list[dict[str, Any]] = []
+    open_loops: list[dict[str, Any]] = []
     for kind in config.engines:
         engine = build_engine(loaded, EngineConfig(**PATHS[kind], **engine_config))
         engine.warm_up()
@@ -234,6 +291,7 @@ def run_engine_bench(
                 engine, loaded, kind, requests, batch_size, config.iterations, config.warmup_iterations
             )
         continuous += [time_closed_loop(engine, kind, requests, level, config.seconds) for level in config.concurrency]
+        open_loops += [time_open_loop(engine, kind, requests, rate, config.seconds) for rate in config.rates]
         del engine
         gc.collect()
         if loaded.device.type == "cuda":
@@ -252,6 +310,7 @@ def run_engine_bench(
         **pricing_header(prices, nodes, usd_per_hour, utilization),
         "points": points,
         "continuous": continuous,
+        "open": open_loops,
     }
     write_jsonl(out_dir / "batches.jsonl", batches)
     write_json(out_dir / "summary.json", summary)

@@ -386,6 +386,14 @@ CONTINUOUS_COLUMNS = {
 }
 """The closed-loop table of an engine report, with its column titles."""
 
+OPEN_COLUMNS = {
+    "path": "path",
+    "rate": "arriving/s",
+    **{key: title for key, title in CONTINUOUS_COLUMNS.items() if key not in ("path", "concurrency", "latency_mean_s")},
+    "waiting_at_end": "waiting at the end",
+}
+"""The open-loop table of an engine report, with its column titles."""
+
 
 def write_engine_report(out_dir: Path) -> Path:
     """``summary.csv``, ``engine_throughput.png`` and ``report.md`` of an engine-only run folder."""
@@ -434,6 +442,18 @@ def write_engine_report(out_dir: Path) -> Path:
             "running after each step (0 for hf, whose steps run whole batches).",
             "",
             markdown_table(pd.DataFrame(summary["continuous"]).rename(columns=CONTINUOUS_COLUMNS)),
+            "",
+        ]
+    if summary.get("open"):
+        frame = pd.DataFrame(summary["open"])
+        lines += [
+            "## Open loops at the engine",
+            "",
+            "Requests arriving one at a time at the rate given (Poisson), as a service's CPU tier hands them over, "
+            f"{config['seconds']:g} s timed after a warm-up; latency from arrival. Throughput below the rate, "
+            "and requests left waiting, mean the engine cannot sustain it.",
+            "",
+            markdown_table(frame[[c for c in OPEN_COLUMNS if c in frame]].rename(columns=OPEN_COLUMNS)),
             "",
         ]
     path = out_dir / "report.md"

@@ -187,9 +187,10 @@ class Engine(ABC):
         self.waiting.append(pending)
         return pending.id
 
-    def cancel(self, request_id: int) -> None:
-        """Drop a request that is waiting (subclasses also stop running ones)."""
-        self.waiting = deque(p for p in self.waiting if p.id != request_id)
+    def cancel(self, *request_ids: int) -> None:
+        """Drop requests that are waiting (subclasses also stop running ones)."""
+        dropped = set(request_ids)
+        self.waiting = deque(p for p in self.waiting if p.id not in dropped)
 
     def fail_all(self, error: BaseException) -> None:
         """End every request in the engine with ``error``: after a step failed midway, their state is unknown."""

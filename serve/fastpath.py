@@ -218,10 +218,11 @@ class FastEngine(Engine):
     def running_count(self) -> int:
         return len(self.running)
 
-    def cancel(self, request_id: int) -> None:
-        super().cancel(request_id)
+    def cancel(self, *request_ids: int) -> None:
+        super().cancel(*request_ids)
+        dropped = set(request_ids)
         for slot, sequence in list(self.running.items()):
-            if sequence.id == request_id:
+            if sequence.id in dropped:
                 self._release(slot)
 
     def fail_all(self, error: BaseException) -> None:

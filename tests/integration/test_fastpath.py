@@ -104,14 +104,19 @@ def test_sampling_and_bans_match_reference_and_repeat(fast, hf_engine, codec):
 
 
 def test_cancel_frees_the_slot_and_spares_the_others(fast, workload, reference):
-    sinks = [Recorder() for _ in workload[:4]]
-    ids = [fast.submit(r, s) for r, s in zip(workload[:4], sinks)]
+    """One call cancels a running request and a waiting one (eight requests, six slots)."""
+    requests = [workload[i % len(workload)] for i in range(8)]
+    sinks = [Recorder() for _ in requests]
+    ids = [fast.submit(r, s) for r, s in zip(requests, sinks)]
     fast.step()
-    fast.cancel(ids[1])
+    assert fast.running_count == 6 and [p.id for p in fast.waiting] == ids[6:]
+    fast.cancel(ids[1], ids[7])
+    assert [p.id for p in fast.waiting] == [ids[6]] and fast.running_count == 5
     while fast.has_work:
         fast.step()
-    assert sinks[1].result is None
-    assert [sinks[i].result for i in (0, 2, 3)] == [reference[i] for i in (0, 2, 3)]
+    assert sinks[1].result is None and sinks[7].result is None
+    kept = (0, 2, 3, 4, 5, 6)
+    assert [sinks[i].result for i in kept] == [reference[i % len(workload)] for i in kept]
     assert sorted(fast.free) == list(range(6))
 
 

@@ -19,6 +19,8 @@ from serve.engine import build_engine
 
 ITERATIONS = 2
 BATCH_SIZES = (1, 3)
+LIGHT, FLOOD = 4.0, 5000.0
+"""Open-loop rates: one the tiny engine sustains, one it cannot."""
 WORKLOAD = ["--resolutions", "64x48", "--pool-size", "5", "--max-tokens", "6", "--seed", "2"]
 
 
@@ -26,7 +28,7 @@ WORKLOAD = ["--resolutions", "64x48", "--pool-size", "5", "--max-tokens", "6", "
 def engine_run(tiny_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("engine")
     args = ["engine", "--model", str(tiny_dir), "--out", str(out), "--engine", "hf,fast", "--batch-sizes", "1,3"]
-    args += ["--iterations", str(ITERATIONS), "--concurrency", "2,5", "--seconds", "1.5"]
+    args += ["--iterations", str(ITERATIONS), "--concurrency", "2,5", "--rates", f"{LIGHT},{FLOOD}", "--seconds", "1.5"]
     assert main([*args, "--device", "cpu", "--nodes", "g6.xlarge", *WORKLOAD]) == 0
     return out
 
@@ -72,6 +74,21 @@ def test_closed_loops_keep_their_requests_in_the_engine(engine_run):
     fast = {p["concurrency"]: p for p in points if p["path"] == "fast"}
     assert 1 < fast[2]["mean_batch"] <= 2 < fast[5]["mean_batch"] <= 3
     assert "## Closed loops at the engine" in (engine_run / "report.md").read_text()
+
+
+def test_open_loops_serve_what_arrives_or_show_the_backlog(engine_run):
+    """At a light rate the engine finishes requests as they arrive and leaves none waiting; flooded, it finishes
+    far fewer than arrive and the rest queue."""
+    points = read_json(engine_run / "summary.json")["open"]
+    assert [(p["path"], p["rate"]) for p in points] == [(e, r) for e in ("hf", "fast") for r in (LIGHT, FLOOD)]
+    for point in points:
+        assert 0 < point["latency_p50_s"] <= point["latency_p99_s"]
+        assert 1 <= point["tokens_per_s"] / point["images_per_s"] <= 7
+        if point["rate"] == LIGHT:
+            assert point["waiting_at_end"] <= 3 and point["images_per_s"] <= 3 * LIGHT
+        else:
+            assert point["waiting_at_end"] > 1000 and point["images_per_s"] < FLOOD / 10
+    assert "## Open loops at the engine" in (engine_run / "report.md").read_text()
 
 
 def test_both_paths_ran_the_same_requests(engine_run, loaded):
@@ -148,7 +165,8 @@ def test_profile_times_the_phases_and_lists_the_top_operators(tiny_dir, tmp_path
     for point in result["points"]:
         assert point["compiled"] is False and point["decode_attention"] == "sdpa"
         assert point["decode_steps"] == 4  # six tokens: the admission step gives two, four decode steps the rest
-        assert 0 < point["vision_s"] < point["admission_step_s"] and point["decode_step_s"] > 0
+        # each phase timed on its own: on two busy cores the vision alone can take as long as the admission
+        assert point["vision_s"] > 0 and point["admission_step_s"] > 0 and point["decode_step_s"] > 0
         assert point["total_s"] > point["admission_step_s"]
         assert point["images_per_s"] == pytest.approx(point["batch_size"] / point["total_s"])
     (table,) = result["kernels"]
