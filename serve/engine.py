@@ -170,6 +170,9 @@ class Engine(ABC):
         self._ids = itertools.count()
         self.device_wait_s = 0.0
         """Seconds the engine has blocked waiting for its device (the fast engine on CUDA counts them)."""
+        self.admissions, self.admitted, self.admission_s = 0, 0, 0.0
+        """Admissions of waiting requests into the running batch, the requests they took, and the seconds they
+        took, the wait for their first tokens included (the fast engine counts them)."""
 
     def check(self, request: GenerationRequest) -> None:
         """Refuse a request the engine cannot run, with a message for the client."""

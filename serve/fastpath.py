@@ -260,7 +260,9 @@ class FastEngine(Engine):
         return 0
 
     def _admit(self, count: int) -> None:
+        began = time.perf_counter()
         self._settle()  # the new sequences' slots must be free of any step in flight
+        self.admissions, self.admitted = self.admissions + 1, self.admitted + count
         batch = [self.waiting.popleft() for _ in range(count)]
         slots = [heapq.heappop(self.free) for _ in range(count)]
         try:
@@ -286,6 +288,7 @@ class FastEngine(Engine):
             if pending.sink.streaming:
                 self.streaming.add(slot)
         self._accept(np.asarray(slots), self._wait(self._fetch(self._choose(logits, slots))))
+        self.admission_s += time.perf_counter() - began
 
     def _prefill(self, batch: list[Pending], slots: list[int]) -> torch.Tensor:
         """Encode images and prompts, fill the slots' caches, and return each prompt's last logits.

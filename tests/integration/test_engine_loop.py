@@ -5,6 +5,7 @@ their fields, and a child process that dies or cannot start."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
@@ -40,13 +41,17 @@ def test_concurrent_callers_get_their_own_results(engine_loop, work):
     async def main():
         return await asyncio.gather(*(engine_loop.generate(r) for r in requests))
 
-    before, began = engine_loop.stats.engine_s, time.perf_counter()
+    before, began = dataclasses.replace(engine_loop.stats), time.perf_counter()
     assert asyncio.run(main()) == expected
     wall = time.perf_counter() - began
-    assert engine_loop.stats.finished >= len(requests)
-    assert 0 < engine_loop.stats.engine_s - before <= len(requests) * wall  # each request's time in the engine
-    stats = engine_loop.stats  # the engine thread's CPU in steps is part of their wall time; no device here
+    stats = engine_loop.stats
+    assert stats.finished - before.finished == len(requests)
+    assert 0 < stats.engine_s - before.engine_s <= len(requests) * wall  # each request's time in the engine
+    # the engine thread's CPU in steps is part of their wall time; no device here
     assert 0 < stats.step_cpu_s <= stats.busy_s and stats.device_wait_s == 0
+    # nine requests, four slots: at least three admissions took them all, within the time in steps
+    assert stats.admitted - before.admitted == len(requests) and stats.admissions - before.admissions >= 3
+    assert 0 < stats.admission_s - before.admission_s < stats.busy_s - before.busy_s
 
 
 def test_stream_yields_tokens_then_the_result(engine_loop, work):
@@ -133,10 +138,14 @@ def test_stats_summarise_a_window():
         engine_s=5.5,
         step_cpu_s=2.5,
         device_wait_s=1.5,
+        admissions=20,
+        admitted=12,
+        admission_s=2.0,
     )
     assert after.summary(before, 10) == (
         "engine: 20 steps/s, 1.0 requests/s, 32 tokens/s, mean batch 8.0, busy 50% (on a core 20%, "
-        "waiting on the device 15%), 3 waiting, 250 ms a request in the engine"
+        "waiting on the device 15%; admitting 20%, 2.0 admissions/s of 0.6 requests), 3 waiting, "
+        "250 ms a request in the engine"
     )
 
 
