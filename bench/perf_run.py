@@ -137,7 +137,7 @@ def main() -> None:
         write_tiny(model_dir, real_size=True)
         model = ["--model", str(model_dir), "--load-format", "dummy"]
         config, batches, concurrency, duration = "configs/perf.yaml", "1,64,256,512,1024", "1,384,768,1024", "15"
-        in_engine, rates = "384,768", "500,650,800"
+        in_engine, rates = "384,768", "650,800"
     if args.quick:
         batches, concurrency, duration, in_engine, rates = "1,4", "1,8", "3", "4", "4"
     concurrency = args.concurrency or concurrency
