@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine",
         dest="engines",
         type=_names,
-        help="paths side by side: hf,fast,fast-eager,fast-sdpa,fast-sync (hf)",
+        help="paths side by side: hf,fast,fast-eager,fast-sdpa,fast-sync,fast-graphs32 (hf)",
     )
     engine.add_argument("--batch-sizes", type=_ints, help="comma-separated (1,8,32)")
     engine.add_argument("--iterations", type=int, help="timed batches per point (5)")

@@ -56,9 +56,11 @@ PATHS: dict[str, dict[str, str]] = {
     "fast-eager": {"kind": "fast", "compile": "off"},
     "fast-sdpa": {"kind": "fast", "decode_attention": "sdpa"},
     "fast-sync": {"kind": "fast", "overlap": False},
+    "fast-graphs32": {"kind": "fast", "graph_admission_rows": 32},
 }
 """Engine paths by name: the reference, the fast engine, and the fast engine with its layers uncompiled, with
-SDPA decode attention, or with each decode step's tokens taken before the next is launched."""
+SDPA decode attention, with each decode step's tokens taken before the next is launched, or with CUDA graphs
+for admissions of at most 32 requests (the default before they reached 256)."""
 
 
 @dataclass(frozen=True)

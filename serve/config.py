@@ -117,6 +117,15 @@ class EngineConfig(_Strict):
     max_batch_size: int = Field(64, ge=1, le=1024)
     max_seq_len: int = Field(256, ge=96, le=2048, description="prompt (about 70 tokens) plus answer")
     cuda_graphs: bool = True
+    graph_admission_rows: int = Field(
+        256,
+        ge=1,
+        le=1024,
+        description="fast engine on CUDA: admissions of up to this many requests replay CUDA graphs (one captured "
+        "at first use per row bucket and prompt width); larger ones launch their kernels one by one, about 30 ms "
+        "of host time that the device waits for unless the admission is large. On an H200 the service's "
+        "admissions of 35-45 requests took 1.6 ms a request without graphs, against 0.73 in one of 512",
+    )
     compile: Literal["auto", "on", "off"] = Field(
         "auto",
         description="fast engine: torch.compile its layers (fused elementwise kernels); auto: on CUDA. Compiling "

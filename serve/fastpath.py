@@ -53,10 +53,6 @@ LENGTH_BUCKET = 32
 WIDTH_BUCKET = 8
 """Granularity of the prompt width of a captured admission (the brief caption's 71 tokens pad to 72; 80 with
 16, a tenth more prefill for every admission of up to 32 requests)."""
-ADMISSION_ROWS = (1, 2, 4, 8, 12, 16, 20, 24, 28, 32)
-"""Admissions of at most 32 requests replay CUDA graphs, their rows padded to the next of these sizes (padding
-costs a whole admission's arithmetic a row: powers of two would pad 17 requests to 32); larger admissions run
-without graphs, bound by arithmetic."""
 VOCAB_ALIGN = 64
 """The output projection's rows are padded to a multiple of this (aligned matrix-product kernels)."""
 COMPILE_WIDTH = 19
@@ -95,6 +91,21 @@ def batch_buckets(max_batch: int) -> list[int]:
     """
     sizes = [size for size in (1, 2, 4, 8, 16, *range(32, max_batch, 32)) if size < max_batch]
     return [*sizes, max_batch]
+
+
+def admission_buckets(limit: int) -> list[int]:
+    """Row counts of captured admissions, up to ``limit``: 1, 2, 4, then steps of about a quarter of the size
+    (padding costs a whole admission's arithmetic a row: powers of two would pad 17 requests to 32, 129 to 256).
+
+    >>> admission_buckets(300)
+    [1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 300]
+    """
+    sizes = [size for size in (1, 2, 4) if size < limit]
+    size = 8
+    while size < limit:
+        sizes.append(size)
+        size += max(4, 2 ** (size.bit_length() - 3))
+    return [*sizes, limit]
 
 
 def resolve_attention(choice: str, device: torch.device) -> str:
@@ -174,6 +185,7 @@ class FastEngine(Engine):
         self.streaming: set[int] = set()
         self.held_steps = 0  # decode steps run while requests waited
         self.buckets = batch_buckets(slots)
+        self.admission_rows = admission_buckets(min(config.graph_admission_rows, slots))
         self.use_graphs = config.cuda_graphs and device.type == "cuda"
         self.graph_admissions = self.use_graphs  # padded to graph shapes; off if a capture fails
         self.graphs: dict[tuple[str, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -300,9 +312,9 @@ class FastEngine(Engine):
         count = len(requests)
         lengths = np.array([len(r.prompt_ids) for r in requests])
         rows, width = count, int(lengths.max())
-        padded = self.graph_admissions and count <= ADMISSION_ROWS[-1]
+        padded = self.graph_admissions and count <= self.admission_rows[-1]
         if padded:
-            rows = min(next(size for size in ADMISSION_ROWS if size >= count), self.config.max_batch_size)
+            rows = next(size for size in self.admission_rows if size >= count)
             width = min(-(-width // WIDTH_BUCKET) * WIDTH_BUCKET, self.config.max_seq_len)
         ids = np.full((rows, width), self.geometry.pad_id, dtype=np.int64)
         offsets, last = np.zeros(rows, dtype=np.int64), np.zeros(rows, dtype=np.int64)

@@ -151,8 +151,8 @@ def test_ignore_eos_forces_the_length(fast, hf_engine, workload, reference):
 
 @pytest.mark.parametrize("slots", [6, 16])
 def test_padded_admissions_equal_reference(loaded, workload, reference, slots):
-    """On CUDA small admissions are padded to captured shapes (rows to the next of ``ADMISSION_ROWS`` or the slot
-    count, prompts to a multiple of 16, padding rows into the scratch slot); here the same padding runs eagerly
+    """On CUDA admissions are padded to captured shapes (rows to the next of ``admission_buckets`` up to the slot
+    count, prompts to a multiple of 8, padding rows into the scratch slot); here the same padding runs eagerly
     and changes no token: 3 requests padded to 4 rows, 9 to 6 (six slots) or 12, 14 to 16."""
     engine = FastEngine(loaded, EngineConfig(kind="fast", max_batch_size=slots, max_seq_len=160))
     engine.graph_admissions = True
