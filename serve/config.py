@@ -145,6 +145,15 @@ class EngineConfig(_Strict):
     )
     admit_max_steps: int = Field(16, ge=0, description="fast engine: or once they have waited this many decode steps")
     batch_wait_s: float = Field(0.005, ge=0, description="hf engine: how long to gather a batch")
+    process_niceness: int = Field(
+        -10,
+        ge=-20,
+        le=19,
+        description="the engine process's niceness (below 0 needs root or CAP_SYS_NICE; else it keeps its own), so "
+        "that its host thread is not kept waiting for a core by the CPU tier's replicas on the same machine. On an "
+        "H200 with 8 Preprocessor and 5 Ingress replicas beside it, -10 took the service from 474.1 to 522.3 "
+        "images/s at 1,024 clients",
+    )
 
 
 class LimitsConfig(_Strict):

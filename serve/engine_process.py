@@ -12,7 +12,9 @@ to the child, ``("submit", ticket, request, streaming)`` and ``("cancel", ticket
 ``(ticket, "tokens" | "finish" | "fail", payload)`` with the engine's stats. A sender thread on each side
 writes, so neither the event loop nor the engine waits on the socket. The child exits when the socket closes
 (the replica is gone); if the child dies, its requests fail at once (503, ``engine_lost``) and ``alive`` turns
-false, so Serve's health check replaces the replica.
+false, so Serve's health check replaces the replica. The child runs at a higher priority than the CPU tier's
+processes where permitted (``EngineConfig.process_niceness``): a GPU fed by one host thread idles whenever that
+thread waits for a core.
 """
 
 from __future__ import annotations
@@ -226,11 +228,21 @@ def _send_events(connection: Connection, outbox: queue.SimpleQueue, loop: Engine
             return
 
 
+def prioritize(niceness: int) -> None:
+    """Give the calling thread, and the threads it starts from now on, this niceness; where that is not
+    permitted, say so and keep the current one."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)
+    except PermissionError:
+        logging.warning("the engine process keeps niceness %d: %d needs root or CAP_SYS_NICE", os.nice(0), niceness)
+
+
 def main() -> None:
     """The child: load the model, report ready, then serve the parent's messages until the socket closes."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine process %(levelname)s %(message)s")
     connection = Connection(int(sys.argv[1]))
     config = ServiceConfig.model_validate(connection.recv())
+    prioritize(config.engine.process_niceness)  # before the engine's threads start: they inherit it
     try:
         model = config.model
         loaded = load_model(model.source, device=model.device, dtype=model.dtype, load_format=model.load_format)

@@ -9,6 +9,7 @@ import dataclasses
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -178,6 +179,16 @@ def test_tokens_equal_the_reference(engine_process, work):
     assert streamed[-1] == expected[2] and isinstance(streamed[-1], GenerationResult)
     assert [token for chunk in streamed[:-1] for token in chunk] == expected[2].token_ids
     assert engine_process.description.startswith("fast engine on cpu")
+
+
+def test_the_engine_runs_at_its_priority(engine_process):
+    """The child's main thread and the threads it started (the engine loop's, the sender) run at the configured
+    niceness where that is permitted (as root, here and in CI), else at the parent's."""
+    expected = -10 if os.geteuid() == 0 else os.nice(0)
+    tasks = Path(f"/proc/{engine_process._process.pid}/task").iterdir()
+    niceness = [int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]) for task in tasks]
+    assert os.getpriority(os.PRIO_PROCESS, engine_process._process.pid) == expected
+    assert niceness.count(expected) >= 3
 
 
 def test_errors_keep_their_fields_and_the_engine_goes_on(engine_process, work):
