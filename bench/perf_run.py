@@ -13,9 +13,6 @@ The workload is the performance goal's: brief grounded captions of 640x480 JPEGs
 ``python -m bench run``), so every figure can be reproduced alone; ``perf.json`` gathers them with the
 commands that made them. During the 80% point, py-spy (a dev dependency) samples the Python stacks of one
 Generator replica, its engine process, one Ingress and one Preprocessor (``py-spy-<role>.txt``, collapsed).
-Last, where the run may change process priorities (as root), the top load again with the engine process's
-threads at a higher priority (``ENGINE_NICENESS``) than the service's CPU-tier processes beside it
-(``service-priority/``): whether the engine's host thread loses time to them.
 """
 
 from __future__ import annotations
@@ -79,9 +76,6 @@ def start_service(model: list[str], config: str, port: int, log: Path) -> subpro
     sys.exit(f"the service was not ready in 300 s: see {log}")
 
 
-ENGINE_NICENESS = -10
-"""The engine process's niceness in the run's last point (the other processes keep 0)."""
-
 PROFILED = ("Generator", "engine process", "Ingress", "Preprocessor")
 """Roles whose Python stacks the steady point samples (one process each), where py-spy is installed."""
 
@@ -102,16 +96,6 @@ def sample_stacks(out: Path, delay_s: float = 5, seconds: float = 10) -> list[su
     return samplers
 
 
-def renice(pid: int, niceness: int) -> bool:
-    """Give every thread of process ``pid`` this niceness; ``False`` where that is not permitted."""
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            os.setpriority(os.PRIO_PROCESS, int(task.name), niceness)
-    except PermissionError:
-        return False
-    return True
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.perf_run", description=__doc__)
     parser.add_argument("--out", required=True, type=Path)
@@ -120,10 +104,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
         "--paths",
-        default="hf,fast",
+        default="hf,fast,fast-graphs32",
         help="engine paths side by side (%(default)s; also fast-eager, fast-sdpa)",
     )
     parser.add_argument("--concurrency", help="the service's closed-loop clients (GPU: 1,384,768,1024)")
+    parser.add_argument("--in-engine", help="closed loops at the engine: requests kept in it (GPU: 384)")
+    parser.add_argument("--rates", help="open loops at the engine: arrivals a second (GPU: 500,650)")
     parser.add_argument("--no-profile", action="store_true", help="skip where the fast engine's time goes")
     args = parser.parse_args()
     out = args.out.resolve()
@@ -137,10 +123,10 @@ def main() -> None:
         write_tiny(model_dir, real_size=True)
         model = ["--model", str(model_dir), "--load-format", "dummy"]
         config, batches, concurrency, duration = "configs/perf.yaml", "1,64,256,512,1024", "1,384,768,1024", "15"
-        in_engine, rates = "384,768", "650,800"
+        in_engine, rates = "384", "500,650"
     if args.quick:
         batches, concurrency, duration, in_engine, rates = "1,4", "1,8", "3", "4", "4"
-    concurrency = args.concurrency or concurrency
+    concurrency, in_engine, rates = args.concurrency or concurrency, args.in_engine or in_engine, args.rates or rates
     if "fast" not in args.paths.split(","):
         parser.error("--paths must include fast, the service's engine")
     python = sys.executable
@@ -235,24 +221,6 @@ def main() -> None:
         after["load generator"] = point["sender_cpu_s"]  # over the point only: not its start-up
         cpu = per_request_ms(before, after, point["sent"])  # every request sent, the warm-up's included
         (out / "cpu_per_request.json").write_text(json.dumps(cpu, indent=2) + "\n")
-        engine_pid = one_of_each(["engine process"]).get("engine process")
-        if engine_pid is not None and renice(engine_pid, ENGINE_NICENESS):
-            top = str(max(point["concurrency"] for point in points))
-            prioritized = [
-                python,
-                "-m",
-                "bench",
-                "run",
-                "--concurrency",
-                top,
-                *load,
-                "--out",
-                str(out / "service-priority"),
-            ]
-            run(prioritized, out / "priority.log")
-            steps.append(prioritized)
-        else:
-            print("the engine process's priority could not be raised: no priority point", flush=True)
     finally:
         for path in Path(tempfile.gettempdir(), "ray", "session_latest", "logs", "serve").glob("replica_*Generator*"):
             shutil.copy(path, out / path.name)  # the engine's log lines: steps/s, batch, busy time
@@ -273,8 +241,6 @@ def combine(out: Path, commands: list[str], options: dict[str, Any]) -> dict[str
     steady = json.loads((out / "service-80" / "summary.json").read_text())
     keep = ("images_per_s", "latency_p50_s", "latency_p99_s", "requests", "errors")
     profile = out / "profile.json"
-    priority = out / "service-priority" / "summary.json"
-    prioritized = json.loads(priority.read_text())["points"][0] if priority.exists() else None
     engine_points = [
         {
             "path": p["path"],
@@ -303,15 +269,6 @@ def combine(out: Path, commands: list[str], options: dict[str, Any]) -> dict[str
         "engine_profile": json.loads(profile.read_text()) if profile.exists() else None,
         "service": service_points,
         "service_at_80_percent": at80,
-        "service_engine_prioritized": (
-            {
-                "niceness": ENGINE_NICENESS,
-                "concurrency": prioritized.get("concurrency"),
-                **{k: prioritized.get(k) for k in keep},
-            }
-            if prioritized
-            else None
-        ),
         "cpu_ms_per_request_at_80_percent": json.loads((out / "cpu_per_request.json").read_text()),
         "headline": {
             "gpu": engine.get("gpu"),
@@ -323,7 +280,6 @@ def combine(out: Path, commands: list[str], options: dict[str, Any]) -> dict[str
             "engine_fast_closed_loop_images_per_s": looped,
             "service_images_per_s": peak,
             "service_over_engine": peak / best["fast"],
-            "service_engine_prioritized_images_per_s": prioritized["images_per_s"] if prioritized else None,
             "p99_at_80_percent_s": at80["latency_p99_s"],
             "single_request_s": alone["latency_p50_s"],
             "engine_single_image_s": single.get("fast"),
