@@ -1,9 +1,10 @@
 """Image decoding, checks and the Kosmos-2 resize, on the CPU.
 
 ``prepare_image(data, limits)`` turns encoded bytes into the 224x224x3 uint8 array the model sees, made exactly as
-the Kosmos-2 processor makes it (every image squashed to 224x224 with PIL's bicubic filter, transparency
-composited on white), plus the original width and height for mapping boxes back. Normalization to the
-CLIP mean and standard deviation happens later, on the engine's device (``serve.engine.normalize_pixels``).
+the Kosmos-2 processor makes it (every image squashed to 224x224 with PIL's bicubic filter, whose arithmetic
+``serve.resample`` repeats faster; transparency composited on white), plus the original width and height for
+mapping boxes back. Normalization to the CLIP mean and standard deviation happens later, on the engine's device
+(``serve.engine.normalize_pixels``).
 
 Limits are checked from the header, before any pixel is decoded, so a decompression bomb costs nothing.
 Unlike the Hugging Face processor, the EXIF orientation is applied, so boxes match the image as viewers
@@ -20,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from serve.errors import InvalidImage, PayloadTooLarge
+from serve.resample import resize_bicubic
 
 SIZE = 224
 """Side of the square model input."""
@@ -132,5 +134,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def resize(image: Image.Image) -> np.ndarray:
-    """Squash to 224x224 with bicubic filtering, as the processor does (no aspect kept; its crop is a no-op)."""
-    return np.array(image.resize((SIZE, SIZE), Image.Resampling.BICUBIC), dtype=np.uint8)
+    """Squash an RGB image to 224x224 with bicubic filtering, as the processor does (no aspect kept; its crop is
+    a no-op): Pillow's bytes, computed about twice as fast by :func:`serve.resample.resize_bicubic`."""
+    return resize_bicubic(image, SIZE)
