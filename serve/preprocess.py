@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from serve.config import ServiceConfig
 from serve.engine import GenerationRequest, GenerationResult, check_length
 from serve.errors import InvalidImage, InvalidRequest, PayloadTooLarge, ServiceError
-from serve.images import PreparedImage, prepare_image
+from serve.images import PreparedImage, compile_resize, prepare_image
 from serve.jobs import Finished, Job, Prepared, PromptInfo, Started
 from serve.model import load_processor
 from serve.remote import fetch_image
@@ -59,6 +59,7 @@ class Preprocessor:
         self.codec = TextCodec(load_processor(config.model.source))
         self.limits = config.limits.image_limits()
         self.generator = generator
+        compile_resize()
 
     async def ready(self) -> bool:
         return True
