@@ -17,6 +17,9 @@ if [ -d .whl ]; then
 fi
 export RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+# The image path's resize is compiled by numba, which the GPU image carries (with its numpy); if it does not
+# import there, carry numba's and llvmlite's wheels in .whl.
+python3 -c "import numba, numpy; print('numba', numba.__version__, 'numpy', numpy.__version__)" | tee -a "$OUT/gpu.txt" || exit 1
 if [ "${GPU_TESTS:-1}" = 1 ]; then
   timeout 100 python3 -m pytest -q ${GPU_TEST_ARGS:-tests/gpu tests/unit/test_attention.py tests/unit/test_ffn.py} 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 fi
