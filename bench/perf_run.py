@@ -222,8 +222,11 @@ def main() -> None:
         cpu = per_request_ms(before, after, point["sent"])  # every request sent, the warm-up's included
         (out / "cpu_per_request.json").write_text(json.dumps(cpu, indent=2) + "\n")
     finally:
-        for path in Path(tempfile.gettempdir(), "ray", "session_latest", "logs", "serve").glob("replica_*Generator*"):
-            shutil.copy(path, out / path.name)  # the engine's log lines: steps/s, batch, busy time
+        # the engine's log lines (steps/s, batch, busy time, admissions), and every request's line with its
+        # time to be prepared and to get its tokens
+        for path in Path(tempfile.gettempdir(), "ray", "session_latest", "logs", "serve").glob("replica_*"):
+            if "Generator" in path.name or "Ingress" in path.name:
+                shutil.copy(path, out / path.name)
         service.send_signal(signal.SIGTERM)
         service.wait(timeout=120)
     if not args.no_profile:  # last: the goals' figures come first where time is short

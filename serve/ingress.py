@@ -239,6 +239,7 @@ class Ingress:
             usage=usage_of(finished),
         )
         record.update(prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens)
+        record.update(prepare_s=round(finished.prepare_s, 4), generate_s=round(finished.generate_s, 4))
         self._log(record, 200, started)
         return JSONResponse(completion.model_dump())
 

@@ -62,12 +62,15 @@ class Started:
 
 @dataclass(frozen=True)
 class Finished:
-    """An answer ready for the client."""
+    """An answer ready for the client, and the seconds the Preprocessor spent preparing the request and awaiting
+    its tokens from the Generator (queues and the engine included), for the request's log line."""
 
     answer: Answer
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    prepare_s: float = 0.0
+    generate_s: float = 0.0
 
 
 def job_from_request(request: ChatCompletionRequest, config: ServiceConfig, request_id: str) -> Job:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from serve.config import ServiceConfig
 from serve.engine import GenerationRequest, GenerationResult, check_length
@@ -90,10 +91,14 @@ class Preprocessor:
 
     async def complete(self, job: Job) -> Finished | ServiceError:
         """The whole request: prepare, generate on a Generator replica, then the answer (or the error)."""
+        began = time.perf_counter()
         prepared = await self.prepare(job)
         if isinstance(prepared, ServiceError):
             return prepared
-        return self._finish(await self.generator.generate.remote(prepared.request), prepared.info)
+        sent = time.perf_counter()
+        result = await self.generator.generate.remote(prepared.request)
+        timings = {"prepare_s": sent - began, "generate_s": time.perf_counter() - sent}
+        return replace(self._finish(result, prepared.info), **timings)
 
     def _finish(self, result: GenerationResult, info: PromptInfo) -> Finished:
         """The answer's clean text and entities."""
