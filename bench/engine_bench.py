@@ -202,12 +202,18 @@ def time_closed_loop(
     end = time.perf_counter()
     while engine.has_work:  # drain, untimed
         advance()
+    return {"path": kind, "concurrency": concurrency, **_window_figures(finished, start, end, steps, rows)}
+
+
+def _window_figures(
+    finished: list[tuple[float, float, int]], start: float, end: float, steps: int, rows: int
+) -> dict[str, Any]:
+    """Throughput and latencies of the requests that finished in ``[start, end)``, and the window's steps a
+    second and mean batch (``rows``: the sequences running after each of its ``steps``, summed)."""
     timed = [(began, ended, tokens) for began, ended, tokens in finished if start <= ended < end]
     latencies = [ended - began for began, ended, _ in timed]
     window = end - start
     return {
-        "path": kind,
-        "concurrency": concurrency,
         "requests": len(timed),
         "images_per_s": len(timed) / window,
         "tokens_per_s": sum(tokens for _, _, tokens in timed) / window,
@@ -252,20 +258,7 @@ def time_open_loop(
     while engine.has_work:  # the running ones, untimed
         if wait := engine.step():
             time.sleep(wait)
-    timed = [(began, ended, tokens) for began, ended, tokens in finished if start <= ended < end]
-    latencies = [ended - began for began, ended, _ in timed]
-    return {
-        "path": kind,
-        "rate": rate,
-        "requests": len(timed),
-        "images_per_s": len(timed) / seconds,
-        "tokens_per_s": sum(tokens for _, _, tokens in timed) / seconds,
-        "latency_p50_s": percentile(latencies, 50),
-        "latency_p99_s": percentile(latencies, 99),
-        "mean_batch": rows / max(steps, 1),
-        "steps_per_s": steps / seconds,
-        "waiting_at_end": waiting,
-    }
+    return {"path": kind, "rate": rate, **_window_figures(finished, start, end, steps, rows), "waiting_at_end": waiting}
 
 
 def run_engine_bench(
