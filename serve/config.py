@@ -124,7 +124,7 @@ class EngineConfig(_Strict):
         description="fast engine on CUDA: admissions of up to this many requests replay CUDA graphs (one captured "
         "at first use per row bucket and prompt width); larger ones launch their kernels one by one, about 30 ms "
         "of host time that the device waits for unless the admission is large. On an H200 the service's "
-        "admissions of 35-45 requests took 1.6 ms a request without graphs, against 0.73 in one of 512",
+        "admissions of 35-45 requests took 1.5 ms a request without graphs, against 0.73 in one of 512",
     )
     compile: Literal["auto", "on", "off"] = Field(
         "auto",

@@ -210,7 +210,7 @@ class EngineLoop(AsyncEngine):
             self.stats.device_wait_s = engine.device_wait_s
             self.stats.admissions, self.stats.admitted = engine.admissions, engine.admitted
             self.stats.admission_s = engine.admission_s
-            self.stats.step_rows += self.engine.running_count
+            self.stats.step_rows += engine.running_count
             if wait:
                 self._wake.wait(wait)
             self.stats.steps += 1
