@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from serve.images import ImageLimits
 
@@ -121,10 +121,17 @@ class EngineConfig(_Strict):
         256,
         ge=1,
         le=1024,
-        description="fast engine on CUDA: admissions of up to this many requests replay CUDA graphs (one captured "
-        "at first use per row bucket and prompt width); larger ones launch their kernels one by one, about 30 ms "
+        description="fast engine on CUDA: admissions of up to this many requests replay CUDA graphs (one per row "
+        "bucket and prompt width, see warm_admission_widths); larger ones launch their kernels one by one, about 30 ms "
         "of host time that the device waits for unless the admission is large. On an H200 the service's "
         "admissions of 35-45 requests took 1.5 ms a request without graphs, against 0.73 in one of 512",
+    )
+    warm_admission_widths: tuple[PositiveInt, ...] = Field(
+        (72, 80),
+        description="fast engine on CUDA: prompt widths (tokens, rounded up to 8) whose admission graphs, every row "
+        "bucket, are captured at start-up rather than at first use, where each capture stalls the running "
+        "sequences (default: the widths the brief and the detailed caption's prompts round up to); () captures "
+        "every one at first use",
     )
     compile: Literal["auto", "on", "off"] = Field(
         "auto",

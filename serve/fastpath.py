@@ -219,8 +219,23 @@ class FastEngine(Engine):
                 self._admission_forward(1, width)
         if self.use_graphs and self.attention == "triton":
             for batch in self.buckets:
-                self._replay(("decode", batch, 0), partial(self._decode_forward, batch, 0))
+                self._capture(("decode", batch, 0), partial(self._decode_forward, batch, 0))
+        if self.graph_admissions:
+            self._capture_admissions()
+        if self.use_graphs:
             torch.cuda.synchronize()
+
+    def _capture_admissions(self) -> None:
+        """Capture the admission graphs of every row bucket at the configured prompt widths (their padding rows
+        and the cache's writes go to the scratch slot). If one cannot be captured, admissions run eagerly."""
+        widths = {self._padded_width(width) for width in self.config.warm_admission_widths}
+        try:
+            for width in sorted(widths):
+                for rows in self.admission_rows:
+                    self._capture(("admit", rows, width), partial(self._admission_forward, rows, width))
+        except Exception:
+            log.exception("capturing the admission graphs failed; admissions run eagerly")
+            self.graph_admissions = False
 
     @property
     def has_work(self) -> bool:
@@ -315,7 +330,7 @@ class FastEngine(Engine):
         padded = self.graph_admissions and count <= self.admission_rows[-1]
         if padded:
             rows = next(size for size in self.admission_rows if size >= count)
-            width = min(-(-width // WIDTH_BUCKET) * WIDTH_BUCKET, self.config.max_seq_len)
+            width = self._padded_width(width)
         ids = np.full((rows, width), self.geometry.pad_id, dtype=np.int64)
         offsets, last = np.zeros(rows, dtype=np.int64), np.zeros(rows, dtype=np.int64)
         targets = np.full(rows, self.scratch, dtype=np.int64)
@@ -335,6 +350,10 @@ class FastEngine(Engine):
                 log.exception("capturing the admission of %d requests failed; admissions run eagerly", rows)
                 self.graph_admissions = False
         return forward()[:count]
+
+    def _padded_width(self, width: int) -> int:
+        """The prompt width of the captured admission that holds prompts of up to ``width`` tokens."""
+        return min(-(-width // WIDTH_BUCKET) * WIDTH_BUCKET, self.config.max_seq_len)
 
     def _admission_forward(self, rows: int, width: int) -> torch.Tensor:
         """Vision and prefill for the first ``rows`` admission inputs, ``width`` tokens each: fill the target
@@ -407,21 +426,26 @@ class FastEngine(Engine):
 
     def _replay(self, key: tuple[str, int, int], forward: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Replay the graph recorded for ``key`` (recording it on first use) and return its output."""
-        if key not in self.graphs:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm up kernels outside the graph, as CUDA graphs require
-                forward()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.graph_pool):
-                output = forward()
-            self.graph_pool = graph.pool()
-            self.graphs[key] = graph, output
-            log.debug("captured %s graph batch=%d size=%d", *key)
+        self._capture(key, forward)
         graph, output = self.graphs[key]
         graph.replay()
         return output
+
+    def _capture(self, key: tuple[str, int, int], forward: Callable[[], torch.Tensor]) -> None:
+        """Record ``forward`` as the graph of ``key``, unless it is recorded already."""
+        if key in self.graphs:
+            return
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up kernels outside the graph, as CUDA graphs require
+            forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            output = forward()
+        self.graph_pool = graph.pool()
+        self.graphs[key] = graph, output
+        log.debug("captured %s graph batch=%d size=%d", *key)
 
     def _decode_forward(self, batch: int, span: int) -> torch.Tensor:
         """One token for slots ``[0, batch)``: write its keys and values at ``input_index``, attend, and
