@@ -11,8 +11,9 @@ one JSON with the card's name.
 The workload is the performance goal's: brief grounded captions of 640x480 JPEGs, exactly 32 new tokens
 (``ignore_eos``). Each step is the ordinary CLI (``python -m bench engine``, ``python -m serve run``,
 ``python -m bench run``), so every figure can be reproduced alone; ``perf.json`` gathers them with the
-commands that made them. During the 80% point, py-spy (a dev dependency) samples the Python stacks of one
-Generator replica, its engine process, one Ingress and one Preprocessor (``py-spy-<role>.txt``, collapsed).
+commands that made them. The CPU each process spends a request is counted over the 80% point; then the sweep's
+busiest point runs again while py-spy (a dev dependency) samples the Python stacks of one Generator replica, its
+engine process, one Ingress and one Preprocessor (``py-spy-<role>.txt``, collapsed).
 """
 
 from __future__ import annotations
@@ -77,11 +78,11 @@ def start_service(model: list[str], config: str, port: int, log: Path) -> subpro
 
 
 PROFILED = ("Generator", "engine process", "Ingress", "Preprocessor")
-"""Roles whose Python stacks the steady point samples (one process each), where py-spy is installed."""
+"""Roles whose Python stacks the busiest point's repeat samples (one process each), where py-spy is installed."""
 
 
 def sample_stacks(out: Path, delay_s: float = 5, seconds: float = 10) -> list[subprocess.Popen]:
-    """Start py-spy on one process of each ``PROFILED`` role, ``delay_s`` into the steady point, for
+    """Start py-spy on one process of each ``PROFILED`` role, ``delay_s`` into the next point, for
     ``seconds``: collapsed stacks in ``py-spy-<role>.txt``, to see what a serial process spends its time on."""
     spy = shutil.which("py-spy", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     if spy is None:
@@ -211,16 +212,30 @@ def main() -> None:
             str(out / "service-80"),
         ]
         before = snapshot()
-        samplers = sample_stacks(out)
         run(steady, out / "steady.log")
         steps.append(steady)
-        for sampler in samplers:
-            sampler.wait(timeout=60)
         after = snapshot()
         point = json.loads((out / "service-80" / "summary.json").read_text())["points"][0]
         after["load generator"] = point["sender_cpu_s"]  # over the point only: not its start-up
         cpu = per_request_ms(before, after, point["sent"])  # every request sent, the warm-up's included
         (out / "cpu_per_request.json").write_text(json.dumps(cpu, indent=2) + "\n")
+        busiest = max(points, key=lambda point: point["images_per_s"])["concurrency"]
+        repeat = [
+            python,
+            "-m",
+            "bench",
+            "run",
+            "--concurrency",
+            str(busiest),
+            *load,
+            "--out",
+            str(out / "service-peak"),
+        ]
+        samplers = sample_stacks(out)  # what the processes do where the service cannot go faster
+        run(repeat, out / "peak.log")
+        steps.append(repeat)
+        for sampler in samplers:
+            sampler.wait(timeout=60)
     finally:
         # the engine's log lines (steps/s, batch, busy time, admissions), and every request's line with its
         # time to be prepared and to get its tokens
@@ -261,6 +276,7 @@ def combine(out: Path, commands: list[str], options: dict[str, Any]) -> dict[str
     peak = max(p["images_per_s"] for p in service_points)
     alone = next(p for p in service_points if p["concurrency"] == 1)
     at80 = {k: steady["points"][0].get(k) for k in (*keep, "rate")}
+    repeat = json.loads((out / "service-peak" / "summary.json").read_text())["points"][0]
     return {
         **provenance({key: str(value) for key, value in options.items()}),
         "gpu": engine.get("gpu"),
@@ -272,6 +288,7 @@ def combine(out: Path, commands: list[str], options: dict[str, Any]) -> dict[str
         "engine_profile": json.loads(profile.read_text()) if profile.exists() else None,
         "service": service_points,
         "service_at_80_percent": at80,
+        "service_busiest_again": {"concurrency": repeat.get("concurrency"), **{k: repeat.get(k) for k in keep}},
         "cpu_ms_per_request_at_80_percent": json.loads((out / "cpu_per_request.json").read_text()),
         "headline": {
             "gpu": engine.get("gpu"),
