@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, replace
 
@@ -32,6 +33,7 @@ class Generator:
         self.loop = EngineProcess(config)
         self.metrics = EngineMetrics()
         self._sampler: asyncio.Task | None = None
+        self.answered, self.answered_s = 0, 0.0  # requests answered by generate(), and their seconds in it
         if self.loop.device == "cpu":
             log.warning("Generator: no GPU visible; generating on the CPU (slow): %s", self.loop.description)
         log.info("Generator ready: %s", self.loop.description)
@@ -45,15 +47,16 @@ class Generator:
         """Start, once, the task that copies the engine's stats into the metrics every second."""
 
         async def sample() -> None:
-            last = replace(self.loop.stats)
+            last, answered, answered_s = replace(self.loop.stats), self.answered, self.answered_s
             for second in itertools.count(1):
                 await asyncio.sleep(1.0)
                 stats = self.loop.stats
                 self.metrics.sample(stats)
                 if second % STATS_LOG_S == 0:
                     if stats.steps > last.steps:  # a line while there is work
-                        log.info(stats.summary(last, STATS_LOG_S))
-                    last = replace(stats)
+                        inside = (self.answered_s - answered_s) / max(self.answered - answered, 1)
+                        log.info(f"{stats.summary(last, STATS_LOG_S)}, {inside * 1e3:.0f} in the replica")
+                    last, answered, answered_s = replace(stats), self.answered, self.answered_s
 
         if self._sampler is None:
             self._sampler = asyncio.create_task(sample())
@@ -73,7 +76,10 @@ class Generator:
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """Tokens for a prepared request."""
         self._sample_metrics()
-        return await self.loop.generate(request)
+        began = time.perf_counter()
+        result = await self.loop.generate(request)
+        self.answered, self.answered_s = self.answered + 1, self.answered_s + time.perf_counter() - began
+        return result
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[list[int] | GenerationResult]:
         """Lists of new token ids as they come, then the result."""

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -220,6 +221,7 @@ class Ingress:
                     raise first
                 chunks = self._stream(events, request_id, include_usage, started + timeout, record, started)
                 return StreamingResponse(chunks, media_type="text/event-stream")
+            job = replace(job, sent_at=time.time())
             finished = await asyncio.wait_for(self.preprocessor.complete.remote(job), timeout)
             if isinstance(finished, ServiceError):
                 raise finished
@@ -239,7 +241,8 @@ class Ingress:
             usage=usage_of(finished),
         )
         record.update(prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens)
-        record.update(prepare_s=round(finished.prepare_s, 4), generate_s=round(finished.generate_s, 4))
+        for name in ("queued_s", "prepare_s", "generate_s"):
+            record[name] = round(getattr(finished, name), 4)
         self._log(record, 200, started)
         return JSONResponse(completion.model_dump())
 

@@ -32,6 +32,8 @@ class Job:
     text: str | None
     region: Box | None
     params: SamplingParams
+    sent_at: float = 0.0
+    """When the Ingress handed the job over (``time.time()``, comparable across the machines of a cluster)."""
 
 
 @dataclass(frozen=True)
@@ -62,13 +64,15 @@ class Started:
 
 @dataclass(frozen=True)
 class Finished:
-    """An answer ready for the client, and the seconds the Preprocessor spent preparing the request and awaiting
-    its tokens from the Generator (queues and the engine included), for the request's log line."""
+    """An answer ready for the client, and for the request's log line where its time went: from the Ingress's
+    hand-over to the Preprocessor's start (Serve's routing and queues), preparing the request, and awaiting its
+    tokens from the Generator (the hop, its queues and the engine)."""
 
     answer: Answer
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    queued_s: float = 0.0
     prepare_s: float = 0.0
     generate_s: float = 0.0
 

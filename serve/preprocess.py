@@ -91,13 +91,14 @@ class Preprocessor:
 
     async def complete(self, job: Job) -> Finished | ServiceError:
         """The whole request: prepare, generate on a Generator replica, then the answer (or the error)."""
+        queued_s = max(time.time() - job.sent_at, 0.0) if job.sent_at else 0.0
         began = time.perf_counter()
         prepared = await self.prepare(job)
         if isinstance(prepared, ServiceError):
             return prepared
         sent = time.perf_counter()
         result = await self.generator.generate.remote(prepared.request)
-        timings = {"prepare_s": sent - began, "generate_s": time.perf_counter() - sent}
+        timings = {"queued_s": queued_s, "prepare_s": sent - began, "generate_s": time.perf_counter() - sent}
         return replace(self._finish(result, prepared.info), **timings)
 
     def _finish(self, result: GenerationResult, info: PromptInfo) -> Finished:
