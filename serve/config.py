@@ -121,10 +121,11 @@ class EngineConfig(_Strict):
         256,
         ge=1,
         le=1024,
-        description="fast engine on CUDA: admissions of up to this many requests replay CUDA graphs (one per row "
-        "bucket and prompt width, see warm_admission_widths); larger ones launch their kernels one by one, about 30 ms "
-        "of host time that the device waits for unless the admission is large. On an H200 the service's "
-        "admissions of 35-45 requests took 1.5 ms a request without graphs, against 0.73 in one of 512",
+        description="fast engine: admissions run in chunks of at most this many requests, each replaying a CUDA "
+        "graph on CUDA (one per row bucket and prompt width, see warm_admission_widths); without graphs an "
+        "admission's kernels launch one by one, about 30 ms of host time that the device waits for unless the "
+        "admission is large: on an H200 the service's admissions of 35-45 requests took 1.5 ms a request without "
+        "graphs, against 0.73 in one of 512",
     )
     warm_admission_widths: tuple[PositiveInt, ...] = Field(
         (72, 80),

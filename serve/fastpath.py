@@ -13,8 +13,9 @@ Hugging Face modules' own layers (same weights, same functions) and writes keys 
 ``[slots, heads, max_seq_len, head_dim]`` tensors. A decode step attends with the Triton kernel of
 ``serve.attention``, which reads each sequence's own length, or with SDPA over the first ``Tb`` positions
 (``Tb`` rounded up to a multiple of 32) and a length mask. On CUDA each decode step batch (and SDPA span),
-and each small admission (batch and prompt width rounded up), is captured once as a CUDA graph and replayed,
-which removes the Python and launch cost that dominates Hugging Face's steps. The layers themselves are
+and each admission (batch and prompt width rounded up; a large one in chunks, the host staging each chunk
+while the device runs the one before), is captured once as a CUDA graph and replayed, which removes the
+Python and launch cost that dominates Hugging Face's steps. The layers themselves are
 ``serve.layers``' functions, compiled on CUDA. Book-keeping is vectorized with numpy; Python runs per sequence
 only for sequences that stream, sample or ban n-grams, and for those that finish. With
 ``EngineConfig.overlap`` each decode step is launched before the previous step's tokens are taken (its inputs
@@ -287,47 +288,60 @@ class FastEngine(Engine):
         return 0
 
     def _admit(self, count: int) -> None:
+        """Admit ``count`` waiting requests, in chunks of at most ``graph_admission_rows`` (each one captured graph
+        on CUDA); the host stages each chunk's inputs while the device runs the chunk before."""
         began = time.perf_counter()
         self._settle()  # the new sequences' slots must be free of any step in flight
         self.admissions, self.admitted = self.admissions + 1, self.admitted + count
         batch = [self.waiting.popleft() for _ in range(count)]
         slots = [heapq.heappop(self.free) for _ in range(count)]
-        try:
-            logits = self._prefill(batch, slots)
-        except Exception as exc:  # e.g. out of memory: fail these requests, keep serving the others
-            log.exception("prefill of %d requests failed", count)
-            for pending, slot in zip(batch, slots):
-                heapq.heappush(self.free, slot)
-                pending.sink.fail(exc)
-            return
-        for pending, slot in zip(batch, slots):
-            request = pending.request
-            self.running[slot] = Running(
-                pending.id, request, pending.sink, TokenChooser(request.params, request.prompt_ids)
-            )
-            self.sequence_ids[slot] = pending.id
-            self.lengths[slot] = len(request.prompt_ids)
-            self.counts[slot] = 0
-            self.limits[slot] = request.params.max_new_tokens
-            self.stops[slot] = not request.params.ignore_eos
-            if not self.running[slot].chooser.simple:
-                self.special.add(slot)
-            if pending.sink.streaming:
-                self.streaming.add(slot)
-        self._accept(np.asarray(slots), self._wait(self._fetch(self._choose(logits, slots))))
+        size = self.admission_rows[-1]
+        chosen: list[tuple[list[int], int, torch.Tensor]] = []  # each chunk's slots, offset and first tokens
+        for start in range(0, count, size):
+            part, part_slots = batch[start : start + size], slots[start : start + size]
+            try:
+                logits = self._prefill(part, part_slots, start)
+            except Exception as exc:  # e.g. out of memory: fail these requests, keep serving the others
+                log.exception("prefill of %d requests failed", len(part))
+                for pending, slot in zip(part, part_slots):
+                    heapq.heappush(self.free, slot)
+                    pending.sink.fail(exc)
+                continue
+            for pending, slot in zip(part, part_slots):
+                self._start(pending, slot)
+            chosen.append((part_slots, start, self._fetch(self._choose(logits, part_slots), start)))
+        for part_slots, start, tokens in chosen:
+            self._accept(np.asarray(part_slots), self._wait(tokens, start))
         self.admission_s += time.perf_counter() - began
 
-    def _prefill(self, batch: list[Pending], slots: list[int]) -> torch.Tensor:
-        """Encode images and prompts, fill the slots' caches, and return each prompt's last logits.
+    def _start(self, pending: Pending, slot: int) -> None:
+        """Book ``slot`` for the admitted request."""
+        request = pending.request
+        self.running[slot] = Running(
+            pending.id, request, pending.sink, TokenChooser(request.params, request.prompt_ids)
+        )
+        self.sequence_ids[slot] = pending.id
+        self.lengths[slot] = len(request.prompt_ids)
+        self.counts[slot] = 0
+        self.limits[slot] = request.params.max_new_tokens
+        self.stops[slot] = not request.params.ignore_eos
+        if not self.running[slot].chooser.simple:
+            self.special.add(slot)
+        if pending.sink.streaming:
+            self.streaming.add(slot)
 
-        A small admission is padded to a captured shape: its padding rows write the scratch slot, and the
-        padding columns sit after each prompt, where causal attention keeps them from the prompt's tokens.
+    def _prefill(self, batch: list[Pending], slots: list[int], offset: int = 0) -> torch.Tensor:
+        """Encode images and prompts, fill the slots' caches, and return each prompt's last logits. The pixels
+        are staged at ``offset`` in the page-locked buffer, apart from those of an earlier chunk still copying.
+
+        An admission is padded to a captured shape: its padding rows write the scratch slot, and the padding
+        columns sit after each prompt, where causal attention keeps them from the prompt's tokens.
         """
         requests = [p.request for p in batch]
         count = len(requests)
         lengths = np.array([len(r.prompt_ids) for r in requests])
         rows, width = count, int(lengths.max())
-        padded = self.graph_admissions and count <= self.admission_rows[-1]
+        padded = self.graph_admissions  # a chunk holds at most the largest captured row count
         if padded:
             rows = next(size for size in self.admission_rows if size >= count)
             width = self._padded_width(width)
@@ -337,8 +351,9 @@ class FastEngine(Engine):
         for row, request in enumerate(requests):
             ids[row, : lengths[row]] = request.prompt_ids
             offsets[row], last[row], targets[row] = request.image_offset, lengths[row] - 1, slots[row]
-        np.stack([r.pixels for r in requests], out=self.staged_pixels[:count].numpy())
-        self.admit_pixels[:count].copy_(self.staged_pixels[:count], non_blocking=True)
+        staged = self.staged_pixels[offset : offset + count]
+        np.stack([r.pixels for r in requests], out=staged.numpy())
+        self.admit_pixels[:count].copy_(staged, non_blocking=True)
         self.admit_ids[:rows, :width].copy_(torch.from_numpy(ids))
         for buffer, values in ((self.admit_offsets, offsets), (self.admit_last, last), (self.admit_slots, targets)):
             buffer[:rows].copy_(torch.from_numpy(values))
@@ -488,22 +503,23 @@ class FastEngine(Engine):
             tokens[index] = choose_special(logits[index].float(), choosers)
         return tokens
 
-    def _fetch(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Start copying chosen tokens to the host (page-locked memory, on CUDA); returns them as given."""
+    def _fetch(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Start copying chosen tokens to the host (page-locked memory at ``offset``, on CUDA); returns them as
+        given."""
         if self.copied is not None:
-            self.host_tokens[: len(tokens)].copy_(tokens, non_blocking=True)
+            self.host_tokens[offset : offset + len(tokens)].copy_(tokens, non_blocking=True)
             self.copied.record()
         return tokens
 
-    def _wait(self, tokens: torch.Tensor) -> np.ndarray:
-        """The fetched tokens on the host. On CUDA the thread sleeps until the copy lands (a blocking event)
-        instead of spinning on a core the process's other threads could use."""
+    def _wait(self, tokens: torch.Tensor, offset: int = 0) -> np.ndarray:
+        """The tokens fetched at ``offset``, on the host, once every fetch so far has landed. On CUDA the thread
+        sleeps until then (a blocking event) instead of spinning on a core the process's other threads could use."""
         if self.copied is None:
             return tokens.cpu().numpy()
         began = time.perf_counter()
         self.copied.synchronize()
         self.device_wait_s += time.perf_counter() - began
-        return self.host_tokens[: len(tokens)].numpy().copy()
+        return self.host_tokens[offset : offset + len(tokens)].numpy().copy()
 
     def _accept(self, slots: np.ndarray, tokens: np.ndarray) -> None:
         """Record one new token per slot (``tokens[i]`` for ``slots[i]``), stream it, and end sequences."""

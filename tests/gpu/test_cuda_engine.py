@@ -67,15 +67,26 @@ def cuda_loaded(tiny_dir):
 
 
 @pytest.mark.parametrize(
-    ("attention", "compiled", "overlap"),
-    [("triton", "on", False), ("triton", "off", False), ("sdpa", "on", False), ("triton", "on", True)],
+    ("attention", "compiled", "overlap", "chunk"),
+    [
+        ("triton", "on", False, 256),
+        ("triton", "off", False, 256),
+        ("sdpa", "on", False, 256),
+        ("triton", "on", True, 256),
+        ("triton", "on", True, 4),  # six-request admissions in graphed chunks of 4 and 2, staged asynchronously
+    ],
 )
-def test_graphed_engine_equals_reference(cuda_loaded, codec, attention, compiled, overlap):
+def test_graphed_engine_equals_reference(cuda_loaded, codec, attention, compiled, overlap, chunk):
     workload = requests_for(codec, [SamplingParams(max_new_tokens=4 + 5 * (i % 7)) for i in range(14)])
     reference = HFEngine(cuda_loaded, EngineConfig(kind="hf", max_batch_size=1))
     expected = [reference.generate([r])[0] for r in workload]
     config = EngineConfig(
-        max_batch_size=6, max_seq_len=160, decode_attention=attention, compile=compiled, overlap=overlap
+        max_batch_size=6,
+        max_seq_len=160,
+        decode_attention=attention,
+        compile=compiled,
+        overlap=overlap,
+        graph_admission_rows=chunk,
     )
     fast = FastEngine(cuda_loaded, config)
     fast.warm_up()

@@ -161,6 +161,26 @@ def test_padded_admissions_equal_reference(loaded, workload, reference, slots):
     assert engine.generate(workload) == reference
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["eager", "padded"])
+def test_chunked_admissions_equal_reference(loaded, workload, reference, padded):
+    """An admission of more than ``graph_admission_rows`` requests runs in chunks of that many, each staged at
+    its own offset (on CUDA each a captured graph; ``padded``: padded to one, eagerly): the same tokens."""
+    config = EngineConfig(kind="fast", max_batch_size=6, max_seq_len=160, graph_admission_rows=4)
+    engine = FastEngine(loaded, config)
+    engine.graph_admissions = padded
+    chunks = []
+    prefill = engine._prefill
+
+    def spy(batch, slots, offset=0):
+        chunks.append((len(batch), offset))
+        return prefill(batch, slots, offset)
+
+    engine._prefill = spy
+    assert engine.generate(workload) == reference
+    assert chunks[:2] == [(4, 0), (2, 4)]  # the first admission: six requests into six slots
+    assert max(size for size, _ in chunks) == 4 and engine.admissions < len(chunks)
+
+
 def test_trickling_requests_are_gathered(loaded, workload, reference):
     """While sequences run, a lone newcomer waits until waiting requests are ``admit_ratio`` of the running
     ones, fill the free slots, or have waited ``admit_max_steps`` decode steps; nothing running: at once."""
