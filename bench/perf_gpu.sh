@@ -25,6 +25,7 @@ if [ "${KERNELS:-0}" = 1 ]; then
 fi
 [ "${PROFILE:-0}" = 1 ] || PERF_ARGS="--no-profile ${PERF_ARGS:-}"
 # shellcheck disable=SC2086  # PERF_ARGS holds several words, e.g. --paths hf,fast --concurrency 1,768
+rm -rf /tmp/perf  # a machine may hold an earlier session's run there: its files would pass for this one's
 timeout "${PERF_TIMEOUT:-480}" python3 -m bench.perf_run --out /tmp/perf ${PERF_ARGS:-} > "$OUT/perf_run.log" 2>&1
 echo "perf_run exit $?"; tail -30 "$OUT/perf_run.log"
 tar czf "$OUT/perf.tgz" -C /tmp/perf --exclude='*.png' --exclude='requests.jsonl' . 2>/dev/null

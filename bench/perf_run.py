@@ -34,6 +34,7 @@ import httpx
 
 from bench.cpu_usage import one_of_each, per_request_ms, snapshot
 from bench.provenance import provenance
+from bench.request_log import markdown, read, windows
 from serve.tiny import write_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -240,11 +241,13 @@ def main() -> None:
         for sampler in samplers:
             sampler.wait(timeout=60)
     finally:
-        # the engine's log lines (steps/s, batch, busy time, admissions), and every request's line with its
-        # time to be prepared and to get its tokens
+        # the engine's log lines (steps/s, batch, busy time, admissions), and every request's line with where
+        # its time went, summed up by windows of 5 s in request_timings.md
         for path in Path(tempfile.gettempdir(), "ray", "session_latest", "logs", "serve").glob("replica_*"):
             if "Generator" in path.name or "Ingress" in path.name:
                 shutil.copy(path, out / path.name)
+        ingress_logs = sorted(out.glob("replica_*Ingress*.log"))
+        (out / "request_timings.md").write_text(markdown(windows(read(ingress_logs), seconds=5)))
         service.send_signal(signal.SIGTERM)
         service.wait(timeout=120)
     if not args.no_profile:  # last: the goals' figures come first where time is short
