@@ -59,8 +59,8 @@ PATHS: dict[str, dict[str, str]] = {
     "fast-graphs32": {"kind": "fast", "graph_admission_rows": 32},
 }
 """Engine paths by name: the reference, the fast engine, and the fast engine with its layers uncompiled, with
-SDPA decode attention, with each decode step's tokens taken before the next is launched, or with CUDA graphs
-for admissions of at most 32 requests (the default before they reached 256)."""
+SDPA decode attention, with each decode step's tokens taken before the next is launched, or with admissions in
+graphed chunks of 32 requests instead of 256."""
 
 
 @dataclass(frozen=True)
