@@ -194,10 +194,10 @@ class FastEngine(Engine):
 
     @torch.inference_mode()
     def warm_up(self) -> None:
-        """Compile the layers and capture every decode graph now (Triton attention: one per batch bucket), so
-        that no request waits for them. With nothing running, these steps only write the scratch slot and
-        cache positions that a prefill overwrites. If compiled layers fail to compile or to be captured, the
-        layers run as written."""
+        """Compile the layers and capture every decode graph now (Triton attention: one per batch bucket), and
+        the admission graphs of ``warm_admission_widths``, so that no request waits for them. With nothing
+        running, these steps only write the scratch slot and cache positions that a prefill overwrites. If
+        compiled layers fail to compile or to be captured, the layers run as written."""
         try:
             self._warm_up()
         except Exception:
