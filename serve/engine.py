@@ -20,7 +20,7 @@ import itertools
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -85,24 +85,15 @@ def encode_images(loaded: LoadedModel, geometry: ModelGeometry, pixels: Sequence
     return encode_pixels(loaded, geometry, torch.from_numpy(np.stack(pixels)).to(loaded.device))
 
 
-def encode_pixels(
-    loaded: LoadedModel,
-    geometry: ModelGeometry,
-    pixels: torch.Tensor,
-    layer_step: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """:func:`encode_images` for (B, 224, 224, 3) uint8 pixels already on the device. ``layer_step(layer,
-    hidden)``, when given, runs each layer of the vision tower instead of the model's own forward (the fast
-    engine's :meth:`serve.layers.LayerSteps.vision`, compiled or not)."""
-    model = loaded.model
+def encode_pixels(loaded: LoadedModel, geometry: ModelGeometry, pixels: torch.Tensor) -> torch.Tensor:
+    """:func:`encode_images` for (B, 224, 224, 3) uint8 pixels already on the device."""
     values = normalize_pixels(pixels, geometry, loaded.dtype)
+    return project_image(loaded.model, loaded.model.vision_model(pixel_values=values)[0])
+
+
+def project_image(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Image embeddings (B, 64, text width) from the vision tower's last hidden states (B, 257, width)."""
     tower = model.vision_model.model
-    if layer_step is None:
-        hidden = model.vision_model(pixel_values=values)[0]
-    else:
-        hidden = tower.pre_layrnorm(tower.embeddings(values))
-        for layer in tower.encoder.layers:
-            hidden = layer_step(layer, hidden)
     features = torch.nn.functional.normalize(tower.post_layernorm(hidden), dim=-1)
     return model.image_to_text_projection(features)[0]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from serve.config import EngineConfig
-from serve.engine import GenerationRequest, ModelGeometry, build_engine, encode_pixels
+from serve.engine import GenerationRequest, ModelGeometry, build_engine, encode_pixels, normalize_pixels
 from serve.errors import InvalidRequest
 from serve.fastpath import FastEngine
 from serve.images import prepare_image
@@ -208,15 +208,25 @@ def test_trickling_requests_are_gathered(loaded, workload, reference):
         assert sinks[i].result == reference[i]
 
 
-def test_vision_layers_equal_the_models_own(loaded, workload):
-    """The engine's vision layers (the quick GELU in place by its reference on the CPU) give the model's own
-    image embeddings, bit for bit."""
+def test_vision_path_equals_the_models_own(loaded, workload):
+    """The engine's vision path (embeddings as one matrix product, each projection adding its residual, the quick
+    GELU in place by its reference on the CPU) gives the model's own image embeddings, to float32's rounding: the
+    same operations, summed in another order."""
     geometry = ModelGeometry(loaded)
     pixels = torch.from_numpy(np.stack([r.pixels for r in workload[:3]]))
+    engine = FastEngine(loaded, EngineConfig(kind="fast", max_batch_size=2, max_seq_len=160))
+    tower = loaded.model.vision_model.model
+    values = normalize_pixels(pixels, geometry, loaded.dtype)
     with torch.inference_mode():
+        torch.testing.assert_close(
+            LayerSteps().vision_embeddings(engine.patches, tower.pre_layrnorm, pixels),
+            tower.pre_layrnorm(tower.embeddings(values)),
+            atol=1e-5,
+            rtol=1e-5,
+        )
         expected = encode_pixels(loaded, geometry, pixels)
-        got = encode_pixels(loaded, geometry, pixels, LayerSteps().vision)
-    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+        got = engine.encode(pixels)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_compiled_layers_equal_reference(loaded, workload, reference):
