@@ -1,7 +1,11 @@
 """The fast engine's memory-bound kernels against their alternatives, at the shapes of a 512-image admission and
 a 512-row decode step of the real-size model (fp16): the FFN's GELU + layer norm and the vision MLP's quick
-GELU (each eager, by Inductor, and by the engine's Triton kernel), and the vision tower's attention under
-each SDPA backend. One JSON of milliseconds, with the bandwidth or arithmetic rate each reaches.
+GELU (each eager, by Inductor, and by the engine's Triton kernel), the vision tower's attention and the
+prompt prefill's under each SDPA backend, a residual add with the layer norm after it (eager, and compiled
+with dynamic or static sizes), the vision embeddings (the model's normalization and convolution against the engine's one
+matrix product), and the feed-forward blocks' second projection with its residual (a product then an add,
+against the residual added in the product's epilogue). One JSON of milliseconds, with the bandwidth or
+arithmetic rate each reaches.
 
     python -m bench.kernels --out kernels.json            # a CUDA GPU
     python -m bench.kernels --out kernels.json --quick    # small shapes (the CPU, with TRITON_INTERPRET=1)
@@ -24,6 +28,10 @@ import torch.nn.functional as F
 
 from serve.attention import triton_available
 from serve.ffn import gelu_layer_norm_reference, launch_gelu_norm, launch_quick_gelu, quick_gelu_reference
+from serve.layers import PatchEmbedding, add_projection_, vision_embeddings
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+"""The processor's normalization (Kosmos-2's, CLIP's)."""
 
 
 def timed_ms(function: Callable[[], Any], device: torch.device, repeats: int) -> float:
@@ -91,33 +99,108 @@ def elementwise_ways(
     return [_rate(label, name, timed_ms(way, device, repeats), bytes_moved=moved) for name, way in ways.items()]
 
 
-def vision_attention(batch: int, device: torch.device, repeats: int) -> list[dict[str, Any]]:
-    """SDPA over the vision tower's 257 positions (16 heads of 64), under each backend that runs."""
+def attention_backends(
+    kind: str, batch: int, heads: int, length: int, device: torch.device, repeats: int
+) -> list[dict[str, Any]]:
+    """SDPA under each backend that runs, over ``length`` positions of ``heads`` heads of 64: the vision tower's
+    (``kind`` ``vision``, bidirectional) or an admission's prompt prefill (``prefill``, causal)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q, k, v = (torch.randn(batch, 16, 257, 64, device=device, dtype=torch.float16) for _ in range(3))
+    q, k, v = (torch.randn(batch, heads, length, 64, device=device, dtype=torch.float16) for _ in range(3))
     backends = {"default": None}
     if device.type == "cuda":
         backends |= {
             "cudnn": SDPBackend.CUDNN_ATTENTION,
             "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "math": SDPBackend.MATH,
         }
-    flops = 4 * batch * 16 * 257 * 257 * 64
+    causal = kind == "prefill"
+    flops = 4 * batch * heads * length * length * 64 // (2 if causal else 1)
+    label = f"{kind} sdpa {batch}x{heads}x{length}x64"
     results = []
     for name, backend in backends.items():
 
         def attend(backend=backend) -> torch.Tensor:
             with sdpa_kernel(backend) if backend is not None else nullcontext():
-                return F.scaled_dot_product_attention(q, k, v)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
         try:
-            results.append(
-                _rate(f"vision sdpa {batch}x16x257x64", name, timed_ms(attend, device, repeats), flops=flops)
-            )
+            results.append(_rate(label, name, timed_ms(attend, device, repeats), flops=flops))
         except RuntimeError as exc:  # a backend that does not take these inputs on this card
-            results.append({"kernel": f"vision sdpa {batch}x16x257x64", "way": name, "error": str(exc)[:200]})
+            results.append({"kernel": label, "way": name, "error": str(exc)[:200]})
     return results
+
+
+def add_layer_norm(rows: int, width: int, device: torch.device, repeats: int) -> list[dict[str, Any]]:
+    """``layer_norm(hidden + delta)`` (a residual add and the next layer norm, both outputs kept) eager, and by
+    Inductor compiled with every size dynamic (as the engine's layers are) and with the sizes of this call: the
+    compiled layers' layer norms ran as looped (``red``) kernels in one profile, persistent (``per``) in another."""
+    hidden, delta = (torch.randn(rows, width, device=device, dtype=torch.float16) for _ in range(2))
+    norm = torch.nn.LayerNorm(width, device=device, dtype=torch.float16)
+
+    def reference(hidden: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        summed = hidden + delta
+        return summed, norm(summed)
+
+    ways: dict[str, Callable[[], Any]] = {"eager": lambda: reference(hidden, delta)}
+    if device.type == "cuda":
+        dynamic, static = torch.compile(reference, dynamic=True), torch.compile(reference, dynamic=False)
+        ways |= {"inductor dynamic": lambda: dynamic(hidden, delta), "inductor static": lambda: static(hidden, delta)}
+    moved = 4 * hidden.numel() * hidden.element_size()
+    label = f"add+layer_norm {rows}x{width}"
+    return [_rate(label, name, timed_ms(way, device, repeats), bytes_moved=moved) for name, way in ways.items()]
+
+
+def patch_embedding(images: int, device: torch.device, repeats: int) -> list[dict[str, Any]]:
+    """The vision tower's embeddings and first layer norm from ``images`` uint8 224x224 pixels: the model's way
+    (normalize channels-first, the patch convolution, the class row, the positions), and the engine's
+    :func:`serve.layers.vision_embeddings`, eager and compiled (CUDA)."""
+    from transformers import Kosmos2VisionConfig
+    from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2VisionEmbeddings
+
+    config = Kosmos2VisionConfig()
+    embeddings = Kosmos2VisionEmbeddings(config).to(device=device, dtype=torch.float16)
+    norm = torch.nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps).to(device=device, dtype=torch.float16)
+    mean, std = (torch.tensor(values, device=device) for values in (CLIP_MEAN, CLIP_STD))
+    patches = PatchEmbedding.of(embeddings, mean, std, 1 / 255)
+    pixels = torch.randint(0, 256, (images, 224, 224, 3), dtype=torch.uint8, device=device)
+
+    def model_way() -> torch.Tensor:
+        values = pixels.permute(0, 3, 1, 2).float() * (1 / 255)
+        return norm(embeddings(((values - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)).half()))
+
+    ways: dict[str, Callable[[], Any]] = {"model": model_way}
+    ways["engine"] = lambda: vision_embeddings(patches, norm, pixels)
+    if device.type == "cuda":
+        compiled = torch.compile(vision_embeddings, dynamic=True)
+        ways["engine compiled"] = lambda: compiled(patches, norm, pixels)
+    flops = 2 * images * 256 * patches.weight.shape[1] * config.hidden_size
+    label = f"vision embeddings {images}x224x224"
+    expected = model_way().float()
+    return [
+        _rate(label, name, timed_ms(way, device, repeats), flops=flops)
+        | {"max_abs_diff": (way().float() - expected).abs().max().item()}
+        for name, way in ways.items()
+    ]
+
+
+def residual_projection(rows: int, inner: int, width: int, device: torch.device, repeats: int) -> list[dict[str, Any]]:
+    """``hidden + fc2(inner)`` over ``rows`` (a feed-forward block's second projection and residual): the
+    module's product with its bias then an add, against the bias in the residual and the residual added by the
+    product (:func:`serve.layers.add_projection_`, in place: repeated, the residual grows by a unit-scale term)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    activations = torch.randn(rows, inner, device=device, generator=generator, dtype=torch.float16)
+    weight = torch.randn(width, inner, device=device, generator=generator, dtype=torch.float16) / inner**0.5
+    bias = torch.zeros(width, device=device, dtype=torch.float16)
+    residual = torch.zeros(rows, width, device=device, dtype=torch.float16)
+    ways = {
+        "product + add": lambda: residual + F.linear(activations, weight, bias),
+        "epilogue": lambda: add_projection_(residual, activations, weight),
+    }
+    label = f"fc2+residual {rows}x{inner}->{width}"
+    flops = 2 * rows * inner * width
+    return [_rate(label, name, timed_ms(way, device, repeats), flops=flops) for name, way in ways.items()]
 
 
 def _rate(kernel: str, way: str, ms: float, bytes_moved: int = 0, flops: int = 0) -> dict[str, Any]:
@@ -143,14 +226,20 @@ def main(argv: list[str] | None = None) -> None:
             *gelu_norm_rows(images * prompt, width, device, repeats),  # an admission's prefill
             *gelu_norm_rows(images, width, device, repeats),  # a decode step
             *quick_gelu_rows(images * 257, vision_width, device, repeats),
-            *vision_attention(images, device, repeats),
+            *attention_backends("vision", images, 16, 257, device, repeats),
+            *attention_backends("prefill", images, 32, prompt + 1, device, repeats),
+            *add_layer_norm(images * 257, vision_width // 4, device, repeats),
+            *add_layer_norm(images * (prompt + 1), width // 4, device, repeats),
+            *patch_embedding(images, device, repeats),
+            *residual_projection(images * 257, vision_width, vision_width // 4, device, repeats),
+            *residual_projection(images * prompt, width, width // 4, device, repeats),
         ]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     args.out.write_text(json.dumps({"gpu": name, "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
     for row in rows:
         rate = f"{row['tb_per_s']:.2f} TB/s" if "tb_per_s" in row else f"{row.get('tflop_per_s', 0):.0f} TFLOP/s"
         print(
-            f"{row['kernel']:32s} {row['way']:18s} " + (f"{row['ms']:8.3f} ms  {rate}" if "ms" in row else row["error"])
+            f"{row['kernel']:36s} {row['way']:18s} " + (f"{row['ms']:8.3f} ms  {rate}" if "ms" in row else row["error"])
         )
 
 

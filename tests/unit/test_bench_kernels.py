@@ -17,6 +17,15 @@ def test_kernel_bench_writes_a_row_per_kernel_and_way(tmp_path, monkeypatch) -> 
         ("gelu+layer_norm 2x256", "eager"),
         ("quick_gelu 514x64", "eager"),
         ("vision sdpa 2x16x257x64", "default"),
+        ("prefill sdpa 2x32x72x64", "default"),
+        ("add+layer_norm 514x16", "eager"),
+        ("add+layer_norm 144x64", "eager"),
+        ("vision embeddings 2x224x224", "model"),
+        ("vision embeddings 2x224x224", "engine"),
+        ("fc2+residual 514x64->16", "product + add"),
+        ("fc2+residual 514x64->16", "epilogue"),
+        ("fc2+residual 142x256->64", "product + add"),
+        ("fc2+residual 142x256->64", "epilogue"),
     ]
     assert all(row["ms"] > 0 for row in result["rows"])
     assert result["rows"][0]["tb_per_s"] == 2 * 142 * 256 * 2 / result["rows"][0]["ms"] / 1e9
