@@ -11,6 +11,9 @@ prefill and the first decode step; the other steps are decode steps. Where the a
 ``engine.graph_admission_rows`` requests), the vision alone, launched kernel by kernel, can take longer than the
 whole admission, so the prefill is not derived from the two. ``--kernels N`` adds, at the largest batch, the top
 N device kernels of one admission step and one decode step (CUDA graphs off, so each kernel shows).
+``--timeline`` adds, at the largest batch, one batch as ``python -m bench engine`` runs it (CUDA graphs, decode
+steps overlapped) under ``torch.profiler``: its wall time, the device's busy time, and the longest stretches
+the device sat idle, with the device work either side (the host's share of the engine's time).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -123,6 +127,66 @@ def kernel_table(
     return table
 
 
+MARK = "bench.engine_profile:generate"
+"""The profiler range around the batch :func:`device_timeline` times."""
+DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
+"""Chrome-trace categories of the device's work."""
+
+
+def device_timeline(loaded: LoadedModel, batch: int, tokens: int, top: int) -> dict[str, Any]:
+    """One batch of ``batch`` requests through a warmed fast engine as the engine bench runs it, under
+    ``torch.profiler``: :func:`device_gaps` of its trace."""
+    requests = caption_requests(loaded, batch, tokens)
+    engine = FastEngine(loaded, EngineConfig(max_batch_size=batch, max_seq_len=128))
+    engine.warm_up()
+    engine.generate(requests)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if loaded.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    synchronize(loaded)
+    with torch.profiler.profile(activities=activities) as profiler, torch.profiler.record_function(MARK):
+        engine.generate(requests)
+        synchronize(loaded)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "trace.json"
+        profiler.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    return {"batch_size": batch, "compiled": engine.steps.compiled, **device_gaps(events, top)}
+
+
+def device_gaps(events: list[dict[str, Any]], top: int) -> dict[str, Any]:
+    """From a Chrome trace's events: the wall time of the :data:`MARK` range, the time the device worked in it
+    (kernels, copies and fills, overlaps counted once), and the ``top`` longest idle stretches: how long, when
+    (from the range's start) and between which device operations (``(start)``, ``(end)``: the range's ends)."""
+    mark = next(e for e in events if e.get("name") == MARK and e.get("cat") == "user_annotation")
+    start, end = mark["ts"], mark["ts"] + mark["dur"]
+    work = sorted(
+        (e["ts"], e["ts"] + e["dur"], e["name"])
+        for e in events
+        if e.get("cat") in DEVICE_WORK and start <= e["ts"] < end
+    )
+    busy, reach, last, gaps = 0.0, start, "(start)", []
+    for begin, finish, name in work:
+        if begin > reach:
+            gaps.append((begin - reach, reach - start, last, name))
+        if finish > reach:
+            busy += finish - max(begin, reach)
+            reach, last = finish, name
+    if end > reach:
+        gaps.append((end - reach, reach - start, last, "(end)"))
+    gaps.sort(reverse=True)
+    return {
+        "wall_ms": mark["dur"] / 1e3,
+        "device_busy_ms": busy / 1e3,
+        "device_idle_ms": (mark["dur"] - busy) / 1e3,
+        "idle_gaps": len(gaps),
+        "longest_gaps": [
+            {"ms": gap / 1e3, "at_ms": at / 1e3, "after": after[:100], "before": before[:100]}
+            for gap, at, after, before in gaps[:top]
+        ],
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.engine_profile", description=__doc__)
     parser.add_argument("--model", required=True)
@@ -133,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decode-attention", default="auto", help="comma-separated: auto, sdpa, triton")
     parser.add_argument("--compile", default="auto", help="comma-separated: auto, on, off")
     parser.add_argument("--kernels", type=int, default=0, help="list this many top kernels at the largest batch")
+    parser.add_argument("--timeline", action="store_true", help="where the device idles in a batch, at the largest")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     loaded = load_model(args.model, dtype=args.dtype, load_format=args.load_format)
@@ -144,8 +209,10 @@ def main(argv: list[str] | None = None) -> None:
     ]
     name = torch.cuda.get_device_name() if loaded.device.type == "cuda" else "cpu"
     result: dict[str, Any] = {"gpu": name, "dtype": str(loaded.dtype), "tokens": args.tokens, "points": rows}
+    largest = max(int(batch) for batch in args.batch_sizes.split(","))
+    if args.timeline:
+        result["timeline"] = device_timeline(loaded, largest, args.tokens, top=12)
     if args.kernels:
-        largest = max(int(batch) for batch in args.batch_sizes.split(","))
         result["kernels"] = [
             kernel_table(loaded, largest, args.tokens, attention, compiled, args.kernels)
             for attention in args.decode_attention.split(",")
@@ -158,6 +225,12 @@ def main(argv: list[str] | None = None) -> None:
             f"vision {row['vision_s'] * 1e3:7.1f} ms, admission step {row['admission_step_s'] * 1e3:7.1f} ms, "
             f"decode step {row['decode_step_s'] * 1e3:6.2f} ms, "
             f"{row['images_per_s']:7.1f} images/s"
+        )
+    if args.timeline:
+        line = result["timeline"]
+        print(
+            f"timeline batch {line['batch_size']}: {line['wall_ms']:.1f} ms, device busy {line['device_busy_ms']:.1f} "
+            f"ms, idle {line['device_idle_ms']:.1f} ms in {line['idle_gaps']} gaps"
         )
 
 

@@ -109,8 +109,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
         "--paths",
-        default="hf,fast,fast-graphs32",
-        help="engine paths side by side (%(default)s; also fast-eager, fast-sdpa)",
+        default="hf,fast",
+        help="engine paths side by side (%(default)s; also fast-eager, fast-sdpa, fast-sync, fast-graphs32)",
     )
     parser.add_argument("--concurrency", help="the service's closed-loop clients (GPU: 1,384,768,1024)")
     parser.add_argument("--in-engine", help="closed loops at the engine: requests kept in it (GPU: 384)")
@@ -163,13 +163,14 @@ def main() -> None:
         "bench.engine_profile",
         *model,
         "--batch-sizes",
-        "1,8" if args.tiny or args.quick else "1,512",
+        "1,8" if args.tiny or args.quick else "1,1024",
         "--decode-attention",
         "sdpa" if args.tiny else "triton",
         "--compile",
         "off" if args.tiny else "on",
         "--kernels",
         "12",
+        "--timeline",
         "--out",
         str(out / "profile.json"),
     ]

@@ -159,7 +159,7 @@ def test_profile_times_the_phases_and_lists_the_top_operators(tiny_dir, tmp_path
 
     out = tmp_path / "profile.json"
     args = ["--model", str(tiny_dir), "--batch-sizes", "1,3", "--tokens", "6", "--decode-attention", "sdpa"]
-    engine_profile.main([*args, "--compile", "off", "--kernels", "4", "--out", str(out)])
+    engine_profile.main([*args, "--compile", "off", "--kernels", "4", "--timeline", "--out", str(out)])
     result = read_json(out)
     assert result["gpu"] == "cpu" and [p["batch_size"] for p in result["points"]] == [1, 3]
     for point in result["points"]:
@@ -174,3 +174,34 @@ def test_profile_times_the_phases_and_lists_the_top_operators(tiny_dir, tmp_path
     for phase in ("admission_step", "decode_step"):
         spent = [row["ms"] for row in table[phase]]
         assert len(spent) == 4 and spent == sorted(spent, reverse=True) and sum(spent) <= table[f"{phase}_ms"]
+    timeline = result["timeline"]  # on the CPU no device work is traced: the whole batch is one idle stretch
+    assert timeline["batch_size"] == 3 and timeline["wall_ms"] > 0 and timeline["device_busy_ms"] == 0
+    (gap,) = timeline["longest_gaps"]
+    assert gap == {"ms": pytest.approx(timeline["wall_ms"]), "at_ms": 0, "after": "(start)", "before": "(end)"}
+
+
+def test_device_gaps_count_overlaps_once_and_rank_the_idle_stretches():
+    from bench.engine_profile import MARK, device_gaps
+
+    def event(name, cat, ts, dur):
+        return {"name": name, "cat": cat, "ph": "X", "ts": ts, "dur": dur}
+
+    events = [
+        event(MARK, "user_annotation", 1000, 100),
+        event("before the range", "kernel", 900, 50),
+        event("a", "kernel", 1010, 20),  # idle 10 before it
+        event("copy", "gpu_memcpy", 1020, 30),  # overlaps a: busy to 1050
+        event("cpu op", "cpu_op", 1050, 40),  # the host's: not device work
+        event("b", "kernel", 1080, 5),  # idle 30 after the copy
+        event("c", "gpu_memset", 1085, 5),
+    ]
+    assert device_gaps(events, top=2) == {
+        "wall_ms": 0.1,
+        "device_busy_ms": 0.05,
+        "device_idle_ms": 0.05,
+        "idle_gaps": 3,
+        "longest_gaps": [
+            {"ms": 0.03, "at_ms": 0.05, "after": "copy", "before": "b"},
+            {"ms": 0.01, "at_ms": 0.09, "after": "c", "before": "(end)"},
+        ],
+    }
