@@ -383,14 +383,23 @@ class FastEngine(Engine):
         tokens = self.decoder.embed_tokens(self.admit_ids[:rows, :width])
         embeds = torch.where(is_image[..., None], pictured.to(tokens.dtype), tokens)
         hidden = embeds * self.decoder.embed_scale + self.position_table[:width]
-        targets = self.admit_slots[:rows]
-        for layer, qkv, keys, values in zip(self.decoder.layers, self.qkv, self.keys, self.values):
+        targets, rows_index, last = self.admit_slots[:rows], self.slot_index[:rows], self.admit_last[:rows]
+        *layers, final = zip(self.decoder.layers, self.qkv, self.keys, self.values)
+        for layer, qkv, keys, values in layers:
             q, k, v = self.steps.attention_inputs(layer, qkv, hidden, self.head_dim)
             write_cache(keys, values, k, v, targets)
             mixed = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             hidden = self.steps.layer_output(layer, hidden, merge_heads(mixed))
-        last = hidden[self.slot_index[:rows], self.admit_last[:rows]]
-        return self._logits(last)
+        # The last layer's keys and values fill the cache at every position, but only each prompt's last position
+        # goes on to the logits: its attention, projection and feed-forward block run for that position alone.
+        layer, qkv, keys, values = final
+        q, k, v = self.steps.attention_inputs(layer, qkv, hidden, self.head_dim)
+        write_cache(keys, values, k, v, targets)
+        query = q[rows_index, :, last][:, :, None]
+        visible = (self.time_index[None, :width] <= last[:, None])[:, None, None, :]
+        mixed = F.scaled_dot_product_attention(query, k, v, attn_mask=visible)
+        hidden = self.steps.layer_output(layer, hidden[rows_index, last][:, None], merge_heads(mixed))
+        return self._logits(hidden[:, 0])
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """Image embeddings of ``(B, 224, 224, 3)`` uint8 pixels on the device, through the engine's layers."""
