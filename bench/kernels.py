@@ -1,11 +1,11 @@
 """The fast engine's memory-bound kernels against their alternatives, at the shapes of a 512-image admission and
 a 512-row decode step of the real-size model (fp16): the FFN's GELU + layer norm and the vision MLP's quick
-GELU (each eager, by Inductor, and by the engine's Triton kernel), the vision tower's attention and the
-prompt prefill's under each SDPA backend, a residual add with the layer norm after it (eager, and compiled
-with dynamic or static sizes), the vision embeddings (the model's normalization and convolution against the engine's one
-matrix product), and the feed-forward blocks' second projection with its residual (a product then an add,
-against the residual added in the product's epilogue). One JSON of milliseconds, with the bandwidth or
-arithmetic rate each reaches.
+GELU (each eager, by Inductor, and by the engine's Triton kernel; the first also at 4, 8 and 32 warps), the
+vision tower's attention and the prompt prefill's under each SDPA backend, a residual add with the layer norm
+after it (eager, and compiled with dynamic or static sizes), the vision embeddings (the model's normalization
+and convolution against the engine's one matrix product), and the feed-forward blocks' second projection with
+its residual (a product then an add, against the residual added in the product's epilogue). One JSON of
+milliseconds, with the bandwidth or arithmetic rate each reaches.
 
     python -m bench.kernels --out kernels.json            # a CUDA GPU
     python -m bench.kernels --out kernels.json --quick    # small shapes (the CPU, with TRITON_INTERPRET=1)
@@ -61,15 +61,14 @@ def gelu_norm_rows(rows: int, width: int, device: torch.device, repeats: int) ->
     weight = torch.ones(width, device=device, dtype=torch.float16)
     bias = torch.zeros(width, device=device, dtype=torch.float16)
     out = torch.empty_like(inner)
+    label = f"gelu+layer_norm {rows}x{width}"
     kernel = partial(launch_gelu_norm, inner, weight, bias, out, 1e-5)
-    return elementwise_ways(
-        f"gelu+layer_norm {rows}x{width}",
-        gelu_layer_norm_reference,
-        kernel,
-        (inner, weight, bias, 1e-5),
-        device,
-        repeats,
-    )
+    found = elementwise_ways(label, gelu_layer_norm_reference, kernel, (inner, weight, bias, 1e-5), device, repeats)
+    if triton_available(device):  # the kernel at other warp counts than its default (one per 512 columns)
+        for warps in (4, 8, 32):
+            way = partial(launch_gelu_norm, inner, weight, bias, out, 1e-5, warps)
+            found.append(_rate(label, f"kernel {warps} warps", timed_ms(way, device, repeats), 2 * inner.nbytes))
+    return found
 
 
 def quick_gelu_rows(rows: int, width: int, device: torch.device, repeats: int) -> list[dict[str, Any]]:

@@ -46,13 +46,13 @@ def gelu_layer_norm(inner: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def launch_gelu_norm(
-    rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, eps: float
+    rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, eps: float, warps: int = 0
 ) -> None:
-    """The kernel over contiguous ``[R, W]`` ``rows`` into ``out``: a program a row, a warp per 512 columns."""
+    """The kernel over contiguous ``[R, W]`` ``rows`` into ``out``: a program a row, ``warps`` warps (by default
+    one per 512 columns, at most 16)."""
     block = triton.next_power_of_2(rows.shape[1])
-    _gelu_norm_kernel[(rows.shape[0],)](
-        rows, weight, bias, out, rows.shape[1], eps, BLOCK=block, num_warps=min(16, max(1, block // 512))
-    )
+    warps = warps or min(16, max(1, block // 512))
+    _gelu_norm_kernel[(rows.shape[0],)](rows, weight, bias, out, rows.shape[1], eps, BLOCK=block, num_warps=warps)
 
 
 def quick_gelu_(inner: torch.Tensor) -> torch.Tensor:
