@@ -113,6 +113,7 @@ def main() -> None:
         default="hf,fast",
         help="engine paths side by side (%(default)s; also fast-eager, fast-sdpa, fast-sync, fast-graphs32)",
     )
+    parser.add_argument("--batch-sizes", help="the engine paths' static batches (GPU: 1,64,256,512,1024)")
     parser.add_argument("--concurrency", help="the service's closed-loop clients (GPU: 1,384,768,1024)")
     parser.add_argument("--in-engine", help="closed loops at the engine: requests kept in it (GPU: 384)")
     parser.add_argument("--rates", help="open loops at the engine: arrivals a second (GPU: 500,650)")
@@ -134,6 +135,7 @@ def main() -> None:
     if args.quick:
         batches, concurrency, duration, in_engine, rates = "1,4", "1,8", "3", "4", "4"
     concurrency, in_engine, rates = args.concurrency or concurrency, args.in_engine or in_engine, args.rates or rates
+    batches = args.batch_sizes or batches
     if "fast" not in args.paths.split(","):
         parser.error("--paths must include fast, the service's engine")
     python = sys.executable
