@@ -13,14 +13,14 @@ Hugging Face modules' own layers (same weights, same functions) and writes keys 
 ``[slots, heads, max_seq_len, head_dim]`` tensors. A decode step attends with the Triton kernel of
 ``serve.attention``, which reads each sequence's own length, or with SDPA over the first ``Tb`` positions
 (``Tb`` rounded up to a multiple of 32) and a length mask. On CUDA each decode step batch (and SDPA span),
-and each admission (batch and prompt width rounded up; a large one in chunks, the host staging each chunk
-while the device runs the one before), is captured once as a CUDA graph and replayed, which removes the
-Python and launch cost that dominates Hugging Face's steps. The layers themselves are
-``serve.layers``' functions, compiled on CUDA. Book-keeping is vectorized with numpy; Python runs per sequence
-only for sequences that stream, sample or ban n-grams, and for those that finish. With
-``EngineConfig.overlap`` each decode step is launched before the previous step's tokens are taken (its inputs
-are those tokens, still on the device), so the host's book-keeping runs while the device computes, as in
-SGLang's overlap scheduler; a sequence ending at its end token then costs one more step, and one ending by
+and each admission (batch and prompt width rounded up; a large one in chunks, the host staging the first
+while the decode step in flight runs and each later one while the device runs the one before), is captured
+once as a CUDA graph and replayed, which removes the Python and launch cost that dominates Hugging Face's steps.
+The layers themselves are ``serve.layers``' functions, compiled on CUDA. Book-keeping is vectorized with
+numpy; Python runs per sequence only for sequences that stream, sample or ban n-grams, and for those that
+finish. With ``EngineConfig.overlap`` each decode step is launched before the previous step's tokens are taken
+(its inputs are those tokens, still on the device), so the host's book-keeping runs while the device computes,
+as in SGLang's overlap scheduler; a sequence ending at its end token then costs one more step, and one ending by
 length none.
 
 On the tiny model in float32 on the CPU its greedy tokens equal :class:`serve.engine.HFEngine`'s
@@ -30,6 +30,7 @@ On the tiny model in float32 on the CPU its greedy tokens equal :class:`serve.en
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -69,6 +70,21 @@ class Running:
     request: GenerationRequest
     sink: Sink
     chooser: TokenChooser
+
+
+@dataclass
+class Staged:
+    """An admission chunk's inputs on the host (:meth:`FastEngine._stage`), at the shape it runs as."""
+
+    pixels: torch.Tensor
+    """Its requests' pixels, in the page-locked staging buffer: one row a request."""
+    ids: np.ndarray
+    """``[rows, width]`` prompt ids, padded with the pad id (``rows`` >= the requests when ``padded``)."""
+    offsets: np.ndarray
+    last: np.ndarray
+    """Each row's image offset and last prompt position."""
+    padded: bool
+    """Padded to a captured graph's shape."""
 
 
 @dataclass
@@ -292,18 +308,20 @@ class FastEngine(Engine):
 
     def _admit(self, count: int) -> None:
         """Admit ``count`` waiting requests, in chunks of at most ``graph_admission_rows`` (each one captured graph
-        on CUDA); the host stages each chunk's inputs while the device runs the chunk before."""
+        on CUDA). The host stages the first chunk's inputs while the decode step in flight runs, and each later
+        chunk's while the device runs the chunk before."""
         began = time.perf_counter()
+        size = self.admission_rows[-1]
+        staged = self._stage(list(itertools.islice(self.waiting, min(count, size))), 0)
         self._settle()  # the new sequences' slots must be free of any step in flight
         self.admissions, self.admitted = self.admissions + 1, self.admitted + count
         batch = [self.waiting.popleft() for _ in range(count)]
         slots = [heapq.heappop(self.free) for _ in range(count)]
-        size = self.admission_rows[-1]
         chosen: list[tuple[list[int], int, torch.Tensor]] = []  # each chunk's slots, offset and first tokens
         for start in range(0, count, size):
             part, part_slots = batch[start : start + size], slots[start : start + size]
             try:
-                logits = self._prefill(part, part_slots, start)
+                logits = self._prefill(staged if not start else self._stage(part, start), part_slots)
             except Exception as exc:  # e.g. out of memory: fail these requests, keep serving the others
                 log.exception("prefill of %d requests failed", len(part))
                 for pending, slot in zip(part, part_slots):
@@ -333,9 +351,9 @@ class FastEngine(Engine):
         if pending.sink.streaming:
             self.streaming.add(slot)
 
-    def _prefill(self, batch: list[Pending], slots: list[int], offset: int = 0) -> torch.Tensor:
-        """Encode images and prompts, fill the slots' caches, and return each prompt's last logits. The pixels
-        are staged at ``offset`` in the page-locked buffer, apart from those of an earlier chunk still copying.
+    def _stage(self, batch: list[Pending], offset: int) -> Staged:
+        """The host's part of admitting ``batch``: its prompts laid out as the admission runs them, and its pixels
+        stacked at ``offset`` in the page-locked buffer (apart from those of an earlier chunk still copying).
 
         An admission is padded to a captured shape: its padding rows write the scratch slot, and the padding
         columns sit after each prompt, where causal attention keeps them from the prompt's tokens.
@@ -344,24 +362,30 @@ class FastEngine(Engine):
         count = len(requests)
         lengths = np.array([len(r.prompt_ids) for r in requests])
         rows, width = count, int(lengths.max())
-        padded = self.graph_admissions  # a chunk holds at most the largest captured row count
-        if padded:
+        if self.graph_admissions:  # a chunk holds at most the largest captured row count
             rows = next(size for size in self.admission_rows if size >= count)
             width = self._padded_width(width)
         ids = np.full((rows, width), self.geometry.pad_id, dtype=np.int64)
         offsets, last = np.zeros(rows, dtype=np.int64), np.zeros(rows, dtype=np.int64)
-        targets = np.full(rows, self.scratch, dtype=np.int64)
         for row, request in enumerate(requests):
             ids[row, : lengths[row]] = request.prompt_ids
-            offsets[row], last[row], targets[row] = request.image_offset, lengths[row] - 1, slots[row]
-        staged = self.staged_pixels[offset : offset + count]
-        np.stack([r.pixels for r in requests], out=staged.numpy())
-        self.admit_pixels[:count].copy_(staged, non_blocking=True)
-        self.admit_ids[:rows, :width].copy_(torch.from_numpy(ids))
-        for buffer, values in ((self.admit_offsets, offsets), (self.admit_last, last), (self.admit_slots, targets)):
+            offsets[row], last[row] = request.image_offset, lengths[row] - 1
+        pixels = self.staged_pixels[offset : offset + count]
+        np.stack([r.pixels for r in requests], out=pixels.numpy())
+        return Staged(pixels, ids, offsets, last, padded=self.graph_admissions)
+
+    def _prefill(self, staged: Staged, slots: list[int]) -> torch.Tensor:
+        """Encode the staged images and prompts into ``slots``' caches, and return each prompt's last logits."""
+        count, (rows, width) = len(staged.pixels), staged.ids.shape
+        targets = np.full(rows, self.scratch, dtype=np.int64)
+        targets[:count] = slots
+        self.admit_pixels[:count].copy_(staged.pixels, non_blocking=True)
+        self.admit_ids[:rows, :width].copy_(torch.from_numpy(staged.ids))
+        inputs = ((self.admit_offsets, staged.offsets), (self.admit_last, staged.last), (self.admit_slots, targets))
+        for buffer, values in inputs:
             buffer[:rows].copy_(torch.from_numpy(values))
         forward = partial(self._admission_forward, rows, width)
-        if padded and self.use_graphs:
+        if staged.padded and self.use_graphs:
             try:
                 return self._replay(("admit", rows, width), forward)[:count]
             except Exception:  # a module that cannot be captured: admit without graphs from now on

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from serve.config import EngineConfig
-from serve.engine import GenerationRequest, ModelGeometry, build_engine, encode_pixels, normalize_pixels
+from serve.engine import Collector, GenerationRequest, ModelGeometry, build_engine, encode_pixels, normalize_pixels
 from serve.errors import InvalidRequest
 from serve.fastpath import FastEngine
 from serve.images import prepare_image
@@ -169,16 +169,60 @@ def test_chunked_admissions_equal_reference(loaded, workload, reference, padded)
     engine = FastEngine(loaded, config)
     engine.graph_admissions = padded
     chunks = []
-    prefill = engine._prefill
+    stage = engine._stage
 
-    def spy(batch, slots, offset=0):
+    def spy(batch, offset):
         chunks.append((len(batch), offset))
-        return prefill(batch, slots, offset)
+        return stage(batch, offset)
 
-    engine._prefill = spy
+    engine._stage = spy
     assert engine.generate(workload) == reference
     assert chunks[:2] == [(4, 0), (2, 4)]  # the first admission: six requests into six slots
     assert max(size for size, _ in chunks) == 4 and engine.admissions < len(chunks)
+
+
+def test_first_chunk_is_staged_while_the_step_in_flight_runs(loaded, workload, reference):
+    """With a decode step in flight, an admission stacks its first chunk's pixels and prompts before it waits for
+    that step's tokens (the host's part overlaps the device's), and the tokens stay the reference's."""
+    engine = FastEngine(loaded, EngineConfig(kind="fast", max_batch_size=6, max_seq_len=160, admit_ratio=0))
+    calls = []
+    for name in ("_stage", "_settle"):
+        method = getattr(engine, name)
+        setattr(engine, name, lambda *args, method=method, name=name: calls.append(name) or method(*args))
+    sinks = [Collector() for _ in workload[:4]]
+    engine.submit(workload[0], sinks[0])
+    engine.step()  # admitted, and its first decode step launched
+    assert engine.in_flight is not None
+    calls.clear()
+    for request, sink in zip(workload[1:4], sinks[1:]):
+        engine.submit(request, sink)
+    engine.step()
+    assert calls[:2] == ["_stage", "_settle"] and engine.running_count == 4
+    while engine.has_work:
+        engine.step()
+    assert [sink.result for sink in sinks] == reference[:4]
+
+
+def test_a_failed_admission_fails_its_requests_and_the_engine_serves_on(loaded, workload, reference):
+    """An admission that fails on the device (out of memory, say) fails its own requests with that error and
+    returns their slots; the requests after it are served."""
+    engine = FastEngine(loaded, EngineConfig(kind="fast", max_batch_size=6, max_seq_len=160))
+    forward = engine._admission_forward
+    failures = iter([RuntimeError("CUDA out of memory (simulated)")])
+
+    def failing_once(rows, width):
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return forward(rows, width)
+
+    engine._admission_forward = failing_once
+    sinks = [Collector() for _ in workload[:3]]
+    for request, sink in zip(workload[:3], sinks):
+        engine.submit(request, sink)
+    engine.step()
+    assert all("out of memory" in str(sink.error) for sink in sinks) and sorted(engine.free) == list(range(6))
+    assert engine.generate(workload[3:9]) == reference[3:9]
 
 
 def test_trickling_requests_are_gathered(loaded, workload, reference):
