@@ -111,17 +111,21 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 def admission_buckets(limit: int) -> list[int]:
-    """Row counts of captured admissions, up to ``limit``: 1, 2, 4, then steps of about a quarter of the size
-    (padding costs a whole admission's arithmetic a row: powers of two would pad 17 requests to 32, 129 to 256).
+    """Row counts of captured admissions, up to ``limit``: 1, 2, 4, then steps of 4 to 64 and of about an eighth
+    of the size above. A padding row costs a whole row of the admission's arithmetic: powers of two would pad 17
+    requests to 32; steps of a quarter of the size (an earlier choice) padded the service's typical admission of
+    58 requests to 64, and admissions of 20 to 256 requests by 8.3% on average, against 4.0% with these, for
+    twice the captures at start-up (34 graphs a prompt width for a limit of 256).
 
-    >>> admission_buckets(300)
-    [1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 300]
+    >>> admission_buckets(300)  # doctest: +NORMALIZE_WHITESPACE
+    [1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60, 64, 72, 80, 88, 96, 104, 112, 120, 128,
+     144, 160, 176, 192, 208, 224, 240, 256, 288, 300]
     """
     sizes = [size for size in (1, 2, 4) if size < limit]
     size = 8
     while size < limit:
         sizes.append(size)
-        size += max(4, 2 ** (size.bit_length() - 3))
+        size += max(4, 2 ** (size.bit_length() - 4))
     return [*sizes, limit]
 
 
