@@ -199,6 +199,7 @@ def test_device_gaps_count_overlaps_once_and_rank_the_idle_stretches():
         "wall_ms": 0.1,
         "device_busy_ms": 0.05,
         "device_idle_ms": 0.05,
+        "device_ops": 4,
         "idle_gaps": 3,
         "longest_gaps": [
             {"ms": 0.03, "at_ms": 0.05, "after": "copy", "before": "b"},
