@@ -87,14 +87,9 @@ def encode_images(loaded: LoadedModel, geometry: ModelGeometry, pixels: Sequence
 
 def encode_pixels(loaded: LoadedModel, geometry: ModelGeometry, pixels: torch.Tensor) -> torch.Tensor:
     """:func:`encode_images` for (B, 224, 224, 3) uint8 pixels already on the device."""
-    values = normalize_pixels(pixels, geometry, loaded.dtype)
-    return project_image(loaded.model, loaded.model.vision_model(pixel_values=values)[0])
-
-
-def project_image(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Image embeddings (B, 64, text width) from the vision tower's last hidden states (B, 257, width)."""
-    tower = model.vision_model.model
-    features = torch.nn.functional.normalize(tower.post_layernorm(hidden), dim=-1)
+    model = loaded.model
+    hidden = model.vision_model(pixel_values=normalize_pixels(pixels, geometry, loaded.dtype))[0]
+    features = torch.nn.functional.normalize(model.vision_model.model.post_layernorm(hidden), dim=-1)
     return model.image_to_text_projection(features)[0]
 
 

@@ -16,7 +16,8 @@ The vision tower's embeddings run as :func:`vision_embeddings`: the CLIP normali
 the unfolding of patches in one pass, the patch convolution (with the class embedding) as one matrix product
 (:class:`PatchEmbedding`), the position embeddings and the tower's first layer norm in one more pass. The
 model's convolution ran on an H200 at about 40 TFLOP/s (8.4 ms of a 1,024-image admission), after four
-elementwise passes of normalization.
+elementwise passes of normalization. The image-to-text projection runs as :func:`image_to_text`, its first
+projection folded into its keys' and values' (:class:`ImageProjection`).
 """
 
 from __future__ import annotations
@@ -88,6 +89,52 @@ def vision_embeddings(patches: PatchEmbedding, norm: torch.nn.Module, pixels: to
     spare = weight.shape[1] - unfolded.shape[-1]
     rows = torch.cat([patches.indicator.expand(batch, 1, -1), F.pad(unfolded, (0, spare))], dim=1)
     return norm(torch.matmul(rows, weight.t()) + patches.positions)
+
+
+@dataclass(frozen=True)
+class ImageProjection:
+    """The image-to-text projection (``Kosmos2ImageToTextProjection``) as :func:`image_to_text` computes it.
+
+    The model projects the vision features (``dense``), then lets its 64 learned latent queries attend over those
+    and themselves (``x_attn``). Here the keys and values of the features come from one product with ``dense``
+    folded into ``k_proj`` and ``v_proj`` (``kv_weight``, ``kv_bias``: computed in float32; about a third of the
+    projection's arithmetic), and the latents' queries, keys and values (the same for every image) are computed
+    once: ``latent_q``, ``latent_k``, ``latent_v`` ``[heads, latents, head_dim]``. ``out_proj``: the attention's
+    output projection."""
+
+    kv_weight: torch.Tensor
+    kv_bias: torch.Tensor
+    latent_q: torch.Tensor
+    latent_k: torch.Tensor
+    latent_v: torch.Tensor
+    out_proj: torch.nn.Module
+    scale: float
+
+    @classmethod
+    def of(cls, projection: torch.nn.Module) -> ImageProjection:
+        """From the model's ``image_to_text_projection``."""
+        attention, dense, latents = projection.x_attn, projection.dense, projection.latent_query
+        folded = [
+            (proj.weight.float() @ dense.weight.float(), proj.weight.float() @ dense.bias.float() + proj.bias.float())
+            for proj in (attention.k_proj, attention.v_proj)
+        ]
+        weight, bias = (torch.cat(parts).to(dense.weight.dtype) for parts in zip(*folded))
+        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+        q, k, v = (split_heads(proj(latents)[None], attention.head_dim)[0] for proj in projections)
+        return cls(weight, bias, q, k, v, attention.out_proj, attention.scaling)
+
+
+def image_to_text(projection: ImageProjection, features: torch.Tensor) -> torch.Tensor:
+    """Image embeddings ``(B, latents, text width)`` from the vision tower's normalized features ``(B, 257,
+    width)``: the latent queries attend over the features' keys and values, and their own."""
+    batch, head_dim = features.shape[0], projection.latent_q.shape[-1]
+    projected = F.linear(features, projection.kv_weight, projection.kv_bias)
+    keys, values = (split_heads(part, head_dim) for part in projected.chunk(2, dim=-1))
+    keys = torch.cat([keys, projection.latent_k.expand(batch, -1, -1, -1)], dim=2)
+    values = torch.cat([values, projection.latent_v.expand(batch, -1, -1, -1)], dim=2)
+    query = projection.latent_q.expand(batch, -1, -1, -1)
+    mixed = F.scaled_dot_product_attention(query, keys, values, scale=projection.scale)
+    return projection.out_proj(merge_heads(mixed))
 
 
 def add_projection_(residual: torch.Tensor, inputs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
