@@ -3,7 +3,8 @@ a 512-row decode step of the real-size model (fp16): the FFN's GELU + layer norm
 GELU (each eager, by Inductor, and by the engine's Triton kernel; the first also at 4, 8 and 32 warps), the
 vision tower's attention and the prompt prefill's under each SDPA backend, a residual add with the layer norm
 after it (eager, and compiled with dynamic or static sizes), the vision embeddings (the model's normalization
-and convolution against the engine's one matrix product), and the feed-forward blocks' second projection with
+and convolution against the engine's one matrix product), the image-to-text projection (the model's module
+against the engine's, dense folded in), and the feed-forward blocks' second projection with
 its residual (a product then an add, against the residual added in the product's epilogue). One JSON of
 milliseconds, with the bandwidth or arithmetic rate each reaches.
 
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 from serve.attention import triton_available
 from serve.ffn import gelu_layer_norm_reference, launch_gelu_norm, launch_quick_gelu, quick_gelu_reference
-from serve.layers import PatchEmbedding, add_projection_, vision_embeddings
+from serve.layers import ImageProjection, PatchEmbedding, add_projection_, image_to_text, vision_embeddings
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 """The processor's normalization (Kosmos-2's, CLIP's)."""
@@ -159,7 +160,7 @@ def patch_embedding(images: int, device: torch.device, repeats: int) -> list[dic
     from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2VisionEmbeddings
 
     config = Kosmos2VisionConfig()
-    embeddings = Kosmos2VisionEmbeddings(config).to(device=device, dtype=torch.float16)
+    embeddings = Kosmos2VisionEmbeddings(config).to(device=device, dtype=torch.float16).eval()
     norm = torch.nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps).to(device=device, dtype=torch.float16)
     mean, std = (torch.tensor(values, device=device) for values in (CLIP_MEAN, CLIP_STD))
     patches = PatchEmbedding.of(embeddings, mean, std, 1 / 255)
@@ -179,6 +180,27 @@ def patch_embedding(images: int, device: torch.device, repeats: int) -> list[dic
     expected = model_way().float()
     return [
         _rate(label, name, timed_ms(way, device, repeats), flops=flops)
+        | {"max_abs_diff": (way().float() - expected).abs().max().item()}
+        for name, way in ways.items()
+    ]
+
+
+def image_projection(images: int, device: torch.device, repeats: int) -> list[dict[str, Any]]:
+    """The image-to-text projection of ``images`` images' vision features: the model's module, and the engine's
+    :func:`serve.layers.image_to_text` (dense folded into the keys and values, the latents' projections once)."""
+    from transformers import Kosmos2Config
+    from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2ImageToTextProjection
+
+    config = Kosmos2Config()
+    module = Kosmos2ImageToTextProjection(config).to(device=device, dtype=torch.float16).eval()
+    projection = ImageProjection.of(module)
+    width = config.vision_config.hidden_size
+    features = F.normalize(torch.randn(images, 257, width, device=device), dim=-1).half()
+    ways = {"model": lambda: module(features)[0], "engine": lambda: image_to_text(projection, features)}
+    expected = ways["model"]().float()
+    label = f"image projection {images}x257x{width}"
+    return [
+        _rate(label, name, timed_ms(way, device, repeats))
         | {"max_abs_diff": (way().float() - expected).abs().max().item()}
         for name, way in ways.items()
     ]
@@ -230,13 +252,15 @@ def main(argv: list[str] | None = None) -> None:
             *add_layer_norm(images * 257, vision_width // 4, device, repeats),
             *add_layer_norm(images * (prompt + 1), width // 4, device, repeats),
             *patch_embedding(images, device, repeats),
+            *image_projection(images, device, repeats),
             *residual_projection(images * 257, vision_width, vision_width // 4, device, repeats),
             *residual_projection(images * prompt, width, width // 4, device, repeats),
         ]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     args.out.write_text(json.dumps({"gpu": name, "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
     for row in rows:
-        rate = f"{row['tb_per_s']:.2f} TB/s" if "tb_per_s" in row else f"{row.get('tflop_per_s', 0):.0f} TFLOP/s"
+        rate = f"{row['tb_per_s']:.2f} TB/s" if "tb_per_s" in row else ""
+        rate = f"{row['tflop_per_s']:.0f} TFLOP/s" if "tflop_per_s" in row else rate
         print(
             f"{row['kernel']:36s} {row['way']:18s} " + (f"{row['ms']:8.3f} ms  {rate}" if "ms" in row else row["error"])
         )

@@ -22,6 +22,8 @@ def test_kernel_bench_writes_a_row_per_kernel_and_way(tmp_path, monkeypatch) -> 
         ("add+layer_norm 144x64", "eager"),
         ("vision embeddings 2x224x224", "model"),
         ("vision embeddings 2x224x224", "engine"),
+        ("image projection 2x257x1024", "model"),
+        ("image projection 2x257x1024", "engine"),
         ("fc2+residual 514x64->16", "product + add"),
         ("fc2+residual 514x64->16", "epilogue"),
         ("fc2+residual 142x256->64", "product + add"),
