@@ -188,7 +188,7 @@ def main() -> None:
     if not args.no_profile:  # last: the goals' figures come first where time is short
         run(profile, out / "profile.log")
         steps.append(profile)
-    perf = combine(out, [" ".join(c) for c in steps], vars(args))
+    perf = combine(out, [" ".join(c) for c in steps], vars(args), with_service=not args.engine_only)
     (out / "perf.json").write_text(json.dumps(perf, indent=2) + "\n")
     print(json.dumps(perf["headline"], indent=2))
 
@@ -274,9 +274,9 @@ def measure_service(
     return steps
 
 
-def combine(out: Path, commands: list[str], options: dict[str, Any]) -> dict[str, Any]:
-    """One record of the run: the card, each engine path and batch, each service load (unless the run measured
-    the engine only), and the ratios."""
+def combine(out: Path, commands: list[str], options: dict[str, Any], with_service: bool) -> dict[str, Any]:
+    """One record of the run: the card, each engine path and batch, each service load (``with_service``), and
+    the ratios."""
     engine = json.loads((out / "engine" / "summary.json").read_text())
     profile = out / "profile.json"
     engine_points = [
@@ -313,14 +313,15 @@ def combine(out: Path, commands: list[str], options: dict[str, Any]) -> dict[str
         },
         "commands": commands,
     }
-    if (out / "service" / "summary.json").exists():
-        record |= service_record(out, best["fast"], single.get("fast"))
-        record["headline"] |= record.pop("service_headline")
+    if with_service:
+        service, headline = service_record(out, best["fast"], single.get("fast"))
+        record |= service
+        record["headline"] |= headline
     return record
 
 
-def service_record(out: Path, engine_best: float, engine_single: float | None) -> dict[str, Any]:
-    """The service's part of :func:`combine`, with ``service_headline``: its figures against the engine's."""
+def service_record(out: Path, engine_best: float, engine_single: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The service's part of :func:`combine`, and its headline: its figures against the engine's."""
     service = json.loads((out / "service" / "summary.json").read_text())
     steady = json.loads((out / "service-80" / "summary.json").read_text())
     repeat = json.loads((out / "service-peak" / "summary.json").read_text())["points"][0]
@@ -329,19 +330,20 @@ def service_record(out: Path, engine_best: float, engine_single: float | None) -
     peak = max(p["images_per_s"] for p in service_points)
     alone = next(p for p in service_points if p["concurrency"] == 1)
     at80 = {k: steady["points"][0].get(k) for k in (*keep, "rate")}
-    return {
+    record = {
         "service": service_points,
         "service_at_80_percent": at80,
         "service_busiest_again": {"concurrency": repeat.get("concurrency"), **{k: repeat.get(k) for k in keep}},
         "cpu_ms_per_request_at_80_percent": json.loads((out / "cpu_per_request.json").read_text()),
-        "service_headline": {
-            "service_images_per_s": peak,
-            "service_over_engine": peak / engine_best,
-            "p99_at_80_percent_s": at80["latency_p99_s"],
-            "single_request_s": alone["latency_p50_s"],
-            "single_over_engine": alone["latency_p50_s"] / engine_single if engine_single else None,
-        },
     }
+    headline = {
+        "service_images_per_s": peak,
+        "service_over_engine": peak / engine_best,
+        "p99_at_80_percent_s": at80["latency_p99_s"],
+        "single_request_s": alone["latency_p50_s"],
+        "single_over_engine": alone["latency_p50_s"] / engine_single if engine_single else None,
+    }
+    return record, headline
 
 
 if __name__ == "__main__":
