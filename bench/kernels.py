@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from serve.attention import triton_available
 from serve.ffn import gelu_layer_norm_reference, launch_gelu_norm, launch_quick_gelu, quick_gelu_reference
 from serve.layers import ImageProjection, PatchEmbedding, add_projection_, image_to_text, vision_embeddings
+from serve.model import make_projection_bidirectional
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 """The processor's normalization (Kosmos-2's, CLIP's)."""
@@ -193,6 +194,7 @@ def image_projection(images: int, device: torch.device, repeats: int) -> list[di
 
     config = Kosmos2Config()
     module = Kosmos2ImageToTextProjection(config).to(device=device, dtype=torch.float16).eval()
+    make_projection_bidirectional(module)
     projection = ImageProjection.of(module)
     width = config.vision_config.hidden_size
     features = F.normalize(torch.randn(images, 257, width, device=device), dim=-1).half()

@@ -4,6 +4,7 @@
 cache, or the hub, in the dtype and on the device asked for (``auto``: float16 on CUDA, float32 on CPU).
 With ``load_format="dummy"`` the weights are random, drawn on the device, for benchmarking the real
 architecture where the checkpoint cannot be had (``python -m serve tiny DIR --real-size`` writes its config).
+Either way the loaded model's image-to-text attention is made bidirectional (:func:`make_projection_bidirectional`).
 """
 
 from __future__ import annotations
@@ -78,8 +79,18 @@ def load_model(
     except OSError as exc:
         raise _unavailable(model, exc) from None
     network.eval().requires_grad_(False)
+    make_projection_bidirectional(network.image_to_text_projection)
     log.info("loaded %s (%s weights) on %s in %s", model, load_format, target, torch_dtype)
     return LoadedModel(network, processor, target, torch_dtype)
+
+
+def make_projection_bidirectional(projection: torch.nn.Module) -> None:
+    """Make the attention of the image-to-text projection (``Kosmos2ImageToTextProjection``) bidirectional, as
+    Kosmos-2's is: its 64 latent queries attend to every image feature and to one another. Transformers 5.x before
+    5.23 build it as a decoder's attention (``is_causal = True``), so under SDPA each latent query ``i`` attends to
+    the first ``i + 1`` features only (the keys cut to the queries' 64): image embeddings unlike the original
+    model's. 5.23 builds it bidirectional; on older releases (the GPU machines' 5.17) this sets it so."""
+    projection.x_attn.is_causal = False
 
 
 def _unavailable(model: str, exc: OSError) -> ModelUnavailable:

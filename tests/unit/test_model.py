@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 
 import pytest
 
-from serve.model import ModelUnavailable, load_model, resolve_dtype
+from serve.model import ModelUnavailable, load_model, make_projection_bidirectional, resolve_dtype
 from serve.tiny import write_tiny
 
 
@@ -53,3 +54,24 @@ def test_dtype_choices():
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
     with pytest.raises(ValueError):
         resolve_dtype("float8", torch.device("cpu"))
+
+
+def test_every_latent_query_sees_every_image_feature(loaded):
+    """The image-to-text projection is bidirectional once loaded, and the fix makes it so where transformers (5.x
+    before 5.23) builds it causal: then under SDPA latent query ``i`` saw only the first ``i + 1`` features. The
+    reference is the module under eager attention, which applies no causal mask whatever the flag."""
+    import torch
+
+    assert loaded.model.image_to_text_projection.x_attn.is_causal is False
+    projection = copy.deepcopy(loaded.model.image_to_text_projection)
+    eager = copy.deepcopy(projection)
+    eager.x_attn.config._attn_implementation = "eager"
+    assert projection.x_attn.config._attn_implementation == "sdpa"
+    width = loaded.model.config.vision_config.hidden_size
+    features = torch.randn(2, 257, width, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = eager(features)[0]
+        projection.x_attn.is_causal = True  # as transformers 5.17 to 5.22 build it
+        assert (projection(features)[0] - expected).abs().max() > 0.1
+        make_projection_bidirectional(projection)
+        torch.testing.assert_close(projection(features)[0], expected, atol=1e-5, rtol=1e-5)
