@@ -65,9 +65,11 @@ def build_processor(vocab_size: int | None = None) -> Kosmos2Processor:
 def build_model(vocab_size: int, seed: int = 0) -> Kosmos2ForConditionalGeneration:
     """A seeded 2-layer Kosmos-2 with 64 image tokens.
 
-    Its weights are drawn wider than a real initialisation and its output head is untied, so that greedy
+    Its text weights are drawn wider than a real initialisation and its output head is untied, so that greedy
     answers vary with the image, the prompt and every position (a tied tiny model repeats one token), and
-    ``</s>`` is made likely enough to end some answers after a few tokens and others not at all.
+    ``</s>`` is made likely enough to end some answers after a few tokens and others not at all. The weights are
+    drawn here (:func:`draw_weights`), not by transformers' initialisation, whose order of draws changes between
+    releases: the same model, and the same test expectations, on every release the project supports.
     """
     config = Kosmos2Config(
         text_config={
@@ -91,11 +93,44 @@ def build_model(vocab_size: int, seed: int = 0) -> Kosmos2ForConditionalGenerati
         latent_query_num=64,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
     model = Kosmos2ForConditionalGeneration(config).eval()
+    draw_weights(model, seed)
     with torch.no_grad():
         model.text_model.lm_head.weight[config.text_config.eos_token_id] *= 2.5
     return model
+
+
+def draw_weights(model: Kosmos2ForConditionalGeneration, seed: int) -> None:
+    """Draw every weight matrix, embedding and learned query of ``model`` from one seeded generator, in name order,
+    at the scales of transformers' initialisation of Kosmos-2 (the text config's ``init_std`` for the text model and
+    the image-to-text projection; CLIP's scales for the vision tower; unit for the latent queries). Biases and layer
+    norms keep their zeros and ones, and the padding token's embedding its zeros."""
+    vision = model.config.vision_config
+    width, depth, factor = vision.hidden_size, vision.num_hidden_layers, vision.initializer_factor
+    projection = width**-0.5 * (2 * depth) ** -0.5 * factor
+    vision_scales = {
+        "class_embedding": width**-0.5 * factor,
+        "patch_embedding": vision.initializer_range * factor,
+        "position_embedding": vision.initializer_range * factor,
+        "q_proj": projection,
+        "k_proj": projection,
+        "v_proj": projection,
+        "out_proj": width**-0.5 * factor,
+        "fc1": (2 * width) ** -0.5 * factor,
+        "fc2": projection,
+    }
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in sorted(model.named_parameters()):
+            if parameter.dim() < 2 and not name.endswith("class_embedding"):
+                continue  # biases and layer norms
+            if name.startswith("vision_model."):
+                scale = next(value for part, value in vision_scales.items() if f".{part}" in name)
+            else:
+                scale = 1.0 if name.endswith("latent_query") else model.config.text_config.init_std
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+        embeddings = model.text_model.model.embed_tokens
+        embeddings.weight[embeddings.padding_idx] = 0
 
 
 def write_tiny(directory: str | Path, real_size: bool = False) -> Path:
