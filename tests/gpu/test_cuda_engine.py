@@ -63,7 +63,13 @@ def test_kernel_replays_in_a_graph_with_new_lengths():
 
 @pytest.fixture(scope="module")
 def cuda_loaded(tiny_dir):
-    return load_model(str(tiny_dir), device="cuda", dtype="float32")
+    """The tiny model in float32 on the GPU, with cuDNN's convolutions in full float32 too: they default to TF32
+    (matrix products do not), which would round the reference's patch convolution and not the engine's matrix
+    product, and an argmax of the tiny model's could turn on that rounding."""
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield load_model(str(tiny_dir), device="cuda", dtype="float32")
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 @pytest.mark.parametrize(
