@@ -17,6 +17,7 @@ def test_kernel_bench_writes_a_row_per_kernel_and_way(tmp_path, monkeypatch) -> 
         ("gelu+layer_norm 2x256", "eager"),
         ("quick_gelu 514x64", "eager"),
         ("vision sdpa 2x16x257x64", "default"),
+        ("vision sdpa 2x16x256x64", "default"),
         ("prefill sdpa 2x32x72x64", "default"),
         ("add+layer_norm 514x16", "eager"),
         ("add+layer_norm 144x64", "eager"),
