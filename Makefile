@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 MODEL ?= microsoft/kosmos-2-patch14-224
 TINY ?= .cache/tiny-kosmos2
 
-.PHONY: install test lint demo serve bench tiny clean
+.PHONY: install test compat lint demo serve bench tiny clean
 
 install: $(STAMP)
 
@@ -24,6 +24,16 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not multinode"
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m multinode tests/multinode
+
+# The same suite on the GPU machines' releases (torch 2.11, transformers 5.17) in a venv of its own, on the CPU;
+# not part of `make test`: PyPI's torch 2.11 is a CUDA build of several GB.
+COMPAT ?= .venv-compat
+compat:
+	test -x $(COMPAT)/bin/python || python3 -m venv $(COMPAT)
+	grep -v '^transformers==' constraints.txt > $(COMPAT)/constraints.txt
+	$(COMPAT)/bin/python -m pip install -q -c $(COMPAT)/constraints.txt -e '.[dev]' torch==2.11.0
+	$(COMPAT)/bin/python -m pip install -q transformers==5.17.0
+	HF_HUB_OFFLINE=1 $(COMPAT)/bin/python -m pytest -q -m "not multinode"
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
