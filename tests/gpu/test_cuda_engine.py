@@ -68,8 +68,10 @@ def cuda_loaded(tiny_dir):
     product, and an argmax of the tiny model's could turn on that rounding."""
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
-    yield load_model(str(tiny_dir), device="cuda", dtype="float32")
-    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        yield load_model(str(tiny_dir), device="cuda", dtype="float32")
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
 
 
 @pytest.mark.parametrize(
