@@ -177,13 +177,7 @@ def patch_embedding(images: int, device: torch.device, repeats: int) -> list[dic
         compiled = torch.compile(vision_embeddings, dynamic=True)
         ways["engine compiled"] = lambda: compiled(patches, norm, pixels)
     flops = 2 * images * 256 * patches.weight.shape[1] * config.hidden_size
-    label = f"vision embeddings {images}x224x224"
-    expected = model_way().float()
-    return [
-        _rate(label, name, timed_ms(way, device, repeats), flops=flops)
-        | {"max_abs_diff": (way().float() - expected).abs().max().item()}
-        for name, way in ways.items()
-    ]
+    return _against_model(f"vision embeddings {images}x224x224", ways, device, repeats, flops=flops)
 
 
 def image_projection(images: int, device: torch.device, repeats: int) -> list[dict[str, Any]]:
@@ -199,13 +193,7 @@ def image_projection(images: int, device: torch.device, repeats: int) -> list[di
     width = config.vision_config.hidden_size
     features = F.normalize(torch.randn(images, 257, width, device=device), dim=-1).half()
     ways = {"model": lambda: module(features)[0], "engine": lambda: image_to_text(projection, features)}
-    expected = ways["model"]().float()
-    label = f"image projection {images}x257x{width}"
-    return [
-        _rate(label, name, timed_ms(way, device, repeats))
-        | {"max_abs_diff": (way().float() - expected).abs().max().item()}
-        for name, way in ways.items()
-    ]
+    return _against_model(f"image projection {images}x257x{width}", ways, device, repeats)
 
 
 def residual_projection(rows: int, inner: int, width: int, device: torch.device, repeats: int) -> list[dict[str, Any]]:
@@ -224,6 +212,18 @@ def residual_projection(rows: int, inner: int, width: int, device: torch.device,
     label = f"fc2+residual {rows}x{inner}->{width}"
     flops = 2 * rows * inner * width
     return [_rate(label, name, timed_ms(way, device, repeats), flops=flops) for name, way in ways.items()]
+
+
+def _against_model(
+    label: str, ways: dict[str, Callable[[], torch.Tensor]], device: torch.device, repeats: int, flops: int = 0
+) -> list[dict[str, Any]]:
+    """Each way timed, with its largest difference from the ``model`` way's output."""
+    expected = ways["model"]().float()
+    return [
+        _rate(label, name, timed_ms(way, device, repeats), flops=flops)
+        | {"max_abs_diff": (way().float() - expected).abs().max().item()}
+        for name, way in ways.items()
+    ]
 
 
 def _rate(kernel: str, way: str, ms: float, bytes_moved: int = 0, flops: int = 0) -> dict[str, Any]:

@@ -53,7 +53,7 @@ class PatchEmbedding:
     of channels-last pixels unfolds; then the class embedding, picked by an indicator input; then zero columns
     to a multiple of 8 (aligned matrix-product kernels). ``indicator`` ``[K]``: the input row that picks the class
     embedding. ``positions`` ``[1 + patches, D]``: the position embeddings. ``mean``, ``std`` (float32, per
-    channel) and ``scale``: the processor's normalization."""
+    channel) and ``scale``: the processor's normalization. ``size``: the side of a patch, in pixels."""
 
     weight: torch.Tensor
     indicator: torch.Tensor
