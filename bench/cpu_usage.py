@@ -8,7 +8,7 @@ own processes, the Generator's engine process, and the load generator.
     'Preprocessor'
     >>> role("/usr/bin/haproxy -f /tmp/kosmos2-haproxy-1/haproxy.cfg", "haproxy")
     'haproxy'
-    >>> role("/venv/bin/python -m serve.engine_process 14", "python")
+    >>> role("/venv/bin/python -m serve.engine.process 14", "python")
     'engine process'
 """
 
@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 ROLES = {
-    "serve.engine_process": "engine process",
+    "serve.engine.process": "engine process",
     "ServeController": "controller",
     "ProxyActor": "serve proxy",
     "HAProxy": "haproxy manager",

@@ -3,7 +3,7 @@
     python -m bench demo --out out/bench [--port 0] [--model .cache/tiny-kosmos2] [--concurrency 1,4] [--duration 5]
 
 :func:`tiny_service` builds the tiny model if its folder has none, starts Ray, Serve and the application on
-127.0.0.1 with ``configs/local.yaml`` (``serve.launch``), yields the service's URL, and stops everything when
+127.0.0.1 with ``configs/local.yaml`` (``serve.app.launch``), yields the service's URL, and stops everything when
 the block ends, also on an error or Ctrl-C. ``python -m bench demo`` runs ``python -m bench run`` inside it
 (``bench.__main__``), so the output folder holds the usual files of a load run. The numbers measure the tiny
 model on this machine's CPU: they show the bench working, not Kosmos-2's speed.
@@ -36,9 +36,9 @@ def tiny_service(model: Path = TINY, port: int = 0) -> Iterator[str]:
     base URL. The model is written to ``model`` first if that folder holds none."""
     import ray
 
-    from serve import launch
-    from serve.config import load_config
-    from serve.tiny import write_tiny
+    from serve.app import launch
+    from serve.app.config import load_config
+    from serve.kosmos2.tiny import write_tiny
 
     if not (Path(model) / "model.safetensors").exists():
         write_tiny(model)

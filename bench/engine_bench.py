@@ -5,7 +5,7 @@
     python -m serve tiny /tmp/k2 --real-size && python -m bench engine --model /tmp/k2 --load-format dummy ...
 
 Each engine path (``serve.engine.build_engine``) runs the same requests at each batch size: the workload's
-images prepared as the service prepares them (``serve.images.prepare_image``, not timed) and its prompts
+images prepared as the service prepares them (``serve.kosmos2.images.prepare_image``, not timed) and its prompts
 encoded as the service encodes them, greedy, ``max_tokens`` new tokens at most. Generation stops at the end
 token, so tokens per request are reported as measured; ``--ignore-eos`` forces exactly ``max_tokens``. Per
 path and batch size, ``summary.json`` holds ``images_per_s``, ``latency_s`` (one batch, which is every
@@ -42,13 +42,14 @@ from bench.provenance import provenance
 from bench.records import write_json, write_jsonl
 from bench.summary import KIND_ENGINE, costs, pricing_header
 from bench.workload import WorkItem, WorkloadConfig, build_workload
-from serve.config import EngineConfig, LimitsConfig
-from serve.engine import GenerationRequest, GenerationResult, build_engine
-from serve.images import prepare_image
-from serve.model import LoadedModel, load_model
-from serve.sampling import SamplingParams
-from serve.tasks import Task, build_prompt
-from serve.text import TextCodec
+from serve.app.config import LimitsConfig
+from serve.engine.build import build_engine
+from serve.engine.config import EngineConfig
+from serve.engine.model import LoadedModel, load_model
+from serve.engine.requests import GenerationRequest, GenerationResult, SamplingParams
+from serve.kosmos2.images import prepare_image
+from serve.kosmos2.tasks import Task, build_prompt
+from serve.kosmos2.text import TextCodec
 
 PATHS: dict[str, dict[str, str]] = {
     "hf": {"kind": "hf"},

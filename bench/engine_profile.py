@@ -29,13 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from serve.config import EngineConfig
-from serve.engine import Collector, GenerationRequest
-from serve.fastpath import FastEngine
-from serve.model import LoadedModel, load_model
-from serve.sampling import SamplingParams
-from serve.tasks import Task, build_prompt
-from serve.text import TextCodec
+from serve.engine.config import EngineConfig
+from serve.engine.fast.engine import FastEngine
+from serve.engine.model import LoadedModel, load_model
+from serve.engine.requests import Collector, GenerationRequest, SamplingParams
+from serve.kosmos2.tasks import Task, build_prompt
+from serve.kosmos2.text import TextCodec
 
 
 def synchronize(loaded: LoadedModel) -> None:

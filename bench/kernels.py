@@ -27,10 +27,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from serve.attention import triton_available
-from serve.ffn import gelu_layer_norm_reference, launch_gelu_norm, launch_quick_gelu, quick_gelu_reference
-from serve.layers import ImageProjection, PatchEmbedding, add_projection_, image_to_text, vision_embeddings
-from serve.model import make_projection_bidirectional
+from serve.engine.fast.layers import ImageProjection, PatchEmbedding, add_projection_, image_to_text, vision_embeddings
+from serve.engine.kernels.attention import triton_available
+from serve.engine.kernels.ffn import (
+    gelu_layer_norm_reference,
+    launch_gelu_norm,
+    launch_quick_gelu,
+    quick_gelu_reference,
+)
+from serve.engine.model import make_projection_bidirectional
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 """The processor's normalization (Kosmos-2's, CLIP's)."""
@@ -156,7 +161,7 @@ def add_layer_norm(rows: int, width: int, device: torch.device, repeats: int) ->
 def patch_embedding(images: int, device: torch.device, repeats: int) -> list[dict[str, Any]]:
     """The vision tower's embeddings and first layer norm from ``images`` uint8 224x224 pixels: the model's way
     (normalize channels-first, the patch convolution, the class row, the positions), and the engine's
-    :func:`serve.layers.vision_embeddings`, eager and compiled (CUDA)."""
+    :func:`serve.engine.fast.layers.vision_embeddings`, eager and compiled (CUDA)."""
     from transformers import Kosmos2VisionConfig
     from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2VisionEmbeddings
 
@@ -182,7 +187,8 @@ def patch_embedding(images: int, device: torch.device, repeats: int) -> list[dic
 
 def image_projection(images: int, device: torch.device, repeats: int) -> list[dict[str, Any]]:
     """The image-to-text projection of ``images`` images' vision features: the model's module, and the engine's
-    :func:`serve.layers.image_to_text` (dense folded into the keys and values, the latents' projections once)."""
+    ``image_to_text`` (``serve.engine.fast.layers``: dense folded into the keys and values, the latents'
+    projections once)."""
     from transformers import Kosmos2Config
     from transformers.models.kosmos2.modeling_kosmos2 import Kosmos2ImageToTextProjection
 
@@ -199,7 +205,8 @@ def image_projection(images: int, device: torch.device, repeats: int) -> list[di
 def residual_projection(rows: int, inner: int, width: int, device: torch.device, repeats: int) -> list[dict[str, Any]]:
     """``hidden + fc2(inner)`` over ``rows`` (a feed-forward block's second projection and residual): the
     module's product with its bias then an add, against the bias in the residual and the residual added by the
-    product (:func:`serve.layers.add_projection_`, in place: repeated, the residual grows by a unit-scale term)."""
+    product (``serve.engine.fast.layers.add_projection_``, in place: repeated, the residual grows by a unit-scale
+    term)."""
     generator = torch.Generator(device=device).manual_seed(0)
     activations = torch.randn(rows, inner, device=device, generator=generator, dtype=torch.float16)
     weight = torch.randn(width, inner, device=device, generator=generator, dtype=torch.float16) / inner**0.5

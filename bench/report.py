@@ -481,7 +481,8 @@ def write_preprocess_report(out_dir: Path) -> Path:
         "",
         f"{config['images']} distinct {config['resolution']} JPEGs (mean {summary['mean_jpeg_bytes'] / 1024:.0f} "
         "KiB), single-threaded, the paths alternating in rounds. `hf`: PIL decode then the Kosmos-2 image "
-        "processor (resize and normalize to float). `ours_exact`: `serve.images.prepare_image` (decode, checks, "
+        "processor (resize and normalize to float). `ours_exact`: `serve.kosmos2.images.prepare_image` (decode, "
+        "checks, "
         "squash-resize to 224x224 uint8, the processor's pixels; normalization happens later on the GPU). "
         "`ours_fast`: the same with `limits.fast_jpeg: true` (JPEGs decoded at reduced scale with libjpeg's DCT "
         "scaling before the resize); its pixel deviation from `ours_exact` is the absolute difference over every "

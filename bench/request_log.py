@@ -1,6 +1,6 @@
 """Where a service's requests spent their time, from the Ingress replicas' request log lines.
 
-Every request leaves one JSON line in its Ingress replica's log (``serve.ingress``): its latency at the Ingress
+Every request leaves one JSON line in its Ingress replica's log (``serve.app.ingress``): its latency at the Ingress
 and, for a non-streaming answer, the seconds from the Ingress's hand-over to the Preprocessor's start
 (``queued_s``: Serve's routing and queues), preparing the image and prompt (``prepare_s``) and awaiting the
 Generator (``generate_s``: the hop, its queues and the engine). The rest is the Ingress's own work and the

@@ -23,7 +23,7 @@ from eval.datasets import DatasetError, RefExample, load_mdetr, load_refer, load
 from eval.predictors import APIPredictor, OraclePredictor, Predictor, WholeImagePredictor
 from eval.runner import RunError, evaluate
 from eval.synth import write_synthetic
-from serve.client import APIError
+from serve.app.client import APIError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,9 +104,9 @@ def build_predictor(args: argparse.Namespace) -> Predictor:
             timeout=args.timeout,
         )
     from eval.predictors import EnginePredictor
-    from serve.config import DEFAULT_MODEL, EngineConfig
-    from serve.engine import build_engine
-    from serve.model import load_model
+    from serve.engine.build import build_engine
+    from serve.engine.config import DEFAULT_MODEL, EngineConfig
+    from serve.engine.model import load_model
 
     loaded = load_model(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype)
     engine = build_engine(loaded, EngineConfig(kind=args.engine, max_batch_size=args.batch_size))

@@ -30,7 +30,7 @@ from typing import Any
 from PIL import Image
 
 from eval.refexp import xywh_to_xyxy
-from serve.grounding import Box
+from serve.kosmos2.grounding import Box
 
 EXPRESSION_COLUMNS = ("expression", "sent", "sentence", "caption", "referring_expression", "answer", "question")
 """Columns tried, in order, for the expression of a table row (a list in it means one row per expression)."""

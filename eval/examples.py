@@ -24,7 +24,7 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 
 from eval.datasets import RefExample
-from serve.grounding import to_pixels
+from serve.kosmos2.grounding import to_pixels
 
 if TYPE_CHECKING:
     from eval.runner import PredictionRecord

@@ -1,6 +1,6 @@
 """Where predictions come from: the running service, the engine in process, or two geometric references.
 
-- :class:`APIPredictor` (``--predictor api``): the service's ``ground`` task through ``serve.client``, many
+- :class:`APIPredictor` (``--predictor api``): the service's ``ground`` task through ``serve.app.client``, many
   requests at once, retrying transport errors, 408, 429 and 5xx with exponential backoff (or the server's
   ``Retry-After``). A refused request (400, 413, 422) is recorded as that expression's error; 401, 403 and 404
   stop the run, since every request would fail alike.
@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any
 
 from eval.datasets import RefExample
 from eval.refexp import PredictedEntity
-from serve.client import APIError, KosmosClient
-from serve.grounding import box_to_patch_indices, extract_entities, patch_token
+from serve.app.client import APIError, KosmosClient
+from serve.kosmos2.grounding import box_to_patch_indices, extract_entities, patch_token
 
 if TYPE_CHECKING:  # torch is imported only when the engine predictor is used
-    from serve.engine import Engine
-    from serve.model import LoadedModel
+    from serve.engine.base import Engine
+    from serve.engine.model import LoadedModel
 
 RETRYABLE = frozenset({0, 408, 429, 500, 502, 503, 504})
 """Statuses worth another try (0: the request never got an answer)."""
@@ -210,8 +210,8 @@ class EnginePredictor(Predictor):
     name = "engine"
 
     def __init__(self, loaded: LoadedModel, engine: Engine, *, batch_size: int = 8, max_tokens: int = 64) -> None:
-        from serve.config import LimitsConfig
-        from serve.text import TextCodec
+        from serve.app.config import LimitsConfig
+        from serve.kosmos2.text import TextCodec
 
         self.loaded, self.engine = loaded, engine
         self.codec = TextCodec(loaded.processor)
@@ -223,11 +223,10 @@ class EnginePredictor(Predictor):
 
     def run(self, batch: Sequence[RefExample]) -> list[Prediction]:
         """Prepare every example, generate for those that could be prepared, parse the answers."""
-        from serve.engine import GenerationRequest
+        from serve.engine.requests import GenerationRequest, SamplingParams
         from serve.errors import InvalidImage, InvalidRequest, PayloadTooLarge
-        from serve.images import prepare_image
-        from serve.sampling import SamplingParams
-        from serve.tasks import Task, build_prompt
+        from serve.kosmos2.images import prepare_image
+        from serve.kosmos2.tasks import Task, build_prompt
 
         params = SamplingParams(max_new_tokens=self.max_tokens, no_repeat_ngram_size=NO_REPEAT_NGRAM_SIZE)
         predictions: dict[int, Prediction] = {}

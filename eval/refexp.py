@@ -14,7 +14,7 @@ The protocol and its quirks, with where each comes from:
    bins (``--location-bin-size 32``), and up to ``--max-len-b 500`` tokens (we stop at ``max_tokens``, 64 by
    default: the first box follows the phrase at once, so only the any-box bound can move with more tokens).
 2. Boxes are parsed from the answer with the regular expression of ``decode_string.py`` (what
-   ``serve.grounding.extract_entities`` uses too) and decoded to cell centres, or to whole cells when the two
+   ``serve.kosmos2.grounding.extract_entities`` uses too) and decoded to cell centres, or to whole cells when the two
    corners share a row or column. A corner pair in the wrong order is decoded as written (x2 < x1 is possible).
 3. Only entities whose phrase, stripped, equals the expression, stripped, count (``refexp_evaluate.py``:
    ``p_pred.strip() != caption.strip()``). The match is exact and case-sensitive, against the expression as the
@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from serve.grounding import Box, to_pixels
+from serve.kosmos2.grounding import Box, to_pixels
 
 IOU_THRESHOLD = 0.5
 """A prediction is correct at IoU >= this (``thresh_iou=0.5``)."""

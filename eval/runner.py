@@ -30,7 +30,7 @@ from eval.examples import draw_examples
 from eval.predictors import Prediction, Predictor
 from eval.refexp import PredictedEntity, Score, Tally, score, tally
 from eval.report import render_report
-from serve.grounding import Box
+from serve.kosmos2.grounding import Box
 
 SCHEMA_VERSION = 2
 """Version of the layout of ``predictions.jsonl`` and ``summary.json`` (2: entities keep their span and pixel

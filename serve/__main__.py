@@ -38,13 +38,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "tiny":
-        from serve.tiny import write_tiny
+        from serve.kosmos2.tiny import write_tiny
 
         print(write_tiny(args.directory, real_size=args.real_size))
     elif args.command == "run":
-        from serve.config import load_config
-        from serve.launch import run_until_signalled
-        from serve.model import ModelUnavailable, load_processor
+        from serve.app.config import load_config
+        from serve.app.launch import run_until_signalled
+        from serve.engine.model import ModelUnavailable, load_processor
 
         config = load_config(
             args.config,
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         run_until_signalled(config, dashboard=args.dashboard)
     elif args.command == "demo":
-        from serve.demo import main as demo_main
+        from serve.app.demo import main as demo_main
 
         return demo_main(args.port)
     return 0

@@ -29,29 +29,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory):
-    from serve.tiny import write_tiny
+    from serve.kosmos2.tiny import write_tiny
 
     return write_tiny(tmp_path_factory.mktemp("tiny") / "kosmos2")
 
 
 @pytest.fixture(scope="session")
 def loaded(tiny_dir):
-    from serve.model import load_model
+    from serve.engine.model import load_model
 
     return load_model(str(tiny_dir), device="cpu")
 
 
 @pytest.fixture(scope="session")
 def codec(loaded):
-    from serve.text import TextCodec
+    from serve.kosmos2.text import TextCodec
 
     return TextCodec(loaded.processor)
 
 
 @pytest.fixture(scope="session")
 def hf_engine(loaded):
-    from serve.config import EngineConfig
-    from serve.engine import HFEngine
+    from serve.engine.config import EngineConfig
+    from serve.engine.reference import HFEngine
 
     return HFEngine(loaded, EngineConfig(kind="hf", max_batch_size=8))
 
@@ -69,8 +69,8 @@ def service(tiny_dir):
     """The real Serve application on 127.0.0.1 with the tiny model (configs/local.yaml); yields its config.
 
     ``service.http.port`` is a free port; the URL is ``f"http://127.0.0.1:{service.http.port}"``."""
-    from serve import launch
-    from serve.config import load_config
+    from serve.app import launch
+    from serve.app.config import load_config
 
     config = load_config(ROOT / "configs/local.yaml", model__source=str(tiny_dir), http__port=free_port())
     launch.start(config, num_cpus=2)
@@ -89,8 +89,8 @@ def deploy_app(service, tiny_dir):
     URL. Used for auth, overload and remote-image settings. Deleted at the end of the session."""
     from ray import serve
 
-    from serve.app import build_app
-    from serve.config import ServiceConfig
+    from serve.app.builder import build_app
+    from serve.app.config import ServiceConfig
 
     names = []
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from serve.config import LimitsConfig
+from serve.app.config import LimitsConfig
 
 LIMITS = LimitsConfig().image_limits()
 """The service's default image limits."""

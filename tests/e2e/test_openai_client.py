@@ -6,7 +6,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from serve.client import image_data_uri
+from serve.app.client import image_data_uri
 from tests.helpers import encode, photo
 
 pytestmark = pytest.mark.slow

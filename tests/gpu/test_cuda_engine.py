@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve.attention import decode_attention, decode_attention_reference
-from serve.config import EngineConfig
-from serve.engine import HFEngine
-from serve.fastpath import FastEngine
-from serve.model import load_model
-from serve.sampling import SamplingParams
+from serve.engine.config import EngineConfig
+from serve.engine.fast.engine import FastEngine
+from serve.engine.kernels.attention import decode_attention, decode_attention_reference
+from serve.engine.model import load_model
+from serve.engine.reference import HFEngine
+from serve.engine.requests import SamplingParams
 from tests.integration.test_fastpath import requests_for
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

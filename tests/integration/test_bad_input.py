@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve.client import chat_request, image_data_uri
+from serve.app.client import chat_request, image_data_uri
 from tests.helpers import bomb_png, encode, photo
 
 pytestmark = pytest.mark.slow

@@ -1,6 +1,6 @@
 """The load generator against a stub of the service on 127.0.0.1 whose delays, statuses and tokens are known.
 
-The stub speaks the service's wire format (``serve.protocol`` models: JSON completions, SSE chunks with a usage
+The stub speaks the service's wire format (``serve.app.protocol`` models: JSON completions, SSE chunks with a usage
 chunk and ``[DONE]``, the OpenAI error envelope) and Serve's applications endpoint. Each task has a fixed delay,
 so every request's true latency is known and the measured percentiles must match it; token counts and error
 counts must match exactly.
@@ -25,7 +25,7 @@ from bench.load import LoadConfig, arrival_times, run_load, sweep
 from bench.metrics import compute_metrics, percentile
 from bench.records import CANCELLED, TIMEOUT, read_json, read_jsonl, read_requests
 from bench.workload import WorkloadConfig, build_workload
-from serve.protocol import (
+from serve.app.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     Choice,

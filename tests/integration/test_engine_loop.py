@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from serve.config import EngineConfig, ServiceConfig
-from serve.engine import GenerationRequest, GenerationResult
-from serve.engine_loop import EngineLoop, EngineStats
-from serve.engine_process import EngineProcess
+from serve.app.config import ServiceConfig
+from serve.engine.config import EngineConfig
+from serve.engine.fast.engine import FastEngine
+from serve.engine.loop import EngineLoop, EngineStats
+from serve.engine.process import EngineProcess
+from serve.engine.requests import GenerationRequest, GenerationResult, SamplingParams
 from serve.errors import InvalidRequest, ServiceError, Unavailable
-from serve.fastpath import FastEngine
-from serve.sampling import SamplingParams
 from tests.integration.test_fastpath import requests_for
 
 

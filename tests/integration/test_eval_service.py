@@ -10,7 +10,7 @@ import pytest
 
 from eval.__main__ import main
 from eval.synth import write_synthetic
-from serve.client import KosmosClient
+from serve.app.client import KosmosClient
 from tests.integration.test_eval_runs import check_consistent
 
 pytestmark = pytest.mark.slow

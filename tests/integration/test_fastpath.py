@@ -6,14 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from serve.config import EngineConfig
-from serve.engine import Collector, GenerationRequest, ModelGeometry, build_engine, encode_pixels, normalize_pixels
+from serve.engine.build import build_engine
+from serve.engine.config import EngineConfig
+from serve.engine.fast.engine import FastEngine
+from serve.engine.fast.layers import LayerSteps
+from serve.engine.model import ModelGeometry
+from serve.engine.reference import encode_pixels, normalize_pixels
+from serve.engine.requests import Collector, GenerationRequest, SamplingParams
 from serve.errors import InvalidRequest
-from serve.fastpath import FastEngine
-from serve.images import prepare_image
-from serve.layers import LayerSteps
-from serve.sampling import SamplingParams
-from serve.tasks import Task, build_prompt
+from serve.kosmos2.images import prepare_image
+from serve.kosmos2.tasks import Task, build_prompt
 from tests.helpers import LIMITS, encode, photo, run_interpreted
 from tests.integration.test_hf_engine import QUESTIONS, Recorder
 
@@ -290,7 +292,9 @@ def test_a_failed_compile_leaves_the_layers_uncompiled(loaded, workload, referen
     def broken(layer, hidden):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr("serve.fastpath.compiled_steps", lambda: LayerSteps(vision_attention=broken, compiled=True))
+    monkeypatch.setattr(
+        "serve.engine.fast.engine.compiled_steps", lambda: LayerSteps(vision_attention=broken, compiled=True)
+    )
     engine = FastEngine(loaded, EngineConfig(kind="fast", max_batch_size=6, max_seq_len=160, compile="on"))
     engine.warm_up()
     assert not engine.steps.compiled and "no compiler here" in caplog.text and "run uncompiled" in caplog.text
@@ -312,11 +316,11 @@ def test_overlap_runs_no_step_past_a_length_limit(loaded, workload):
 # hence a fresh process); saves each result's tokens and finish reason.
 TRITON_SCRIPT = """
 import sys, torch
-from serve.config import EngineConfig
-from serve.fastpath import FastEngine
-from serve.model import load_model
-from serve.sampling import SamplingParams
-from serve.text import TextCodec
+from serve.engine.config import EngineConfig
+from serve.engine.fast.engine import FastEngine
+from serve.engine.model import load_model
+from serve.engine.requests import SamplingParams
+from serve.kosmos2.text import TextCodec
 from tests.integration.test_fastpath import requests_for
 loaded = load_model(sys.argv[2], device="cpu")
 limits = [SamplingParams(max_new_tokens=4 + 5 * (i % 7)) for i in range(14)]

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from serve.engine import GenerationRequest, normalize_pixels
-from serve.images import prepare_image
-from serve.sampling import SamplingParams
-from serve.tasks import Task, build_prompt
+from serve.engine.reference import normalize_pixels
+from serve.engine.requests import GenerationRequest, SamplingParams
+from serve.kosmos2.images import prepare_image
+from serve.kosmos2.tasks import Task, build_prompt
 from tests.helpers import LIMITS, encode, photo
 
 QUESTIONS = [

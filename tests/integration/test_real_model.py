@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from serve.config import EngineConfig
-from serve.engine import GenerationRequest, build_engine
-from serve.images import prepare_image
-from serve.model import load_model
-from serve.sampling import SamplingParams
-from serve.tasks import Task, build_prompt
-from serve.text import TextCodec
+from serve.engine.build import build_engine
+from serve.engine.config import EngineConfig
+from serve.engine.model import load_model
+from serve.engine.requests import GenerationRequest, SamplingParams
+from serve.kosmos2.images import prepare_image
+from serve.kosmos2.tasks import Task, build_prompt
+from serve.kosmos2.text import TextCodec
 from tests.helpers import LIMITS
 
 pytestmark = pytest.mark.real_model

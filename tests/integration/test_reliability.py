@@ -19,7 +19,7 @@ import pytest
 import ray
 from ray import serve
 
-from serve.client import chat_request
+from serve.app.client import chat_request
 from tests.helpers import encode, photo
 
 pytestmark = pytest.mark.slow
@@ -155,7 +155,7 @@ def engine_processes(app: str) -> list[int]:
         except (OSError, ValueError):  # not a process, or ended meanwhile
             continue
     replicas = {pid for pid, (_, command) in processes.items() if f"ServeReplica:{app}:Generator".encode() in command}
-    engine = b"serve.engine_process"
+    engine = b"serve.engine.process"
     return [pid for pid, (parent, command) in processes.items() if parent in replicas and engine in command]
 
 

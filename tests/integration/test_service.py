@@ -11,12 +11,11 @@ import json
 import httpx
 import pytest
 
-from serve.client import APIError, KosmosClient, chat_request
-from serve.engine import GenerationRequest
-from serve.images import prepare_image
-from serve.protocol import ChatCompletion, ChatCompletionChunk
-from serve.sampling import SamplingParams
-from serve.tasks import Task, build_prompt
+from serve.app.client import APIError, KosmosClient, chat_request
+from serve.app.protocol import ChatCompletion, ChatCompletionChunk
+from serve.engine.requests import GenerationRequest, SamplingParams
+from serve.kosmos2.images import prepare_image
+from serve.kosmos2.tasks import Task, build_prompt
 from tests.helpers import LIMITS, encode, photo
 
 pytestmark = pytest.mark.slow
@@ -225,7 +224,7 @@ def test_client_errors_do_not_raise_in_the_client_helpers(service_url):
 
 def test_generator_falls_back_to_the_cpu_without_gpus(service):
     """This cluster has no GPU: a Generator asking for one runs on CPUs (with a warning), unless told not to."""
-    from serve.app import _gpu_or_fallback
+    from serve.app.builder import _gpu_or_fallback
 
     wants_gpu = service.model_copy(update={"generator": service.generator.model_copy(update={"num_gpus": 1.0})})
     assert _gpu_or_fallback(wants_gpu).num_gpus == 0

@@ -15,8 +15,8 @@ from ray import serve
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
-from serve.app import APP_NAME, build_app
-from serve.config import load_config
+from serve.app.builder import APP_NAME, build_app
+from serve.app.config import load_config
 from tests.conftest import ROOT, free_port
 from tests.integration.test_reliability import body, storm
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve import attention
-from serve.attention import decode_attention, decode_attention_reference, triton_available, write_cache
-from serve.layers import split_heads
+from serve.engine.fast.layers import split_heads
+from serve.engine.kernels import attention
+from serve.engine.kernels.attention import decode_attention, decode_attention_reference, triton_available, write_cache
 from tests.helpers import run_interpreted
 
 # name: (slots, heads, max length, head_dim, lengths (one per row), dtype); BLOCK_N is 16
@@ -22,7 +22,7 @@ CASES = {
 # Runs the kernel for every case in a fresh process, where TRITON_INTERPRET=1 holds before Triton decorates it.
 INTERPRETER_SCRIPT = """
 import sys, torch
-from serve.attention import decode_attention, triton_available, write_cache
+from serve.engine.kernels.attention import decode_attention, triton_available, write_cache
 from tests.unit.test_attention import CASES, WRITE_DTYPES, make_case, make_write_case
 assert triton_available("cpu")
 results = {}

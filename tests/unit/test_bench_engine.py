@@ -14,8 +14,8 @@ from bench.metrics import BatchRecord
 from bench.preprocess_bench import pixel_deviation
 from bench.records import read_json, read_jsonl
 from bench.workload import WorkloadConfig, build_workload
-from serve.config import EngineConfig
-from serve.engine import build_engine
+from serve.engine.build import build_engine
+from serve.engine.config import EngineConfig
 
 ITERATIONS = 2
 BATCH_SIZES = (1, 3)

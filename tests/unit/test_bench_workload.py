@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from bench.workload import SKIMAGE_PHOTOS, WorkloadConfig, build_workload, parse_mix
-from serve.client import chat_request
-from serve.images import prepare_image
+from serve.app.client import chat_request
+from serve.kosmos2.images import prepare_image
 from tests.helpers import LIMITS, encode, photo
 
 

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from serve.client import APIError, KosmosClient
+from serve.app.client import APIError, KosmosClient
 
 PNG = b"\x89PNG\r\n\x1a\n"
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

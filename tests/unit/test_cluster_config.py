@@ -24,7 +24,7 @@ from ray import serve
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
-from serve.config import ServiceConfig, load_config
+from serve.app.config import ServiceConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster.yaml"
@@ -203,7 +203,7 @@ def test_serve_schema_accepts_the_serve_config(name: str) -> None:
     assert set(raw) <= set(ServeDeploySchema.model_fields), set(raw) - set(ServeDeploySchema.model_fields)
     (app,) = raw["applications"]
     assert set(app) <= set(ServeApplicationSchema.model_fields), set(app) - set(ServeApplicationSchema.model_fields)
-    assert (app["name"], app["route_prefix"], app["import_path"]) == ("kosmos2", "/", "serve.app:build_app")
+    assert (app["name"], app["route_prefix"], app["import_path"]) == ("kosmos2", "/", "serve.app.builder:build_app")
 
 
 @pytest.mark.parametrize("name", sorted(SERVE_CONFIGS))

@@ -8,9 +8,8 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from serve.engine import GenerationRequest
-from serve.engine_process import receive, send
-from serve.sampling import SamplingParams
+from serve.engine.process import receive, send
+from serve.engine.requests import GenerationRequest, SamplingParams
 
 
 def test_arrays_travel_beside_the_pickle():

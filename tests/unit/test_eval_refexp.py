@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eval.refexp import NO_BOX, PredictedEntity, iou, matching_boxes, score, tally, xywh_to_xyxy
-from serve.grounding import extract_entities
+from serve.kosmos2.grounding import extract_entities
 
 
 def entities_of(text: str) -> list[PredictedEntity]:
-    """What the service returns for an answer: the entities ``serve.grounding`` extracts."""
+    """What the service returns for an answer: the entities ``serve.kosmos2.grounding`` extracts."""
     return [PredictedEntity(e.phrase, e.boxes) for e in extract_entities(text)[1]]
 
 

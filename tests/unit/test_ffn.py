@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import QuickGELUActivation
 
-from serve.ffn import gelu_layer_norm, gelu_layer_norm_reference, quick_gelu_, quick_gelu_reference
-from serve.layers import LayerSteps
+from serve.engine.fast.layers import LayerSteps
+from serve.engine.kernels.ffn import gelu_layer_norm, gelu_layer_norm_reference, quick_gelu_, quick_gelu_reference
 from tests.helpers import run_interpreted
 
 # name: (shape, dtype): Kosmos-2's width (a power of two), and widths the kernel's block masks
@@ -25,8 +25,8 @@ CASES = {
 
 INTERPRETER_SCRIPT = """
 import sys, torch
-from serve.attention import triton_available
-from serve.ffn import gelu_layer_norm, quick_gelu_
+from serve.engine.kernels.attention import triton_available
+from serve.engine.kernels.ffn import gelu_layer_norm, quick_gelu_
 from tests.unit.test_ffn import CASES, make_case
 assert triton_available("cpu")
 results = {name: gelu_layer_norm(*make_case(name)) for name in CASES}
@@ -94,7 +94,7 @@ def test_layer_output_equals_the_hugging_face_layer(tiny_dir: Path) -> None:
     """Attention output, residual and feed-forward block as the engine composes them (the kernel's reference on
     the CPU, the second projection adding the residual) equal the module's own arithmetic on the same inputs, to
     float32's rounding (the bias joins the residual before the product, not after)."""
-    from serve.model import load_model
+    from serve.engine.model import load_model
 
     layer = load_model(tiny_dir, device="cpu").model.text_model.model.layers[0]
     generator = torch.Generator().manual_seed(3)

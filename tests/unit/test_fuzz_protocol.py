@@ -7,10 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from serve.config import ServiceConfig
+from serve.app.config import ServiceConfig
+from serve.app.messages import job_from_request
+from serve.app.protocol import ChatCompletionRequest
 from serve.errors import ServiceError
-from serve.jobs import job_from_request
-from serve.protocol import ChatCompletionRequest
 
 CONFIG = ServiceConfig()
 

@@ -10,7 +10,7 @@ from transformers.models.kosmos2.processing_kosmos2 import (
     coordinate_to_patch_index,
 )
 
-from serve.grounding import (
+from serve.kosmos2.grounding import (
     Entity,
     box_to_patch_indices,
     drop_prefix,

@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from serve.config import LimitsConfig
-from serve.engine import ModelGeometry, normalize_pixels
+from serve.app.config import LimitsConfig
+from serve.engine.model import ModelGeometry
+from serve.engine.reference import normalize_pixels
 from serve.errors import InvalidImage, PayloadTooLarge
-from serve.images import ImageLimits, prepare_image
+from serve.kosmos2.images import ImageLimits, prepare_image
 from tests.helpers import LIMITS, bomb_png, encode, photo
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from serve.config import ServiceConfig
-from serve.launch import serve_environment
+from serve.app.config import ServiceConfig
+from serve.app.launch import serve_environment
 
 
 def test_haproxy_mode_gets_files_and_port_of_its_own():

@@ -7,8 +7,8 @@ import hashlib
 
 import pytest
 
-from serve.model import ModelUnavailable, load_model, make_projection_bidirectional, resolve_dtype
-from serve.tiny import write_tiny
+from serve.engine.model import ModelUnavailable, load_model, make_projection_bidirectional, resolve_dtype
+from serve.kosmos2.tiny import write_tiny
 
 
 def digests(directory) -> dict[str, str]:

@@ -9,9 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from serve.config import HTTPConfig
+from serve.app.config import HTTPConfig
+from serve.app.remote_images import fetch_image
 from serve.errors import InvalidImage, InvalidRequest, PayloadTooLarge
-from serve.remote import fetch_image
 from tests.helpers import encode, photo
 
 PNG = encode(photo(32, 32), "PNG")

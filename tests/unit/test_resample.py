@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from serve.resample import resize_bicubic, window_weights
+from serve.kosmos2.resample import resize_bicubic, window_weights
 
 
 def pillow(pixels: np.ndarray, size: int) -> np.ndarray:

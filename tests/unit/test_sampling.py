@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
-from serve.sampling import SamplingParams, TokenChooser, choose_tokens, sample_nucleus
+from serve.engine.requests import SamplingParams
+from serve.engine.sampling import TokenChooser, choose_tokens, sample_nucleus
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from serve.errors import InvalidRequest
-from serve.tasks import Prompt, Task, build_prompt, neutralize
+from serve.kosmos2.tasks import Prompt, Task, build_prompt, neutralize
 
 
 def test_prompt_of_every_task():

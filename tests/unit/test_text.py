@@ -7,8 +7,8 @@ from unittest.mock import Mock
 import numpy as np
 import pytest
 
-from serve.tasks import Task, build_prompt
-from serve.text import AnswerStream, TextCodec
+from serve.kosmos2.tasks import Task, build_prompt
+from serve.kosmos2.text import AnswerStream, TextCodec
 from tests.helpers import photo
 
 PROMPTS = [

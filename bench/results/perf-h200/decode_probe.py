@@ -16,10 +16,9 @@ import json
 import os
 import time
 
+import serve.fastpath as fastpath
 import torch
 import torch.nn.functional as F
-
-import serve.fastpath as fastpath
 from serve.config import EngineConfig
 from serve.model import load_model
 from serve.tiny import write_tiny

@@ -1,4 +1,4 @@
-"""Per-request generation parameters and the choice of each next token, shared by both engine paths.
+"""The choice of each next token under a request's own parameters, shared by every engine.
 
 Every request gets exactly its own parameters inside a batch: greedy or temperature/top-p sampling, a seed,
 a token limit and a no-repeat n-gram size. Sampling draws one uniform number per step from the request's own
@@ -11,37 +11,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to pick tokens for one request. ``temperature`` 0 means greedy; ``ignore_eos`` makes the end token
-    an ordinary one, so that exactly ``max_new_tokens`` come out (for benchmarks)."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    no_repeat_ngram_size: int = 0
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if not 0.0 <= self.temperature <= 2.0:
-            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.no_repeat_ngram_size < 0:
-            raise ValueError(f"no_repeat_ngram_size must be at least 0, got {self.no_repeat_ngram_size}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+from serve.engine.requests import SamplingParams
 
 
 class TokenChooser:

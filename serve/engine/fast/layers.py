@@ -5,9 +5,9 @@ Written as functions of a layer, one compiled function serves every layer of a t
 ``torch.compile(dynamic=True)`` takes the layer's weights as inputs, not as constants, so compiling traces
 one layer once. Compiled, each layer's elementwise work (layer norms with the residual adds before them, the
 activation, the head transposes) runs as a few fused kernels instead of a dozen; the matrix products stay
-cuBLAS's. The feed-forward blocks' middles are the exception: :mod:`serve.ffn`'s kernels run them between the
-compiled parts (the text block's GELU and inner layer norm, whose fusion by Inductor was slower than eager, and
-the vision MLP's quick GELU, in place). Each block's second projection adds its residual in the matrix
+cuBLAS's. The feed-forward blocks' middles are the exception: the kernels of :mod:`serve.engine.kernels.ffn` run
+them between the compiled parts (the text block's GELU and inner layer norm, whose fusion by Inductor is slower
+than eager, and the vision MLP's quick GELU, in place). Each block's second projection adds its residual in the matrix
 product's epilogue (:func:`add_projection_`), its bias having been added to the residual by the compiled part
 before it: no separate kernel reads and writes the hidden states for the add. :class:`LayerSteps` holds the
 functions as written, :func:`compiled_steps` compiled.
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import GELUActivation, QuickGELUActivation
 
-from serve.ffn import gelu_layer_norm, quick_gelu_
+from serve.engine.kernels.ffn import gelu_layer_norm, quick_gelu_
 
 
 def split_heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:

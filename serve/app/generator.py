@@ -1,6 +1,6 @@
-"""The GPU tier: the engine behind an asyncio facade, deployed by ``serve.app`` on GPU replicas.
+"""The GPU tier: the engine behind an asyncio facade, deployed by ``serve.app.builder`` on GPU replicas.
 
-``Generator`` starts the engine in a process of its own (``serve.engine_process``: the model, the GPU and the
+``Generator`` starts the engine in a process of its own (``serve.engine.process``: the model, the GPU and the
 engine's loop live there) and turns prepared requests into generated tokens. Requests that arrive together
 are batched by the engine; the replica's event loop only enqueues and awaits. Without a GPU the engine runs
 on the CPU and says so in the log.
@@ -15,10 +15,10 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, replace
 
-from serve.config import ServiceConfig
-from serve.engine import GenerationRequest, GenerationResult
-from serve.engine_process import EngineProcess
-from serve.metrics import EngineMetrics
+from serve.app.config import ServiceConfig
+from serve.app.metrics import EngineMetrics
+from serve.engine.process import EngineProcess
+from serve.engine.requests import GenerationRequest, GenerationResult
 
 log = logging.getLogger("ray.serve")
 

@@ -1,4 +1,4 @@
-"""The HTTP edge: OpenAI-compatible routes on FastAPI, deployed by ``serve.app`` as the Serve ingress.
+"""The HTTP edge: OpenAI-compatible routes on FastAPI, deployed by ``serve.app.builder`` as the Serve ingress.
 
 It authenticates, reads and validates the body (size first), turns the request into a job, and hands it to
 a Preprocessor replica, which owns it to the answer (``Preprocessor.complete``, which calls the Generator):
@@ -27,21 +27,11 @@ from ray import serve
 from ray.serve import exceptions as serve_errors
 from starlette.exceptions import HTTPException
 
-from serve.config import ServiceConfig
-from serve.errors import (
-    InvalidRequest,
-    NotFound,
-    PayloadTooLarge,
-    ServiceError,
-    Timeout,
-    Unauthorized,
-    Unavailable,
-    error_response,
-)
-from serve.jobs import Finished, job_from_request
-from serve.metrics import RequestMetrics
-from serve.preprocess import TextPiece
-from serve.protocol import (
+from serve.app.config import ServiceConfig
+from serve.app.messages import Finished, job_from_request
+from serve.app.metrics import RequestMetrics
+from serve.app.preprocessor import TextPiece
+from serve.app.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -55,6 +45,16 @@ from serve.protocol import (
     Usage,
     completion_id,
     sse,
+)
+from serve.errors import (
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    Timeout,
+    Unauthorized,
+    Unavailable,
+    error_response,
 )
 
 log = logging.getLogger("ray.serve")

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from serve.config import ServiceConfig
-from serve.engine import GenerationRequest
+from serve.app.config import ServiceConfig
+from serve.app.protocol import MAX_TEXT_CHARS, ChatCompletionRequest, ImagePart, TextPart
+from serve.engine.requests import GenerationRequest, SamplingParams
 from serve.errors import InvalidRequest, NotFound, PayloadTooLarge
-from serve.grounding import Box
-from serve.protocol import MAX_TEXT_CHARS, ChatCompletionRequest, ImagePart, TextPart
-from serve.sampling import SamplingParams
-from serve.tasks import Prompt, Task
-from serve.text import Answer
+from serve.kosmos2.grounding import Box
+from serve.kosmos2.tasks import Prompt, Task
+from serve.kosmos2.text import Answer
 
 
 @dataclass(frozen=True)

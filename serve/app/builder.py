@@ -16,10 +16,10 @@ import ray
 from ray import serve
 from ray.serve import Application
 
-from serve.config import DeploymentConfig, ServiceConfig
-from serve.generator import Generator
-from serve.ingress import HTTPIngress
-from serve.preprocess import Preprocessor
+from serve.app.config import DeploymentConfig, ServiceConfig
+from serve.app.generator import Generator
+from serve.app.ingress import HTTPIngress
+from serve.app.preprocessor import Preprocessor
 
 log = logging.getLogger("ray.serve")
 

@@ -6,7 +6,7 @@ requests that arrive together are batched by the engine itself. A caller that is
 went away) cancels its request in the engine, which frees its cache slot at once.
 
 ``AsyncEngine`` holds the coroutines callers use; ``EngineLoop`` runs the engine on a thread of this process,
-``serve.engine_process.EngineProcess`` in a process of its own (what the Generator uses).
+``serve.engine.process.EngineProcess`` in a process of its own (what the Generator uses).
 
     loop = EngineLoop(engine)
     result = await loop.generate(request)
@@ -25,7 +25,8 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from serve.engine import Engine, GenerationRequest, GenerationResult, Sink
+from serve.engine.base import Engine
+from serve.engine.requests import GenerationRequest, GenerationResult, Sink
 from serve.errors import ServiceError
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
 
-from serve.config import HTTPConfig
+from serve.app.config import HTTPConfig
 from serve.errors import InvalidImage, InvalidRequest, PayloadTooLarge
 
 MAX_REDIRECTS = 3

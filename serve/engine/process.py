@@ -3,7 +3,7 @@
 The Generator replica's event loop handles Serve's calls (gRPC, pickling, bookkeeping); the engine's thread
 runs a Python step between GPU waits. In one process they take turns on one interpreter lock: each delays
 the other, and a GPU that waits for the host idles. Here the replica only queues requests and awaits their
-results; the engine runs in a child (``python -m serve.engine_process``), as vLLM runs its engine core.
+results; the engine runs in a child (``python -m serve.engine.process``), as vLLM runs its engine core.
 
 Both sides talk over a socket pair, one message at a time, each carrying every item queued meanwhile (pickled,
 except for large arrays such as the pixels, which travel as raw buffers beside it: Ray has already deserialized
@@ -35,11 +35,12 @@ from dataclasses import astuple
 from multiprocessing.connection import Connection
 from typing import Any
 
-from serve.config import ServiceConfig
-from serve.engine import GenerationRequest, GenerationResult, build_engine
-from serve.engine_loop import AsyncEngine, EngineLoop, EngineStats, LoopSink
+from serve.app.config import ServiceConfig
+from serve.engine.build import build_engine
+from serve.engine.loop import AsyncEngine, EngineLoop, EngineStats, LoopSink
+from serve.engine.model import load_model
+from serve.engine.requests import GenerationRequest, GenerationResult
 from serve.errors import Unavailable
-from serve.model import load_model
 
 log = logging.getLogger("ray.serve")
 
@@ -55,7 +56,7 @@ class EngineProcess(AsyncEngine):
         ours, theirs = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "serve.engine_process", str(theirs.fileno())], pass_fds=[theirs.fileno()], env=env
+            [sys.executable, "-m", "serve.engine.process", str(theirs.fileno())], pass_fds=[theirs.fileno()], env=env
         )
         theirs.close()
         self._socket = ours  # shut down by stop(), which ends both threads' socket calls

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from serve.attention import triton_available
+from serve.engine.kernels.attention import triton_available
 
 try:
     import triton

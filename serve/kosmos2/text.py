@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from transformers import Kosmos2Processor
 
-from serve.grounding import TAG_PATTERN, Box, Entity, drop_prefix, extract_entities, to_pixels
-from serve.tasks import Prompt
+from serve.kosmos2.grounding import TAG_PATTERN, Box, Entity, drop_prefix, extract_entities, to_pixels
+from serve.kosmos2.tasks import Prompt
 
 
 @dataclass(frozen=True)

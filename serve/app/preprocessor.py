@@ -1,6 +1,6 @@
 """The CPU tier: before generation, image and prompt; after it, the answer with its entities.
 
-``Preprocessor`` is a plain class that ``serve.app`` deploys on CPU replicas; it owns a request from the
+``Preprocessor`` is a plain class that ``serve.app.builder`` deploys on CPU replicas; it owns a request from the
 Ingress to the answer. ``prepare`` decodes the image (a base64 data URI, or a remote URL where the config
 allows it), checks and resizes it, and builds the task's prompt and its token ids. ``complete`` sends the
 prepared request to a Generator replica and turns the tokens into the answer text and entities. ``stream``
@@ -19,15 +19,16 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
-from serve.config import ServiceConfig
-from serve.engine import GenerationRequest, GenerationResult, check_length
+from serve.app.config import ServiceConfig
+from serve.app.messages import Finished, Job, Prepared, PromptInfo, Started
+from serve.app.remote_images import fetch_image
+from serve.engine.base import check_length
+from serve.engine.model import load_processor
+from serve.engine.requests import GenerationRequest, GenerationResult
 from serve.errors import InvalidImage, InvalidRequest, PayloadTooLarge, ServiceError
-from serve.images import PreparedImage, compile_resize, prepare_image
-from serve.jobs import Finished, Job, Prepared, PromptInfo, Started
-from serve.model import load_processor
-from serve.remote import fetch_image
-from serve.tasks import build_prompt
-from serve.text import AnswerStream, TextCodec
+from serve.kosmos2.images import PreparedImage, compile_resize, prepare_image
+from serve.kosmos2.tasks import build_prompt
+from serve.kosmos2.text import AnswerStream, TextCodec
 
 
 @dataclass(frozen=True)

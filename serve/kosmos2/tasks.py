@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from serve.errors import InvalidRequest
-from serve.grounding import Box, check_box, object_tokens
+from serve.kosmos2.grounding import Box, check_box, object_tokens
 
 
 class Task(str, Enum):

@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from serve.config import ServiceConfig
+from serve.app.config import ServiceConfig
 
 HAPROXY_PREFIX = "kosmos2-haproxy-"
 
@@ -45,7 +45,7 @@ def start(
         ray.init(**options)
     from ray import serve
 
-    from serve.app import APP_NAME, build_app
+    from serve.app.builder import APP_NAME, build_app
 
     serve.start(http_options={"host": config.http.host, "port": config.http.port})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/")

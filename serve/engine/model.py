@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, Kosmos2ForConditionalGeneration, Kosmos2Processor
 
-from serve.config import DEFAULT_MODEL
+from serve.engine.config import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,20 @@ class LoadedModel:
     processor: Kosmos2Processor
     device: torch.device
     dtype: torch.dtype
+
+
+class ModelGeometry:
+    """Token ids and sizes the engines need from a loaded model."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        config = loaded.model.config
+        self.pad_id: int = config.text_config.pad_token_id
+        self.eos_id: int = config.text_config.eos_token_id
+        self.image_tokens: int = config.latent_query_num
+        processor = loaded.processor.image_processor
+        self.mean = torch.tensor(processor.image_mean, device=loaded.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(processor.image_std, device=loaded.device).view(1, 3, 1, 1)
+        self.scale = float(processor.rescale_factor)
 
 
 def resolve_device(device: str = "auto") -> torch.device:

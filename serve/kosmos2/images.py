@@ -2,7 +2,7 @@
 
 ``prepare_image(data, limits)`` turns encoded bytes into the 224x224x3 uint8 array the model sees, made exactly as
 the Kosmos-2 processor makes it (every image squashed to 224x224 with PIL's bicubic filter, whose arithmetic
-``serve.resample`` repeats faster; transparency composited on white), plus the original width and height for
+``serve.kosmos2.resample`` repeats faster; transparency composited on white), plus the original width and height for
 mapping boxes back. Normalization to the CLIP mean and standard deviation happens later, on the engine's device
 (``serve.engine.normalize_pixels``).
 
@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from serve.errors import InvalidImage, PayloadTooLarge
-from serve.resample import resize_bicubic
+from serve.kosmos2.resample import resize_bicubic
 
 SIZE = 224
 """Side of the square model input."""
@@ -135,7 +135,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def resize(image: Image.Image) -> np.ndarray:
     """Squash an RGB image to 224x224 with bicubic filtering, as the processor does (no aspect kept; its crop is
-    a no-op): Pillow's bytes, computed about three times as fast by :func:`serve.resample.resize_bicubic`."""
+    a no-op): Pillow's bytes, computed about three times as fast by :func:`serve.kosmos2.resample.resize_bicubic`."""
     return resize_bicubic(image, SIZE)
 
 

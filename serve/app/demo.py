@@ -15,10 +15,10 @@ from pathlib import Path
 
 from openai import OpenAI
 
-from serve import launch
-from serve.client import image_data_uri
-from serve.config import load_config
-from serve.tiny import write_tiny
+from serve.app import launch
+from serve.app.client import image_data_uri
+from serve.app.config import load_config
+from serve.kosmos2.tiny import write_tiny
 
 TINY = Path(".cache/tiny-kosmos2")
 REQUESTS = [

@@ -1,7 +1,7 @@
 """The one typed configuration of the service, checked when it is built.
 
 Every knob lives here, with its default: the model, the engine, request limits, HTTP, and each deployment's
-resources, queue bounds and autoscaling. ``serve.app.build_app`` turns a ``ServiceConfig`` into the bound
+resources, queue bounds and autoscaling. ``serve.app.builder.build_app`` turns a ``ServiceConfig`` into the bound
 Serve application; a Serve config file passes the same fields as the application's ``args``
 (``configs/local.yaml``). Unknown or ill-typed fields are refused with a message naming the field.
 
@@ -10,7 +10,7 @@ Serve application; a Serve config file passes the same fields as the application
     >>> ServiceConfig.model_validate({"engine": {"max_batch_size": 0}})
     Traceback (most recent call last):
     ...
-    serve.config.ConfigError: engine.max_batch_size: Input should be greater than or equal to 1
+    serve.app.config.ConfigError: engine.max_batch_size: Input should be greater than or equal to 1
 """
 
 from __future__ import annotations
@@ -20,22 +20,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from serve.images import ImageLimits
-
-DEFAULT_MODEL = "microsoft/kosmos-2-patch14-224"
+from serve.engine.config import EngineConfig, ModelConfig, Strict
+from serve.kosmos2.images import ImageLimits
 
 
 class ConfigError(ValueError):
     """A configuration that cannot work; the message names the field and what is wrong."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class AutoscalingConfig(_Strict):
+class AutoscalingConfig(Strict):
     """Serve's autoscaling for one deployment (``min_replicas == max_replicas`` fixes the count)."""
 
     min_replicas: int = Field(1, ge=0)
@@ -58,7 +53,7 @@ class AutoscalingConfig(_Strict):
         return self.model_dump(exclude_none=True)
 
 
-class DeploymentConfig(_Strict):
+class DeploymentConfig(Strict):
     """Resources and queue bounds of one deployment's replicas."""
 
     num_cpus: float = Field(1.0, ge=0)
@@ -95,83 +90,7 @@ class DeploymentConfig(_Strict):
         }
 
 
-class ModelConfig(_Strict):
-    source: str = Field(DEFAULT_MODEL, description="Hugging Face id or local folder")
-    served_name: str | None = Field(None, description="the id clients send as 'model'; default: the folder name")
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    device: str = "auto"
-    load_format: Literal["auto", "dummy"] = Field("auto", description="dummy: random weights, for benchmarks")
-
-    @field_validator("source")
-    @classmethod
-    def _absolute_if_local(cls, source: str) -> str:
-        """A local folder becomes an absolute path, so that replicas find it wherever they run."""
-        path = Path(source).expanduser()
-        return str(path.resolve()) if path.exists() else source
-
-
-class EngineConfig(_Strict):
-    """Generation: which engine, how many sequences at once, and how long they may be."""
-
-    kind: Literal["fast", "hf"] = Field("fast", description="fast: continuous batching; hf: the reference")
-    max_batch_size: int = Field(
-        64,
-        ge=1,
-        le=4096,
-        description="sequences generated at once (the fast engine's cache slots: with the real model each takes "
-        "about 0.2 MB a token of max_seq_len in float16, 26 GB for 1,024 slots of 128 tokens)",
-    )
-    max_seq_len: int = Field(256, ge=96, le=2048, description="prompt (about 70 tokens) plus answer")
-    cuda_graphs: bool = True
-    graph_admission_rows: int = Field(
-        256,
-        ge=1,
-        le=1024,
-        description="fast engine: admissions run in chunks of at most this many requests, each replaying a CUDA "
-        "graph on CUDA (one per row bucket and prompt width, see warm_admission_widths); without graphs an "
-        "admission's kernels launch one by one, about 30 ms of host time that the device waits for unless the "
-        "admission is large: on an H200 the service's admissions of 35-45 requests took 1.5 ms a request without "
-        "graphs, against 0.73 in one of 512",
-    )
-    warm_admission_widths: tuple[PositiveInt, ...] = Field(
-        (72, 80),
-        description="fast engine on CUDA: prompt widths (tokens, rounded up to 8) whose admission graphs, every row "
-        "bucket, are captured at start-up rather than at first use, where each capture stalls the running "
-        "sequences (default: the widths the brief and the detailed caption's prompts round up to); () captures "
-        "every one at first use. With 1,024 slots a Generator started in 50 s on an H200 with them (22 row buckets "
-        "a width), in 39 s in the run before without; the row buckets are 34 a width since",
-    )
-    compile: Literal["auto", "on", "off"] = Field(
-        "auto",
-        description="fast engine: torch.compile its layers (fused elementwise kernels); auto: on CUDA. Compiling "
-        "adds about a minute to a replica's start, less when Inductor's cache in /tmp holds the kernels",
-    )
-    decode_attention: Literal["auto", "triton", "sdpa"] = Field(
-        "auto", description="fast engine's decode attention; auto: the Triton kernel on CUDA when triton imports"
-    )
-    overlap: bool = Field(
-        True,
-        description="fast engine: launch each decode step before taking the previous step's tokens, so the host's "
-        "book-keeping runs while the device computes; a sequence that ends at its end token costs one more step "
-        "(on an H200: 942.6 against 930.5 images/s at a static batch of 1024, 864 against 842 in a closed loop)",
-    )
-    admit_ratio: float = Field(
-        0.25, ge=0, description="fast engine: admit waiting requests once they number this fraction of the running"
-    )
-    admit_max_steps: int = Field(16, ge=0, description="fast engine: or once they have waited this many decode steps")
-    batch_wait_s: float = Field(0.005, ge=0, description="hf engine: how long to gather a batch")
-    process_niceness: int = Field(
-        -10,
-        ge=-20,
-        le=19,
-        description="the engine process's niceness (below 0 needs root or CAP_SYS_NICE; else it keeps its own), so "
-        "that its host thread is not kept waiting for a core by the CPU tier's replicas on the same machine. On an "
-        "H200 with 8 Preprocessor and 5 Ingress replicas beside it, -10 took the service from 474.1 to 522.3 "
-        "images/s at 1,024 clients",
-    )
-
-
-class LimitsConfig(_Strict):
+class LimitsConfig(Strict):
     """What one request may ask for."""
 
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
@@ -188,13 +107,13 @@ class LimitsConfig(_Strict):
         return ImageLimits(self.max_image_bytes, self.max_image_pixels, self.max_aspect_ratio, self.fast_jpeg)
 
 
-class HTTPConfig(_Strict):
+class HTTPConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     proxy: Literal["haproxy", "serve"] = Field(
         "haproxy",
         description="haproxy: HAProxy straight to the Ingress replicas (Serve's throughput-optimized mode, about "
-        "twice the requests per CPU); serve: Serve's Python proxy. Read where Ray starts (serve.launch)",
+        "twice the requests per CPU); serve: Serve's Python proxy. Read where Ray starts (serve.app.launch)",
     )
     allow_remote_images: bool = False
     remote_image_hosts: list[str] = Field(default_factory=list, description="allowed hosts; empty: any public")
@@ -208,7 +127,7 @@ def _default_generator() -> DeploymentConfig:
     return DeploymentConfig(num_cpus=1, num_gpus=1, max_ongoing_requests=512)
 
 
-class ServiceConfig(_Strict):
+class ServiceConfig(Strict):
     """Everything the service needs; build it with ``ServiceConfig.model_validate(dict)`` or ``load_config``."""
 
     model: ModelConfig = ModelConfig()

@@ -11,12 +11,12 @@ fill the free slots, else once they number a fraction of the running sequences o
 The text decoder is re-implemented here for one purpose, the step over a preallocated cache: it calls the
 Hugging Face modules' own layers (same weights, same functions) and writes keys and values into
 ``[slots, heads, max_seq_len, head_dim]`` tensors. A decode step attends with the Triton kernel of
-``serve.attention``, which reads each sequence's own length, or with SDPA over the first ``Tb`` positions
+``serve.engine.kernels.attention``, which reads each sequence's own length, or with SDPA over the first ``Tb`` positions
 (``Tb`` rounded up to a multiple of 32) and a length mask. On CUDA each decode step batch (and SDPA span),
 and each admission (batch and prompt width rounded up; a large one in chunks, the host staging the first
 while the decode step in flight runs and each later one while the device runs the one before), is captured
 once as a CUDA graph and replayed, which removes the Python and launch cost that dominates Hugging Face's steps.
-The layers themselves are ``serve.layers``' functions, compiled on CUDA. Book-keeping is vectorized with
+The layers themselves are ``serve.engine.fast.layers``' functions, compiled on CUDA. Book-keeping is vectorized with
 numpy; Python runs per sequence only for sequences that stream, sample or ban n-grams, and for those that
 finish. With ``EngineConfig.overlap`` each decode step is launched before the previous step's tokens are taken
 (its inputs are those tokens, still on the device), so the host's book-keeping runs while the device computes,
@@ -41,10 +41,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from serve.attention import decode_attention, triton_available, write_cache
-from serve.config import EngineConfig
-from serve.engine import Engine, GenerationRequest, GenerationResult, Pending, Sink
-from serve.layers import (
+from serve.engine.base import Engine, Pending
+from serve.engine.config import EngineConfig
+from serve.engine.fast.layers import (
     ImageProjection,
     LayerSteps,
     PatchEmbedding,
@@ -53,8 +52,10 @@ from serve.layers import (
     image_to_text,
     merge_heads,
 )
-from serve.model import LoadedModel
-from serve.sampling import TokenChooser, choose_special
+from serve.engine.kernels.attention import decode_attention, triton_available, write_cache
+from serve.engine.model import LoadedModel
+from serve.engine.requests import GenerationRequest, GenerationResult, Sink
+from serve.engine.sampling import TokenChooser, choose_special
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 It builds requests (image as a data URI, task, text, region, sampling fields) and parses answers with their
 entities, so no one writes request JSON twice. Errors come back as :class:`APIError` with the envelope's
-fields. For the official ``openai`` SDK, see the README and ``serve/demo.py``.
+fields. For the official ``openai`` SDK, see the README and ``serve/app/demo.py``.
 
 It sends over aiohttp, which spends about a fifth of httpx's CPU a request (0.4-0.5 against 1.8-3.8 ms on this
 project's 2-core machine, 16 to 128 connections): the load generator runs beside the service it measures.

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve.tasks import Task
+from serve.kosmos2.tasks import Task
 
 MAX_TEXT_CHARS = 4000
 """Longest text a request may carry in all its text parts together."""
