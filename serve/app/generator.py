@@ -17,6 +17,7 @@ from dataclasses import asdict, replace
 
 from serve.app.config import ServiceConfig
 from serve.app.metrics import EngineMetrics
+from serve.engine.messages import StartEngine
 from serve.engine.process import EngineProcess
 from serve.engine.requests import GenerationRequest, GenerationResult
 
@@ -30,7 +31,7 @@ class Generator:
     """Deployed on GPU replicas (falls back to the CPU where there is none)."""
 
     def __init__(self, config: ServiceConfig) -> None:
-        self.loop = EngineProcess(config)
+        self.loop = EngineProcess(StartEngine(config.model, config.engine))
         self.metrics = EngineMetrics()
         self._sampler: asyncio.Task | None = None
         self.answered, self.answered_s = 0, 0.0  # requests answered by generate(), and their seconds in it

@@ -12,7 +12,7 @@ from typing import Any
 
 from ray.serve.metrics import Counter, Gauge, Histogram
 
-from serve.engine.loop import EngineStats
+from serve.engine.messages import EngineStats
 
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0]
 

@@ -23,9 +23,9 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from serve.engine.base import Engine
+from serve.engine.messages import EngineStats
 from serve.engine.requests import GenerationRequest, GenerationResult, Sink
 from serve.errors import ServiceError
 
@@ -48,49 +48,6 @@ class LoopSink:
 
     def fail(self, error: BaseException) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, error)
-
-
-@dataclass
-class EngineStats:
-    """What the loop has done, for metrics: queue depth, running sequences, steps, tokens, the time spent in
-    steps (``busy_s``), the sequences running after each step, summed (``step_rows``: a mean batch), the
-    seconds finished requests spent in the engine, queued and generating, summed (``engine_s``), and of the
-    time in steps, the engine thread's CPU time (``step_cpu_s``) and its waits for the device (``device_wait_s``):
-    the rest is time the thread was ready but not running (other processes or threads held the cores or the
-    interpreter), which slows a GPU fed from the host. Of the steps, the admissions of waiting requests: how
-    many, the requests they took, and their time (``admission_s``; the rest of ``busy_s`` is decode steps)."""
-
-    waiting: int = 0
-    running: int = 0
-    steps: int = 0
-    finished: int = 0
-    generated_tokens: int = 0
-    busy_s: float = 0.0
-    step_rows: int = 0
-    engine_s: float = 0.0
-    step_cpu_s: float = 0.0
-    device_wait_s: float = 0.0
-    admissions: int = 0
-    admitted: int = 0
-    admission_s: float = 0.0
-
-    def summary(self, before: EngineStats, seconds: float) -> str:
-        """One log line on the ``seconds`` since ``before``: the rates and the share of time in steps."""
-        steps = self.steps - before.steps
-        batch = (self.step_rows - before.step_rows) / max(steps, 1)
-        finished = self.finished - before.finished
-        inside = (self.engine_s - before.engine_s) / max(finished, 1)
-        cpu, device = self.step_cpu_s - before.step_cpu_s, self.device_wait_s - before.device_wait_s
-        admissions, admitting = self.admissions - before.admissions, self.admission_s - before.admission_s
-        admitted = (self.admitted - before.admitted) / max(admissions, 1)
-        return (
-            f"engine: {steps / seconds:.0f} steps/s, {finished / seconds:.1f} requests/s, "
-            f"{(self.generated_tokens - before.generated_tokens) / seconds:.0f} tokens/s, mean batch {batch:.1f}, "
-            f"busy {(self.busy_s - before.busy_s) / seconds:.0%} (on a core {cpu / seconds:.0%}, "
-            f"waiting on the device {device / seconds:.0%}; admitting {admitting / seconds:.0%}, "
-            f"{admissions / seconds:.1f} admissions/s of {admitted:.1f} requests), {self.waiting} waiting, "
-            f"{inside * 1e3:.0f} ms a request in the engine"
-        )
 
 
 class AsyncEngine(ABC):

@@ -5,12 +5,9 @@ runs a Python step between GPU waits. In one process they take turns on one inte
 the other, and a GPU that waits for the host idles. Here the replica only queues requests and awaits their
 results; the engine runs in a child (``python -m serve.engine.process``), as vLLM runs its engine core.
 
-Both sides talk over a socket pair, one message at a time, each carrying every item queued meanwhile (pickled,
-except for large arrays such as the pixels, which travel as raw buffers beside it: Ray has already deserialized
-them once, and :func:`send` does not copy them into a pickle again):
-to the child, ``("submit", ticket, request, streaming)`` and ``("cancel", ticket, None, False)``; to the parent, events
-``(ticket, "tokens" | "finish" | "fail", payload)`` with the engine's stats. A sender thread on each side
-writes, so neither the event loop nor the engine waits on the socket. The child exits when the socket closes
+Both sides talk over a socket pair in the typed messages of ``serve.engine.messages``, each message carrying
+every item queued meanwhile. A sender thread on each side writes, so neither the event loop nor the engine
+waits on the socket. The child exits when the socket closes
 (the replica is gone); if the child dies, its requests fail at once (503, ``engine_lost``) and ``alive`` turns
 false, so Serve's health check replaces the replica. The child runs at a higher priority than the CPU tier's
 processes where permitted (``EngineConfig.process_niceness``): a GPU fed by one host thread idles whenever that
@@ -23,21 +20,33 @@ import asyncio
 import contextlib
 import logging
 import os
-import pickle
 import queue
 import socket
-import struct
 import subprocess
 import sys
 import threading
 from collections import defaultdict
-from dataclasses import astuple
+from dataclasses import replace
 from multiprocessing.connection import Connection
-from typing import Any
 
-from serve.app.config import ServiceConfig
 from serve.engine.build import build_engine
-from serve.engine.loop import AsyncEngine, EngineLoop, EngineStats, LoopSink
+from serve.engine.loop import AsyncEngine, EngineLoop, LoopSink
+from serve.engine.messages import (
+    Cancel,
+    EngineStats,
+    Event,
+    Events,
+    Failed,
+    Finished,
+    Ready,
+    StartEngine,
+    StartFailed,
+    Submit,
+    Tokens,
+    portable,
+    receive,
+    send,
+)
 from serve.engine.model import load_model
 from serve.engine.requests import GenerationRequest, GenerationResult
 from serve.errors import Unavailable
@@ -49,9 +58,9 @@ STATS_EVERY_S = 0.5
 
 
 class EngineProcess(AsyncEngine):
-    """Starts the engine in a child process for ``config`` and waits until it is ready (or raises)."""
+    """Starts the engine of ``start`` in a child process and waits until it is ready (or raises)."""
 
-    def __init__(self, config: ServiceConfig) -> None:
+    def __init__(self, start: StartEngine) -> None:
         super().__init__()
         ours, theirs = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
@@ -63,17 +72,18 @@ class EngineProcess(AsyncEngine):
         self._connection = Connection(os.dup(ours.fileno()))
         self.stats = EngineStats()
         self._sinks: dict[int, LoopSink] = {}
-        self._outbox: queue.SimpleQueue[tuple[str, int, GenerationRequest | None, bool] | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[Submit | Cancel | None] = queue.SimpleQueue()
         self._failure: str | None = None  # why the engine is gone, once it is
         self._stopping = False
-        self._connection.send(config.model_dump(mode="json"))
+        send(self._connection, start)
         try:
-            status, self.description, self.device = self._connection.recv()  # device: "cuda", "cpu"...
+            answer: Ready | StartFailed = receive(self._connection)
         except (EOFError, OSError):
-            status, self.description, self.device = "failed", f"it exited with code {self._process.wait()}", ""
-        if status != "ready":
+            answer = StartFailed(f"it exited with code {self._process.wait()}")
+        if isinstance(answer, StartFailed):
             self.stop()
-            raise RuntimeError(f"the engine process did not start: {self.description}")
+            raise RuntimeError(f"the engine process did not start: {answer.reason}")
+        self.description, self.device = answer.description, answer.device
         threading.Thread(target=self._write, name="engine-writer", daemon=True).start()
         threading.Thread(target=self._read, name="engine-reader", daemon=True).start()
 
@@ -86,11 +96,11 @@ class EngineProcess(AsyncEngine):
         if self._failure is not None:  # checked once registered: the reader's last sweep or this covers it
             self._sinks.pop(ticket, None)
             raise _lost(self._failure)
-        self._outbox.put(("submit", ticket, request, sink.streaming))
+        self._outbox.put(Submit(ticket, request, sink.streaming))
 
     def cancel(self, ticket: int) -> None:
         if self._sinks.pop(ticket, None) is not None:
-            self._outbox.put(("cancel", ticket, None, False))
+            self._outbox.put(Cancel(ticket))
 
     def stop(self) -> None:
         """Shut the socket down (the child then exits) and reap the child; once."""
@@ -121,19 +131,19 @@ class EngineProcess(AsyncEngine):
         """Hand each event to its caller's event loop, one callback per loop and message."""
         while True:
             try:
-                events, stats = receive(self._connection)
+                message: Events = receive(self._connection)
             except (EOFError, OSError):
                 break
             except Exception:  # a message that cannot be read: end the child rather than leave callers waiting
                 log.exception("unreadable message from the engine process; stopping it")
                 self._process.kill()
                 break
-            self.stats = EngineStats(*stats)
-            batches: dict[asyncio.AbstractEventLoop, list[tuple[Any, str, Any]]] = defaultdict(list)
-            for ticket, kind, payload in events:
-                sink = self._sinks.get(ticket) if kind == "tokens" else self._sinks.pop(ticket, None)
+            self.stats = message.stats
+            batches: dict[asyncio.AbstractEventLoop, list[tuple[LoopSink, Event]]] = defaultdict(list)
+            for event in message.events:
+                sink = self._sinks.pop(event.ticket, None) if event.ends else self._sinks.get(event.ticket)
                 if sink is not None:
-                    batches[sink.loop].append((sink, kind, payload))
+                    batches[sink.loop].append((sink, event))
             for loop, batch in batches.items():
                 _hand_over(loop, batch)
         self._failure = f"the engine process exited (code {self._process.wait()})"
@@ -141,50 +151,22 @@ class EngineProcess(AsyncEngine):
             log.error("%s; failing its %d requests", self._failure, len(self._sinks))
         for ticket in list(self._sinks):
             sink = self._sinks.pop(ticket)
-            _hand_over(sink.loop, [(sink, "fail", _lost(self._failure))])
-
-
-OUT_OF_BAND_BYTES = 16384
-"""Arrays at least this large travel as raw buffers beside the pickle; smaller ones inside it."""
-
-
-def send(connection: Connection, message: Any) -> None:
-    """Send ``message`` pickled (protocol 5), its large contiguous arrays' data out of band as raw buffers."""
-    buffers: list[pickle.PickleBuffer] = []
-
-    def in_band(buffer: pickle.PickleBuffer) -> bool:
-        if buffer.raw().nbytes < OUT_OF_BAND_BYTES:
-            return True
-        buffers.append(buffer)
-        return False
-
-    payload = pickle.dumps(message, protocol=5, buffer_callback=in_band)
-    connection.send_bytes(struct.pack("!I", len(buffers)) + payload)
-    for buffer in buffers:
-        connection.send_bytes(buffer.raw())
-
-
-def receive(connection: Connection) -> Any:
-    """A message from :func:`send`; its arrays are read-only views of the received buffers."""
-    head = connection.recv_bytes()
-    (count,) = struct.unpack_from("!I", head)
-    buffers = [connection.recv_bytes() for _ in range(count)]
-    return pickle.loads(memoryview(head)[4:], buffers=buffers)
+            _hand_over(sink.loop, [(sink, Failed(ticket, _lost(self._failure)))])
 
 
 def _lost(why: str) -> Unavailable:
     return Unavailable(f"{why}; retry", code="engine_lost")
 
 
-def _hand_over(loop: asyncio.AbstractEventLoop, batch: list[tuple[Any, str, Any]]) -> None:
+def _hand_over(loop: asyncio.AbstractEventLoop, batch: list[tuple[LoopSink, Event]]) -> None:
     """Deliver ``batch`` on ``loop``; a caller whose loop has closed meanwhile is gone, so its events are too."""
     with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(_deliver, batch)
 
 
-def _deliver(batch: list[tuple[Any, str, Any]]) -> None:
-    for sink, kind, payload in batch:
-        getattr(sink, kind)(payload)
+def _deliver(batch: list[tuple[LoopSink, Event]]) -> None:
+    for sink, event in batch:
+        event.deliver(sink)
 
 
 def _drain(items: queue.SimpleQueue) -> list:
@@ -203,17 +185,13 @@ class _Forward:
         self.ticket, self.streaming, self.outbox = ticket, streaming, outbox
 
     def tokens(self, token_ids: list[int]) -> None:
-        self.outbox.put((self.ticket, "tokens", token_ids))
+        self.outbox.put(Tokens(self.ticket, token_ids))
 
     def finish(self, result: GenerationResult) -> None:
-        self.outbox.put((self.ticket, "finish", result))
+        self.outbox.put(Finished(self.ticket, result))
 
     def fail(self, error: BaseException) -> None:
-        try:
-            pickle.loads(pickle.dumps(error))
-        except Exception:  # an exception that cannot travel (or be rebuilt there): its text does
-            error = RuntimeError(f"{type(error).__name__}: {error}")
-        self.outbox.put((self.ticket, "fail", error))
+        self.outbox.put(Failed(self.ticket, portable(error)))
 
 
 def _send_events(connection: Connection, outbox: queue.SimpleQueue, loop: EngineLoop) -> None:
@@ -224,7 +202,7 @@ def _send_events(connection: Connection, outbox: queue.SimpleQueue, loop: Engine
         except queue.Empty:
             events = []
         try:
-            send(connection, (events, astuple(loop.stats)))
+            send(connection, Events(events, replace(loop.stats)))
         except OSError:
             return
 
@@ -242,19 +220,19 @@ def main() -> None:
     """The child: load the model, report ready, then serve the parent's messages until the socket closes."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine process %(levelname)s %(message)s")
     connection = Connection(int(sys.argv[1]))
-    config = ServiceConfig.model_validate(connection.recv())
-    prioritize(config.engine.process_niceness)  # before the engine's threads start: they inherit it
+    start: StartEngine = receive(connection)
+    prioritize(start.engine.process_niceness)  # before the engine's threads start: they inherit it
     try:
-        model = config.model
+        model = start.model
         loaded = load_model(model.source, device=model.device, dtype=model.dtype, load_format=model.load_format)
-        engine = build_engine(loaded, config.engine)
+        engine = build_engine(loaded, start.engine)
         engine.warm_up()
     except Exception as exc:
         logging.exception("the engine could not start")
-        connection.send(("failed", f"{type(exc).__name__}: {exc}", ""))
+        send(connection, StartFailed(f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from None
-    description = f"{config.engine.kind} engine on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')})"
-    connection.send(("ready", description, loaded.device.type))  # before the sender starts: one writer at a time
+    description = f"{start.engine.kind} engine on {loaded.device} ({str(loaded.dtype).removeprefix('torch.')})"
+    send(connection, Ready(description, loaded.device.type))  # before the sender starts: one writer at a time
     loop = EngineLoop(engine)
     outbox: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=_send_events, args=(connection, outbox, loop), name="sender", daemon=True).start()
@@ -263,11 +241,11 @@ def main() -> None:
             messages = receive(connection)
         except (EOFError, OSError):
             break  # the replica is gone
-        for kind, ticket, request, streaming in messages:
-            if kind == "submit":
-                loop.submit(ticket, request, _Forward(ticket, streaming, outbox))
+        for message in messages:
+            if isinstance(message, Submit):
+                loop.submit(message.ticket, message.request, _Forward(message.ticket, message.streaming, outbox))
             else:
-                loop.cancel(ticket)
+                loop.cancel(message.ticket)
     loop.stop()
 
 

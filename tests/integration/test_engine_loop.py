@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from serve.app.config import ServiceConfig
-from serve.engine.config import EngineConfig
+from serve.engine.config import EngineConfig, ModelConfig
 from serve.engine.fast.engine import FastEngine
-from serve.engine.loop import EngineLoop, EngineStats
+from serve.engine.loop import EngineLoop
+from serve.engine.messages import EngineStats, StartEngine
 from serve.engine.process import EngineProcess
 from serve.engine.requests import GenerationRequest, GenerationResult, SamplingParams
 from serve.errors import InvalidRequest, ServiceError, Unavailable
@@ -155,10 +155,8 @@ def test_stats_summarise_a_window():
 # -- the engine in its own process ---------------------------------------------------------------------
 
 
-def config_for(source: str) -> ServiceConfig:
-    return ServiceConfig.model_validate(
-        {"model": {"source": source, "device": "cpu"}, "engine": {"max_batch_size": 4, "max_seq_len": 256}}
-    )
+def config_for(source: str) -> StartEngine:
+    return StartEngine(ModelConfig(source=source, device="cpu"), EngineConfig(max_batch_size=4, max_seq_len=256))
 
 
 @pytest.fixture(scope="module")

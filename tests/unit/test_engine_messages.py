@@ -1,4 +1,5 @@
-"""Messages between a Generator replica and its engine process: pickled, with arrays beside them as raw buffers."""
+"""Messages between a Generator replica and its engine process: typed records, pickled, with arrays beside them as
+raw buffers."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
-from serve.engine.process import receive, send
-from serve.engine.requests import GenerationRequest, SamplingParams
+from serve.engine.config import EngineConfig, ModelConfig
+from serve.engine.messages import EngineStats, Events, Failed, Finished, StartEngine, Submit, Tokens, receive, send
+from serve.engine.requests import GenerationRequest, GenerationResult, SamplingParams
+from serve.errors import InvalidRequest
 
 
 def test_arrays_travel_beside_the_pickle():
@@ -22,7 +25,7 @@ def test_arrays_travel_beside_the_pickle():
         )
         for _ in range(3)
     ]
-    message = [("submit", ticket, request, False) for ticket, request in enumerate(requests)]
+    message = [Submit(ticket, request, False) for ticket, request in enumerate(requests)]
     # A socket pair holds less than three images: send while the other side reads, as the two processes do.
     writer = threading.Thread(target=send, args=(sender, message))
     writer.start()
@@ -36,9 +39,40 @@ def test_arrays_travel_beside_the_pickle():
     writer.start()
     got = receive(receiver)
     writer.join()
-    assert [(kind, ticket, streaming) for kind, ticket, _, streaming in got] == [("submit", t, False) for t in range(3)]
-    for (_, _, request, _), sent in zip(got, requests):
+    assert [(type(m), m.ticket, m.streaming) for m in got] == [(Submit, t, False) for t in range(3)]
+    for request, sent in zip((m.request for m in got), requests):
         assert np.array_equal(request.pixels, sent.pixels) and np.array_equal(request.prompt_ids, sent.prompt_ids)
         assert request.params == sent.params and not request.pixels.flags.writeable
     sender.close()
     receiver.close()
+
+
+def roundtrip(message):
+    ours, theirs = socket.socketpair()
+    sender, receiver = Connection(ours.detach()), Connection(theirs.detach())
+    try:
+        send(sender, message)
+        return receive(receiver)
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_every_message_is_a_record_that_survives_the_trip():
+    start = StartEngine(ModelConfig(source="tiny", device="cpu"), EngineConfig(max_batch_size=4))
+    assert roundtrip(start) == start
+    stats = EngineStats(waiting=2, running=3, steps=7, busy_s=0.5)
+    events = Events(
+        [
+            Tokens(1, [5, 6]),
+            Finished(1, GenerationResult([5, 6], "stop", 70, 3)),
+            Failed(2, InvalidRequest("too long", param="max_tokens")),
+        ],
+        stats,
+    )
+    got = roundtrip(events)
+    assert got.stats == stats and [type(e) for e in got.events] == [Tokens, Finished, Failed]
+    assert got.events[:2] == events.events[:2]
+    error = got.events[2].error
+    assert isinstance(error, InvalidRequest) and (error.message, error.param) == ("too long", "max_tokens")
+    assert [e.ends for e in got.events] == [False, True, True]
