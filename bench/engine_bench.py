@@ -47,9 +47,8 @@ from serve.engine.build import build_engine
 from serve.engine.config import EngineConfig
 from serve.engine.model import LoadedModel, load_model
 from serve.engine.requests import GenerationRequest, GenerationResult, SamplingParams
-from serve.kosmos2.images import prepare_image
-from serve.kosmos2.tasks import Task, build_prompt
-from serve.kosmos2.text import TextCodec
+from serve.kosmos2.pipeline import Pipeline, Query
+from serve.kosmos2.tasks import Task
 
 PATHS: dict[str, dict[str, str]] = {
     "hf": {"kind": "hf"},
@@ -98,14 +97,9 @@ def sampling_params(item: WorkItem) -> SamplingParams:
 
 def engine_requests(loaded: LoadedModel, items: Sequence[WorkItem]) -> list[GenerationRequest]:
     """The workload as the engine receives it from the service's preprocessing."""
-    codec = TextCodec(loaded.processor, loaded.model.config.latent_query_num)
-    limits = LimitsConfig().image_limits()
+    pipeline = Pipeline(loaded.processor, LimitsConfig().image_limits())
     return [
-        GenerationRequest(
-            prepare_image(item.image, limits).pixels,
-            codec.encode(build_prompt(Task(item.task), item.text).text),
-            sampling_params(item),
-        )
+        pipeline.prepare(Query(Task(item.task), item.text, params=sampling_params(item)), item.image).request
         for item in items
     ]
 

@@ -211,11 +211,10 @@ class EnginePredictor(Predictor):
 
     def __init__(self, loaded: LoadedModel, engine: Engine, *, batch_size: int = 8, max_tokens: int = 64) -> None:
         from serve.app.config import LimitsConfig
-        from serve.kosmos2.text import TextCodec
+        from serve.kosmos2.pipeline import Pipeline
 
         self.loaded, self.engine = loaded, engine
-        self.codec = TextCodec(loaded.processor)
-        self.limits = LimitsConfig().image_limits()
+        self.pipeline = Pipeline(loaded.processor, LimitsConfig().image_limits())
         self.batch_size, self.max_tokens = batch_size, max_tokens
 
     async def predict(self, batch: Sequence[RefExample]) -> list[Prediction]:
@@ -223,27 +222,27 @@ class EnginePredictor(Predictor):
 
     def run(self, batch: Sequence[RefExample]) -> list[Prediction]:
         """Prepare every example, generate for those that could be prepared, parse the answers."""
-        from serve.engine.requests import GenerationRequest, SamplingParams
-        from serve.errors import InvalidImage, InvalidRequest, PayloadTooLarge
-        from serve.kosmos2.images import prepare_image
-        from serve.kosmos2.tasks import Task, build_prompt
+        from serve.engine.requests import SamplingParams
+        from serve.errors import ServiceError
+        from serve.kosmos2.pipeline import Query
+        from serve.kosmos2.tasks import Task
 
         params = SamplingParams(max_new_tokens=self.max_tokens, no_repeat_ngram_size=NO_REPEAT_NGRAM_SIZE)
         predictions: dict[int, Prediction] = {}
         jobs = []
         for i, example in enumerate(batch):
             try:
-                prompt = build_prompt(Task.GROUND, example.expression)
-                image = prepare_image(example.read_image(), self.limits)
-                request = GenerationRequest(image.pixels, self.codec.encode(prompt.text), params)
-                self.engine.check(request)
-            except (InvalidImage, InvalidRequest, PayloadTooLarge, OSError) as exc:
+                prepared = self.pipeline.prepare(
+                    Query(Task.GROUND, example.expression, params=params), example.read_image()
+                )
+                self.engine.check(prepared.request)
+            except (ServiceError, OSError) as exc:
                 predictions[i] = Prediction(error=f"{type(exc).__name__}: {exc}")
                 continue
-            jobs.append((i, prompt, request, image))
-        results = self.engine.generate([request for _, _, request, _ in jobs])
-        for (i, prompt, request, image), result in zip(jobs, results):
-            answer = self.codec.answer(prompt, request.prompt_ids, result.token_ids, image.width, image.height)
+            jobs.append((i, prepared))
+        results = self.engine.generate([prepared.request for _, prepared in jobs])
+        for (i, prepared), result in zip(jobs, results):
+            answer = self.pipeline.finish(prepared, result)
             entities = [PredictedEntity(e.phrase, list(e.boxes), e.span, list(e.boxes_px)) for e in answer.entities]
             predictions[i] = Prediction(answer.text, entities, result.finish_reason)
         return [predictions[i] for i in range(len(batch))]

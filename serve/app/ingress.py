@@ -28,9 +28,8 @@ from ray.serve import exceptions as serve_errors
 from starlette.exceptions import HTTPException
 
 from serve.app.config import ServiceConfig
-from serve.app.messages import Finished, job_from_request
+from serve.app.messages import Finished, TextPiece, job_from_request
 from serve.app.metrics import RequestMetrics
-from serve.app.preprocessor import TextPiece
 from serve.app.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -211,7 +210,7 @@ class Ingress:
             self._authorize(request)
             parsed = parse_body(await self._read_body(request))
             job = job_from_request(parsed, self.config, request_id)
-            record.update(task=job.task.value, stream=parsed.stream)
+            record.update(task=job.query.task.value, stream=parsed.stream)
             timeout = self.config.limits.request_timeout_s
             if parsed.stream:
                 include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)

@@ -1,11 +1,12 @@
 """What travels between the deployments, and how a chat request becomes a job.
 
-Ingress -> Preprocessor: a :class:`Job` (the client's image reference, task, text and parameters). The
-Preprocessor makes it a :class:`Prepared` (the engine's ``GenerationRequest`` and the :class:`PromptInfo` it
-keeps). Preprocessor -> Generator: the ``GenerationRequest`` alone; Generator -> Preprocessor: the engine's
-``GenerationResult``, which the Preprocessor turns, with its info, into the :class:`Finished` answer that goes
-back to the Ingress. The Preprocessor makes the Generator call itself, so the pixels cross one hop. Bad input
-is not an exception between deployments but a value: a ``ServiceError`` returned to the Ingress.
+Ingress -> Preprocessor: a :class:`Job` (the client's image reference and the ``Query``: task, text and
+parameters). The Preprocessor prepares it (``serve.kosmos2.pipeline``). Preprocessor -> Generator: the engine's
+``GenerationRequest`` alone; Generator -> Preprocessor: the engine's ``GenerationResult``, which the Preprocessor
+finishes into the :class:`Finished` answer that goes back to the Ingress (streamed: :class:`Started`, then
+:class:`TextPiece` events, then :class:`Finished`). The Preprocessor makes the Generator call itself, so the
+pixels cross one hop. Bad input is not an exception between deployments but a value: a ``ServiceError``
+returned to the Ingress.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from dataclasses import dataclass
 
 from serve.app.config import ServiceConfig
 from serve.app.protocol import MAX_TEXT_CHARS, ChatCompletionRequest, ImagePart, TextPart
-from serve.engine.requests import GenerationRequest, SamplingParams
+from serve.engine.requests import SamplingParams
 from serve.errors import InvalidRequest, NotFound, PayloadTooLarge
-from serve.kosmos2.grounding import Box
-from serve.kosmos2.tasks import Prompt, Task
+from serve.kosmos2.pipeline import Query
+from serve.kosmos2.tasks import Task
 from serve.kosmos2.text import Answer
 
 
@@ -27,38 +28,21 @@ class Job:
 
     request_id: str
     image_url: str
-    task: Task
-    text: str | None
-    region: Box | None
-    params: SamplingParams
+    query: Query
     sent_at: float = 0.0
     """When the Ingress handed the job over (``time.time()``, comparable across the machines of a cluster)."""
 
 
 @dataclass(frozen=True)
-class PromptInfo:
-    """What post-processing needs: the prompt, its ids and the original image size."""
-
-    request_id: str
-    task: Task
-    prompt: Prompt
-    prompt_ids: list[int]
-    width: int
-    height: int
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """The engine's input (224x224x3 uint8 pixels, int32 prompt ids, parameters) and what the Preprocessor keeps
-    to make the answer."""
-
-    request: GenerationRequest
-    info: PromptInfo
-
-
-@dataclass(frozen=True)
 class Started:
     """The first event of a stream: the request passed its checks, so the stream can open."""
+
+
+@dataclass(frozen=True)
+class TextPiece:
+    """Streamed answer text that is now certain."""
+
+    text: str
 
 
 @dataclass(frozen=True)
@@ -110,4 +94,4 @@ def job_from_request(request: ChatCompletionRequest, config: ServiceConfig, requ
         ignore_eos=request.ignore_eos,
     )
     region = tuple(request.region) if request.region is not None else None
-    return Job(request_id, images[0].image_url.url, task, text, region, params)
+    return Job(request_id, images[0].image_url.url, Query(task, text, region, params))

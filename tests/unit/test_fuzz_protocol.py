@@ -63,4 +63,4 @@ def test_any_body_becomes_a_job_or_a_clear_error(body):
     except ServiceError as exc:
         assert exc.status in (400, 404, 413) and exc.message
         return
-    assert job.params.max_new_tokens >= 1 and 0 <= job.params.temperature <= 2
+    assert job.query.params.max_new_tokens >= 1 and 0 <= job.query.params.temperature <= 2

@@ -1,0 +1,82 @@
+"""One Kosmos-2 request from the image and the task to the answer, the same wherever it runs.
+
+:meth:`Pipeline.prepare` turns a :class:`Query` (the task, its text or region, the sampling parameters) and an
+encoded image into a :class:`Prepared` request: the engine's input (224x224 uint8 pixels and the prompt's ids)
+and what finishing needs (the prompt and the original image's size). :meth:`Pipeline.finish` turns the engine's
+tokens into the clean answer and its entities, boxes scaled to the original image; :meth:`Pipeline.stream` does
+so piece by piece. The service's Preprocessor, the evaluation's engine predictor and the benchmarks all go
+through here, so that they prepare and read answers alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from transformers import Kosmos2Processor
+
+from serve.engine.base import check_length
+from serve.engine.requests import GenerationRequest, GenerationResult, SamplingParams
+from serve.kosmos2.grounding import Box
+from serve.kosmos2.images import ImageLimits, PreparedImage, prepare_image
+from serve.kosmos2.tasks import Prompt, Task, build_prompt
+from serve.kosmos2.text import Answer, AnswerStream, TextCodec
+
+
+@dataclass(frozen=True)
+class Query:
+    """What is asked of the model about one image."""
+
+    task: Task
+    text: str | None = None
+    region: Box | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The engine's request, and what turning its tokens into the answer needs."""
+
+    request: GenerationRequest
+    prompt: Prompt
+    width: int
+    height: int
+    """The original image's size, as displayed (EXIF orientation applied)."""
+
+
+class Pipeline:
+    """Prepare and finish requests with one model's processor, under the service's image limits.
+
+    ``max_seq_len``, when given, refuses a query whose prompt and ``max_new_tokens`` cannot fit in a sequence
+    before its image is decoded.
+    """
+
+    def __init__(self, processor: Kosmos2Processor, limits: ImageLimits, max_seq_len: int | None = None) -> None:
+        self.codec = TextCodec(processor)
+        self.limits = limits
+        self.max_seq_len = max_seq_len
+
+    def prompt(self, query: Query) -> tuple[Prompt, np.ndarray]:
+        """The query's prompt and its token ids; raises ``InvalidRequest`` when the input does not fit the task."""
+        prompt = build_prompt(query.task, query.text, query.region)
+        ids = self.codec.encode(prompt.text)
+        if self.max_seq_len is not None:
+            check_length(len(ids), query.params.max_new_tokens, self.max_seq_len)
+        return prompt, ids
+
+    def prepare(self, query: Query, image: bytes | PreparedImage) -> Prepared:
+        """The engine's request for ``query`` about ``image`` (encoded bytes, or pixels already prepared);
+        raises ``InvalidRequest``, ``InvalidImage`` or ``PayloadTooLarge``."""
+        prompt, ids = self.prompt(query)
+        if not isinstance(image, PreparedImage):
+            image = prepare_image(image, self.limits)
+        return Prepared(GenerationRequest(image.pixels, ids, query.params), prompt, image.width, image.height)
+
+    def finish(self, prepared: Prepared, result: GenerationResult) -> Answer:
+        """The answer's clean text and entities."""
+        ids = prepared.request.prompt_ids.tolist()
+        return self.codec.answer(prepared.prompt, ids, result.token_ids, prepared.width, prepared.height)
+
+    def stream(self, prepared: Prepared) -> AnswerStream:
+        """The answer's text piece by piece as tokens arrive (its pieces joined equal :meth:`finish`'s text)."""
+        return AnswerStream(self.codec, prepared.prompt, prepared.request.prompt_ids.tolist())

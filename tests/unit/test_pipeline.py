@@ -1,0 +1,68 @@
+"""One request from image and task to answer: the processor's ids and pixels in, its post-processing out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from serve.engine.requests import GenerationResult, SamplingParams
+from serve.errors import InvalidImage, InvalidRequest
+from serve.kosmos2.images import PreparedImage
+from serve.kosmos2.pipeline import Pipeline, Query
+from serve.kosmos2.tasks import Task
+from tests.helpers import LIMITS, encode, photo
+
+SNOWMAN = (
+    "<phrase> a snowman</phrase><object><patch_index_0044><patch_index_0863></object> warming himself by"
+    "<phrase> a fire</phrase><object><patch_index_0005><patch_index_0911></object>"
+)
+
+
+@pytest.fixture(scope="module")
+def pipeline(loaded):
+    return Pipeline(loaded.processor, LIMITS, max_seq_len=160)
+
+
+def test_prepare_gives_the_processors_ids_and_pixels(pipeline, loaded):
+    image = photo(640, 480)
+    params = SamplingParams(max_new_tokens=9, no_repeat_ngram_size=3)
+    prepared = pipeline.prepare(Query(Task.GROUND, "the red disc", params=params), encode(image))
+    expected = loaded.processor(text="<grounding><phrase> the red disc</phrase>", images=image, return_tensors="np")
+    assert prepared.request.prompt_ids.tolist() == expected["input_ids"][0].tolist()
+    assert prepared.request.params == params and (prepared.width, prepared.height) == (640, 480)
+    assert prepared.request.pixels.shape == (224, 224, 3) and prepared.request.pixels.dtype == np.uint8
+    assert prepared.prompt.text == "<grounding><phrase> the red disc</phrase>" and prepared.prompt.echo
+
+
+def test_finish_scales_boxes_to_the_original_image(pipeline, loaded):
+    pixels = PreparedImage(np.zeros((224, 224, 3), dtype=np.uint8), 640, 480)
+    prepared = pipeline.prepare(Query(Task.CAPTION), pixels)
+    generated = loaded.processor.tokenizer(SNOWMAN, add_special_tokens=False)["input_ids"]
+    answer = pipeline.finish(prepared, GenerationResult(generated, "stop", 71, len(generated) + 1))
+    assert answer.text == "An image of a snowman warming himself by a fire"
+    snowman = answer.entities[0]
+    assert (snowman.phrase, snowman.span) == ("a snowman", (12, 21))
+    assert snowman.boxes == [(0.390625, 0.046875, 0.984375, 0.828125)]
+    assert snowman.boxes_px == [(250.0, 22.5, 630.0, 397.5)]
+
+    stream = pipeline.stream(prepared)
+    pieces = [stream.push([token]) for token in generated]
+    assert "".join(pieces) + stream.finish(answer.text) == answer.text
+
+
+def test_text_is_checked_before_the_image_is_read(pipeline):
+    with pytest.raises(InvalidRequest, match="exceeds the 160 tokens"):
+        pipeline.prepare(Query(Task.CAPTION, params=SamplingParams(max_new_tokens=100)), b"not an image")
+    with pytest.raises(InvalidRequest, match="takes no text"):
+        pipeline.prepare(Query(Task.CAPTION, "a dog"), b"not an image")
+    with pytest.raises(InvalidImage):
+        pipeline.prepare(Query(Task.CAPTION), b"not an image")
+
+
+def test_engine_round_trip_equals_the_reference_on_the_same_request(pipeline, hf_engine, codec):
+    prepared = pipeline.prepare(
+        Query(Task.VQA, "What is it?", params=SamplingParams(max_new_tokens=6)), encode(photo())
+    )
+    (result,) = hf_engine.generate([prepared.request])
+    answer = pipeline.finish(prepared, result)
+    assert answer == codec.answer(prepared.prompt, prepared.request.prompt_ids.tolist(), result.token_ids, 320, 240)
