@@ -21,7 +21,8 @@ from typing import Any
 
 from eval.datasets import DatasetError, RefExample, load_mdetr, load_refer, load_table
 from eval.predictors import APIPredictor, OraclePredictor, Predictor, WholeImagePredictor
-from eval.runner import RunError, evaluate
+from eval.records import RunError
+from eval.runner import evaluate
 from eval.synth import write_synthetic
 from serve.app.client import APIError
 

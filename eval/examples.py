@@ -16,7 +16,6 @@ import math
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -24,10 +23,8 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 
 from eval.datasets import RefExample
+from eval.records import PredictionRecord
 from serve.kosmos2.grounding import to_pixels
-
-if TYPE_CHECKING:
-    from eval.runner import PredictionRecord
 
 COLUMNS = 4
 
