@@ -75,7 +75,7 @@ def profile_batch(
     engine = warmed_engine(loaded, requests, decode_attention=attention, compile=compiled)
     on_device = torch.from_numpy(np.stack([r.pixels for r in requests])).to(loaded.device)
     with torch.inference_mode():
-        vision = statistics.median(timed(loaded, lambda: engine.encode(on_device)) for _ in range(3))
+        vision = statistics.median(timed(loaded, lambda: engine.runner.encode(on_device)) for _ in range(3))
     for request in requests:
         engine.submit(request, Collector())
     steps = []
@@ -83,8 +83,8 @@ def profile_batch(
         steps.append(timed(loaded, engine.step))
     decode = statistics.median(steps[1:])
     return {
-        "decode_attention": engine.attention,
-        "compiled": engine.steps.compiled,
+        "decode_attention": engine.runner.attention,
+        "compiled": engine.runner.steps.compiled,
         "batch_size": batch,
         "vision_s": vision,
         "admission_step_s": steps[0],
@@ -108,8 +108,8 @@ def kernel_table(
     on_gpu = loaded.device.type == "cuda"
     activity = torch.profiler.ProfilerActivity.CUDA if on_gpu else torch.profiler.ProfilerActivity.CPU
     table: dict[str, Any] = {
-        "decode_attention": engine.attention,
-        "compiled": engine.steps.compiled,
+        "decode_attention": engine.runner.attention,
+        "compiled": engine.runner.steps.compiled,
         "batch_size": batch,
         "clock": "device" if on_gpu else "cpu (operators' self time)",
     }
@@ -150,7 +150,7 @@ def device_timeline(loaded: LoadedModel, batch: int, tokens: int, top: int) -> d
         path = Path(folder) / "trace.json"
         profiler.export_chrome_trace(str(path))
         events = json.loads(path.read_text())["traceEvents"]
-    return {"batch_size": batch, "compiled": engine.steps.compiled, **device_gaps(events, top)}
+    return {"batch_size": batch, "compiled": engine.runner.steps.compiled, **device_gaps(events, top)}
 
 
 def device_gaps(events: list[dict[str, Any]], top: int) -> dict[str, Any]:

@@ -98,8 +98,8 @@ def test_graphed_engine_equals_reference(cuda_loaded, codec, attention, compiled
     )
     fast = FastEngine(cuda_loaded, config)
     fast.warm_up()
-    assert fast.steps.compiled == (compiled == "on")
-    warm = {("admit", rows, width) for rows in fast.admission_rows for width in config.warm_admission_widths}
-    assert warm <= fast.graphs.keys()  # captured before any request
+    assert fast.runner.steps.compiled == (compiled == "on")
+    warm = {("admit", rows, width) for rows in fast.graphs.admission_rows for width in config.warm_admission_widths}
+    assert warm <= fast.graphs.captured.keys()  # captured before any request
     assert fast.generate(workload) == expected
-    assert fast.graph_admissions and {kind for kind, _, _ in fast.graphs} == {"admit", "decode"}
+    assert fast.graphs.pad_admissions and {kind for kind, _, _ in fast.graphs.captured} == {"admit", "decode"}

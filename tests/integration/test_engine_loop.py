@@ -101,7 +101,7 @@ def test_a_failed_step_fails_the_requests_in_the_engine_and_the_next_ones_run(lo
     lasting = [request for request, result in zip(requests, expected) if result.completion_tokens > 3][:6]
     assert len(lasting) == 6  # none ends before the failing step: each of them must get the error
     engine = FastEngine(loaded, EngineConfig(max_batch_size=4, max_seq_len=160))
-    accept, calls = engine._accept, []
+    accept, calls = engine.scheduler.accept, []
 
     def flaky(slots, tokens):
         calls.append(len(slots))
@@ -109,7 +109,7 @@ def test_a_failed_step_fails_the_requests_in_the_engine_and_the_next_ones_run(lo
             raise RuntimeError("a defect in the book-keeping")
         accept(slots, tokens)
 
-    engine._accept = flaky
+    engine.scheduler.accept = flaky
     loop = EngineLoop(engine)
 
     async def main():
@@ -124,7 +124,7 @@ def test_a_failed_step_fails_the_requests_in_the_engine_and_the_next_ones_run(lo
     assert [(type(r), r.status, r.code) for r in failures] == [(ServiceError, 500, "engine_error")] * 6
     assert "RuntimeError" in failures[0].message
     assert second == expected
-    assert engine.running_count == 0 and sorted(engine.free) == list(range(4))
+    assert engine.running_count == 0 and sorted(engine.scheduler.free) == list(range(4))
 
 
 def test_stats_summarise_a_window():

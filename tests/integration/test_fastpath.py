@@ -56,7 +56,7 @@ def test_workload_exercises_the_engine(workload, reference):
 
 def test_all_at_once_equals_reference(fast, workload, reference):
     assert fast.generate(workload) == reference
-    assert not fast.running and sorted(fast.free) == list(range(6))
+    assert not fast.scheduler.running and sorted(fast.scheduler.free) == list(range(6))
 
 
 def test_requests_joining_mid_flight(fast, workload, reference):
@@ -88,7 +88,7 @@ def test_slots_left_free_after_an_end_token(loaded, hf_engine, codec, overlap):
     assert len({len(r.token_ids) for r in expected if r.finish_reason == "stop"}) >= 2  # ends at several steps
     engine = FastEngine(loaded, EngineConfig(kind="fast", max_batch_size=16, max_seq_len=256, overlap=overlap))
     assert engine.generate(requests) == expected
-    assert not engine.running and sorted(engine.free) == list(range(16))
+    assert not engine.scheduler.running and sorted(engine.scheduler.free) == list(range(16))
 
 
 def test_sampling_and_bans_match_reference_and_repeat(fast, hf_engine, codec):
@@ -122,7 +122,7 @@ def test_cancel_frees_the_slot_and_spares_the_others(fast, workload, reference):
     assert sinks[1].result is None and sinks[7].result is None
     kept = (0, 2, 3, 4, 5, 6)
     assert [sinks[i].result for i in kept] == [reference[picks[i]] for i in kept]
-    assert sorted(fast.free) == list(range(6))
+    assert sorted(fast.scheduler.free) == list(range(6))
 
 
 def test_too_long_is_refused(fast, workload):
@@ -137,7 +137,7 @@ def test_build_engine_picks_the_kind(loaded):
     assert isinstance(build_engine(loaded, EngineConfig(max_batch_size=2)), FastEngine)
     with pytest.raises(ValueError):
         FastEngine(loaded, EngineConfig(max_seq_len=2048))  # the tiny model has 512 positions
-    assert np.array_equal(FastEngine(loaded, EngineConfig(max_batch_size=2)).free, [0, 1])
+    assert np.array_equal(FastEngine(loaded, EngineConfig(max_batch_size=2)).scheduler.free, [0, 1])
 
 
 def test_ignore_eos_forces_the_length(fast, hf_engine, workload, reference):
@@ -160,7 +160,7 @@ def test_padded_admissions_equal_reference(loaded, workload, reference, slots):
     count, prompts to a multiple of 8, padding rows into the scratch slot); here the same padding runs eagerly
     and changes no token: 3 requests padded to 4 rows, 9 to 6 (six slots) or 12, 14 to 16."""
     engine = FastEngine(loaded, EngineConfig(kind="fast", max_batch_size=slots, max_seq_len=160))
-    engine.graph_admissions = True
+    engine.graphs.pad_admissions = True
     assert engine.generate(workload[:3]) == reference[:3]
     assert engine.generate(workload[:9]) == reference[:9]
     assert engine.generate(workload) == reference
@@ -172,7 +172,7 @@ def test_chunked_admissions_equal_reference(loaded, workload, reference, padded)
     its own offset (on CUDA each a captured graph; ``padded``: padded to one, eagerly): the same tokens."""
     config = EngineConfig(kind="fast", max_batch_size=6, max_seq_len=160, graph_admission_rows=4)
     engine = FastEngine(loaded, config)
-    engine.graph_admissions = padded
+    engine.graphs.pad_admissions = padded
     chunks = []
     stage = engine._stage
 
@@ -212,7 +212,7 @@ def test_a_failed_admission_fails_its_requests_and_the_engine_serves_on(loaded, 
     """An admission that fails on the device (out of memory, say) fails its own requests with that error and
     returns their slots; the requests after it are served."""
     engine = FastEngine(loaded, EngineConfig(kind="fast", max_batch_size=6, max_seq_len=160))
-    forward = engine._admission_forward
+    forward = engine.runner.admission_forward
     failures = iter([RuntimeError("CUDA out of memory (simulated)")])
 
     def failing_once(rows, width):
@@ -221,12 +221,12 @@ def test_a_failed_admission_fails_its_requests_and_the_engine_serves_on(loaded, 
             raise error
         return forward(rows, width)
 
-    engine._admission_forward = failing_once
+    engine.runner.admission_forward = failing_once
     sinks = [Collector() for _ in workload[:3]]
     for request, sink in zip(workload[:3], sinks):
         engine.submit(request, sink)
     engine.step()
-    assert all("out of memory" in str(sink.error) for sink in sinks) and sorted(engine.free) == list(range(6))
+    assert all("out of memory" in str(sink.error) for sink in sinks) and sorted(engine.scheduler.free) == list(range(6))
     assert engine.generate(workload[3:9]) == reference[3:9]
 
 
@@ -268,13 +268,13 @@ def test_vision_path_equals_the_models_own(loaded, workload):
     values = normalize_pixels(pixels, geometry, loaded.dtype)
     with torch.inference_mode():
         torch.testing.assert_close(
-            LayerSteps().vision_embeddings(engine.patches, tower.pre_layrnorm, pixels),
+            LayerSteps().vision_embeddings(engine.runner.patches, tower.pre_layrnorm, pixels),
             tower.pre_layrnorm(tower.embeddings(values)),
             atol=1e-5,
             rtol=1e-5,
         )
         expected = encode_pixels(loaded, geometry, pixels)
-        got = engine.encode(pixels)
+        got = engine.runner.encode(pixels)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -283,7 +283,7 @@ def test_compiled_layers_equal_reference(loaded, workload, reference):
     shape the engine runs: none is compiled while requests wait."""
     engine = FastEngine(loaded, EngineConfig(kind="fast", max_batch_size=6, max_seq_len=160, compile="on"))
     engine.warm_up()
-    assert engine.steps.compiled
+    assert engine.runner.steps.compiled
     with torch._dynamo.config.patch(error_on_recompile=True):
         assert engine.generate(workload) == reference
 
@@ -293,11 +293,11 @@ def test_a_failed_compile_leaves_the_layers_uncompiled(loaded, workload, referen
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(
-        "serve.engine.fast.engine.compiled_steps", lambda: LayerSteps(vision_attention=broken, compiled=True)
+        "serve.engine.fast.runner.compiled_steps", lambda: LayerSteps(vision_attention=broken, compiled=True)
     )
     engine = FastEngine(loaded, EngineConfig(kind="fast", max_batch_size=6, max_seq_len=160, compile="on"))
     engine.warm_up()
-    assert not engine.steps.compiled and "no compiler here" in caplog.text and "run uncompiled" in caplog.text
+    assert not engine.runner.steps.compiled and "no compiler here" in caplog.text and "run uncompiled" in caplog.text
     assert engine.generate(workload[:4]) == reference[:4]
 
 
@@ -308,7 +308,7 @@ def test_overlap_runs_no_step_past_a_length_limit(loaded, workload):
     runs = {}
     for overlap in (False, True):
         engine = FastEngine(loaded, EngineConfig(kind="fast", max_batch_size=6, max_seq_len=160, overlap=overlap))
-        runs[overlap] = engine.generate(forced), engine.steps_launched, engine.in_flight
+        runs[overlap] = engine.generate(forced), engine.transfer.steps_sent, engine.in_flight
     assert runs[True] == runs[False] and runs[False][1:] == (8, None)
 
 
@@ -326,7 +326,7 @@ loaded = load_model(sys.argv[2], device="cpu")
 limits = [SamplingParams(max_new_tokens=4 + 5 * (i % 7)) for i in range(14)]
 workload = requests_for(TextCodec(loaded.processor), limits)
 engine = FastEngine(loaded, EngineConfig(max_batch_size=6, max_seq_len=160, decode_attention="triton"))
-assert engine.attention == "triton"
+assert engine.runner.attention == "triton"
 torch.save([[r.token_ids, r.finish_reason] for r in engine.generate(workload)], sys.argv[1])
 """
 

@@ -2,22 +2,22 @@
 own weights and submodules), with the decoder's attention left to the caller.
 
 Written as functions of a layer, one compiled function serves every layer of a tower and every batch size:
-``torch.compile(dynamic=True)`` takes the layer's weights as inputs, not as constants, so compiling traces
-one layer once. Compiled, each layer's elementwise work (layer norms with the residual adds before them, the
-activation, the head transposes) runs as a few fused kernels instead of a dozen; the matrix products stay
-cuBLAS's. The feed-forward blocks' middles are the exception: the kernels of :mod:`serve.engine.kernels.ffn` run
-them between the compiled parts (the text block's GELU and inner layer norm, whose fusion by Inductor is slower
-than eager, and the vision MLP's quick GELU, in place). Each block's second projection adds its residual in the matrix
-product's epilogue (:func:`add_projection_`), its bias having been added to the residual by the compiled part
-before it: no separate kernel reads and writes the hidden states for the add. :class:`LayerSteps` holds the
+``torch.compile(dynamic=True)`` takes the layer's weights as inputs, not as constants, so compiling traces one
+layer once. Compiled, each layer's elementwise work (layer norms with the residual adds before them, the
+activation, the head transposes) runs as a few fused kernels instead of a dozen; the matrix products stay cuBLAS's.
+The feed-forward blocks' middles are the exception: the kernels of :mod:`serve.engine.kernels.ffn` run them between
+the compiled parts (the text block's GELU and inner layer norm, which Inductor fuses into a kernel slower than
+eager's two, and the vision MLP's quick GELU, in place). Each block's second projection adds its residual in the
+matrix product's epilogue (:func:`add_projection_`), its bias having been added to the residual by the compiled
+part before it: no separate kernel reads and writes the hidden states for the add. :class:`LayerSteps` holds the
 functions as written, :func:`compiled_steps` compiled.
 
-The vision tower's embeddings run as :func:`vision_embeddings`: the CLIP normalization of uint8 pixels and
-the unfolding of patches in one pass, the patch convolution (with the class embedding) as one matrix product
-(:class:`PatchEmbedding`), the position embeddings and the tower's first layer norm in one more pass. The
-model's convolution ran on an H200 at about 40 TFLOP/s (8.4 ms of a 1,024-image admission), after four
-elementwise passes of normalization. The image-to-text projection runs as :func:`image_to_text`, its first
-projection folded into its keys' and values' (:class:`ImageProjection`).
+The vision tower's embeddings run as :func:`vision_embeddings`: the CLIP normalization of uint8 pixels and the
+unfolding of patches in one pass, the patch convolution (with the class embedding) as one matrix product
+(:class:`PatchEmbedding`), the position embeddings and the tower's first layer norm in one more pass. The model's
+own path normalizes in four elementwise passes, then runs a convolution that reaches about 40 TFLOP/s on an H200,
+far below a matrix product's rate. The image-to-text projection runs as :func:`image_to_text`, its first projection
+folded into its keys' and values' (:class:`ImageProjection`).
 """
 
 from __future__ import annotations

@@ -3,16 +3,15 @@ GELU and its own layer norm (``Kosmos2TextFFN.ffn_layernorm``), and the vision t
 
 :func:`gelu_layer_norm` runs one Triton kernel on CUDA: a program per row reads the whole row into registers,
 applies the exact (erf) GELU and the layer norm in float32, and writes it once. Elsewhere it runs
-:func:`gelu_layer_norm_reference`, the model's own two operations. On an H200, per layer of a 512-image
-admission's prefill (36,352 rows of 8,192; ``bench/results/perf-h200-ffn``): this kernel 0.74 ms (profiler),
-eager's two kernels 0.86 and Inductor's fusion of them 1.7 (``python -m bench.kernels``). A variant that
-streamed each row in chunks and read it twice, computing the GELU twice, took 0.96-1.02 ms: the arithmetic of
-``erf``, not memory traffic, seems to bound these kernels.
+:func:`gelu_layer_norm_reference`, the model's own two operations. The arithmetic of ``erf``, more than memory
+traffic, bounds this work, so the kernel holds the row and computes each GELU once rather than streaming the
+row twice. Per layer of a 512-image admission's prefill (36,352 rows of 8,192) on an H200 it takes about
+0.74 ms, eager's two kernels 0.86 and Inductor's fusion of them 1.7 (``python -m bench.kernels`` times them).
 
 :func:`quick_gelu_` applies ``x * sigmoid(1.702 x)`` in place, one read and one write in float32 registers (on
-CUDA a Triton kernel, elsewhere the model's own expression). Inductor's fusion of it inside the compiled
-vision layer took 12.2 ms of a 512-image admission in one H200 run and 23.3 in another (1.1 ms a layer alone,
-2.0 TB/s); reading and writing the 131,584 x 4,096 activations once is about 0.45 ms a layer at 4.8 TB/s.
+CUDA a Triton kernel, elsewhere the model's own expression). Reading and writing a 512-image admission's
+131,584 x 4,096 activations once takes about 0.45 ms a layer at an H200's 4.8 TB/s; Inductor's fusion of the
+activation inside the compiled vision layer moves about 2.0 TB/s (1.1 ms a layer), hence a kernel of its own.
 """
 
 from __future__ import annotations
