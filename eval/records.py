@@ -17,6 +17,7 @@ SCHEMA_VERSION = 2
 """Version of the layout of ``predictions.jsonl`` and ``summary.json`` (2: entities keep their span and pixel
 boxes, and ``no_object`` is counted beside ``phrase_mismatch``)."""
 
+
 class RunError(RuntimeError):
     """The output folder holds something this run cannot continue from."""
 

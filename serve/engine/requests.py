@@ -42,7 +42,6 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-
 @dataclass
 class GenerationRequest:
     """One image and prompt. ``prompt_ids[image_offset : image_offset + 64]`` are the image slots."""
