@@ -3,7 +3,7 @@ service drives it, and open loops at the rates a service hands requests over), t
 under a closed-loop sweep and an open-loop point at 80% of its peak, then where the fast engine's time goes;
 one JSON with the card's name.
 
-    python -m bench.perf_run --out bench/results/perf-h100              # GPU: real-size random weights, fp16
+    python -m bench.perf_run --out results/perf-h100              # GPU: real-size random weights, fp16
     python -m bench.perf_run --out /tmp/perf --tiny --quick              # CPU: the tiny model, a smoke run
     python -m bench.perf_run --out /tmp/perf --concurrency 1,128,384 --no-profile
                                                                          # GPU, shorter: three loads
