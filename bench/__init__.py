@@ -23,5 +23,6 @@ Modules: ``workload`` (what is sent), ``load`` (when: the send schedule), ``repl
 counts), ``records`` (per-request records, result files), ``metrics`` (pure statistics), ``cost`` (prices and
 the cost formula), ``summary`` and ``pricing`` (summaries and price rows), ``report`` (pandas tables and
 Markdown), ``plots`` (matplotlib), ``engine_bench`` and ``preprocess_bench`` (the offline modes), ``demo`` (the
-tiny service for ``make bench``).
+tiny service for ``make bench``). ``bench.lab`` holds the tools that measure the engine and the service for
+their development (the performance run, the engine profile, kernel comparisons), each its own command line.
 """

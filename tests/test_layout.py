@@ -127,5 +127,9 @@ def test_modules_stay_readable():
 
 
 def test_results_hold_no_code():
-    code = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "results").rglob("*.py")) if (ROOT / "results").exists() else []
+    code = (
+        sorted(str(p.relative_to(ROOT)) for p in (ROOT / "results").rglob("*.py"))
+        if (ROOT / "results").exists()
+        else []
+    )
     assert not code, code

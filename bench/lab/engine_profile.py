@@ -1,6 +1,6 @@
 """Where the fast engine's time goes: vision encoding, the admission step (prefill), and decode steps.
 
-    python -m bench.engine_profile --model DIR --load-format dummy --batch-sizes 1,64,256,512 \
+    python -m bench.lab.engine_profile --model DIR --load-format dummy --batch-sizes 1,64,256,512 \
         --decode-attention sdpa,triton --compile off,on --out profile.json
 
 For each decode attention, compile setting and batch size it submits that many brief-caption requests (exactly
@@ -126,7 +126,7 @@ def kernel_table(
     return table
 
 
-MARK = "bench.engine_profile:generate"
+MARK = "bench.lab.engine_profile:generate"
 """The profiler range around the batch :func:`device_timeline` times."""
 DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
 """Chrome-trace categories of the device's work."""
@@ -189,7 +189,7 @@ def device_gaps(events: list[dict[str, Any]], top: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.engine_profile", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.lab.engine_profile", description=__doc__)
     parser.add_argument("--model", required=True)
     parser.add_argument("--load-format", default="auto")
     parser.add_argument("--dtype", default="auto")

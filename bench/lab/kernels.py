@@ -8,8 +8,8 @@ image-to-text projection (the model's module against the engine's, dense folded 
 blocks' second projection with its residual (a product then an add, against the residual added in the
 product's epilogue). One JSON of milliseconds, with the bandwidth or arithmetic rate each reaches.
 
-    python -m bench.kernels --out kernels.json            # a CUDA GPU
-    python -m bench.kernels --out kernels.json --quick    # small shapes (the CPU, with TRITON_INTERPRET=1)
+    python -m bench.lab.kernels --out kernels.json            # a CUDA GPU
+    python -m bench.lab.kernels --out kernels.json --quick    # small shapes (the CPU, with TRITON_INTERPRET=1)
 """
 
 from __future__ import annotations
@@ -243,7 +243,7 @@ def _rate(kernel: str, way: str, ms: float, bytes_moved: int = 0, flops: int = 0
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.lab.kernels", description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     parser.add_argument("--repeats", type=int, default=20)

@@ -5,7 +5,7 @@ GELU and its own layer norm (``Kosmos2TextFFN.ffn_layernorm``), and the vision t
 applies the exact (erf) GELU and the layer norm in float32, and writes it once. Elsewhere it runs
 :func:`gelu_layer_norm_reference`, the model's own two operations. On an H200, per layer of a 512-image
 admission's prefill (36,352 rows of 8,192; ``results/perf-h200-ffn``): this kernel 0.74 ms (profiler),
-eager's two kernels 0.86 and Inductor's fusion of them 1.7 (``python -m bench.kernels``). A variant that
+eager's two kernels 0.86 and Inductor's fusion of them 1.7 (``python -m bench.lab.kernels``). A variant that
 streamed each row in chunks and read it twice, computing the GELU twice, took 0.96-1.02 ms: the arithmetic of
 ``erf``, not memory traffic, seems to bound these kernels.
 

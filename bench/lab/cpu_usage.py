@@ -1,6 +1,6 @@
 """CPU time of the service's processes on this machine, by role, from ``/proc`` (Linux).
 
-``bench.perf_run`` takes a snapshot before and after a load point and divides the difference by the requests
+``bench.lab.perf_run`` takes a snapshot before and after a load point and divides the difference by the requests
 served, which says where each request's CPU goes: HAProxy or Serve's proxy, each deployment's replicas, Ray's
 own processes, the Generator's engine process, and the load generator.
 

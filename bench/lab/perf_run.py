@@ -3,11 +3,11 @@ service drives it, and open loops at the rates a service hands requests over), t
 under a closed-loop sweep and an open-loop point at 80% of its peak, then where the fast engine's time goes;
 one JSON with the card's name.
 
-    python -m bench.perf_run --out results/perf-h100              # GPU: real-size random weights, fp16
-    python -m bench.perf_run --out /tmp/perf --tiny --quick              # CPU: the tiny model, a smoke run
-    python -m bench.perf_run --out /tmp/perf --concurrency 1,128,384 --no-profile
-                                                                         # GPU, shorter: three loads
-    python -m bench.perf_run --out /tmp/perf --engine-only               # GPU: the engine's goals, no service
+    python -m bench.lab.perf_run --out results/perf-h100                # GPU: real-size random weights, fp16
+    python -m bench.lab.perf_run --out out/perf --tiny --quick          # CPU: the tiny model, a smoke run
+    python -m bench.lab.perf_run --out out/perf --concurrency 1,128,384 --no-profile
+                                                                        # GPU, shorter: three loads
+    python -m bench.lab.perf_run --out out/perf --engine-only           # GPU: the engine's goals, no service
 
 The workload is the performance goal's: brief grounded captions of 640x480 JPEGs, exactly 32 new tokens
 (``ignore_eos``). Each step is the ordinary CLI (``python -m bench engine``, ``python -m serve run``,
@@ -33,12 +33,12 @@ from typing import Any
 
 import httpx
 
-from bench.cpu_usage import one_of_each, per_request_ms, snapshot
+from bench.lab.cpu_usage import one_of_each, per_request_ms, snapshot
+from bench.lab.request_log import markdown, read, windows
 from bench.provenance import provenance
-from bench.request_log import markdown, read, windows
 from serve.kosmos2.tiny import write_tiny
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WORKLOAD = [
     "--tasks",
     "caption:1",
@@ -103,7 +103,7 @@ def sample_stacks(out: Path, delay_s: float = 5, seconds: float = 10) -> list[su
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.perf_run", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.lab.perf_run", description=__doc__)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (a smoke run of the script)")
     parser.add_argument("--quick", action="store_true", help="short points and small batches")
@@ -164,7 +164,7 @@ def main() -> None:
     profile = [
         python,
         "-m",
-        "bench.engine_profile",
+        "bench.lab.engine_profile",
         *model,
         "--batch-sizes",
         "1,8" if args.tiny or args.quick else "1,1024",

@@ -6,7 +6,7 @@ and, for a non-streaming answer, the seconds from the Ingress's hand-over to the
 Generator (``generate_s``: the hop, its queues and the engine). The rest is the Ingress's own work and the
 answer's way back. This gives their medians over windows of the run, by the time each request ended:
 
-    python -m bench.request_log /tmp/ray/session_latest/logs/serve --window 5
+    python -m bench.lab.request_log /tmp/ray/session_latest/logs/serve --window 5
 
     >>> record = parse('INFO 2026-11-26 17:51:25,629 kosmos2_Ingress ab12 id -- {"event": "request", "status": 200}')
     >>> record["status"], round(record["t"] % 60, 3)
@@ -78,7 +78,7 @@ def markdown(rows: list[dict[str, float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.request_log", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.lab.request_log", description=__doc__.split("\n\n")[0])
     parser.add_argument("logs", type=Path, help="a folder of Serve replica logs (the Ingress replicas' are read)")
     parser.add_argument("--window", type=float, default=5.0, help="seconds a row (%(default)s)")
     parser.add_argument("--out", type=Path, help="write the table here too")
