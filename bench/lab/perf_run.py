@@ -58,7 +58,7 @@ def run(command: list[str], log: Path) -> None:
     began = time.monotonic()
     with log.open("w") as out:
         code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT).returncode
-    print(f"  ({time.monotonic() - began:.0f} s)", flush=True)  # what each step costs a device session
+    print(f"  ({time.monotonic() - began:.0f} s)", flush=True)  # each step's seconds, to size a timed run
     if code != 0:
         sys.exit(f"step failed ({code}): see {log}\n" + log.read_text()[-3000:])
 
