@@ -5,7 +5,7 @@
 :func:`tiny_service` builds the tiny model if its folder has none, starts Ray, Serve and the application on
 127.0.0.1 with ``configs/local.yaml`` (``serve.app.launch``), yields the service's URL, and stops everything when
 the block ends, also on an error or Ctrl-C. ``python -m bench demo`` runs ``python -m bench run`` inside it
-(``bench.__main__``), so the output folder holds the usual files of a load run. The numbers measure the tiny
+(``bench.commands``), so the output folder holds the usual files of a load run. The numbers measure the tiny
 model on this machine's CPU: they show the bench working, not Kosmos-2's speed.
 """
 
