@@ -16,10 +16,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from serve.app.shipped import config_path
+
 TINY = Path(".cache/tiny-kosmos2")
 """The tiny model's folder, the one ``make tiny`` and ``python -m serve demo`` use."""
 
-LOCAL_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
+LOCAL_CONFIG = config_path("local.yaml")
 """The service's config for one machine without a GPU."""
 
 

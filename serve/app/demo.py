@@ -18,6 +18,7 @@ from openai import OpenAI
 from serve.app import launch
 from serve.app.client import image_data_uri
 from serve.app.config import load_config
+from serve.app.shipped import config_path
 from serve.kosmos2.tiny import write_tiny
 
 TINY = Path(".cache/tiny-kosmos2")
@@ -44,7 +45,7 @@ def picture() -> bytes:
 def main(port: int = 8000) -> int:
     if not (TINY / "model.safetensors").exists():
         write_tiny(TINY)
-    config = load_config("configs/local.yaml", model__source=str(TINY), http__port=port)
+    config = load_config(config_path("local.yaml"), model__source=str(TINY), http__port=port)
     started = time.monotonic()
     url = launch.start(config)
     print(f"service ready at {url} in {time.monotonic() - started:.1f} s\n")
