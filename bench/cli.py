@@ -45,7 +45,7 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     default = WorkloadConfig()
     group = parser.add_argument_group("workload")
     group.add_argument(
-        "--source", help=f"synthetic, skimage (bundled photographs) or a folder of images (default {default.source})"
+        "--source", help=f"synthetic, photos (bundled photographs) or a folder of images (default {default.source})"
     )
     group.add_argument(
         "--resolutions", type=parse_mix, help=f"WxH:weight,... (default {_mix_text(default.resolutions)})"

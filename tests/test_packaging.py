@@ -1,9 +1,10 @@
-"""What the project ships: every package in the wheel, and the configs found as package data in a built wheel,
-in the editable install and in a checkout alike."""
+"""What the project ships: every package in the wheel, and the configs and sample photographs found as package
+data in a built wheel, in the editable install and in a checkout alike."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import json
 import os
 import shutil
@@ -13,8 +14,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from serve.app.shipped import config_path
+from serve.app.shipped import PHOTOS, config_path, photo
 
 tomllib = pytest.importorskip("tomllib")
 
@@ -31,10 +33,11 @@ def setuptools_config() -> dict:
 def lookups(python_path: str | None, cwd: Path) -> dict[str, str]:
     """Where a fresh interpreter, with ``python_path`` in front, finds the serve package and the configs."""
     script = (
-        "import json, serve; from serve.app.shipped import config_path; from bench.cost import DEFAULT_PRICES; "
-        "from bench.demo import LOCAL_CONFIG; "
+        "import json, serve; from serve.app.shipped import PHOTOS, config_path, photo; "
+        "from bench.cost import DEFAULT_PRICES; from bench.demo import LOCAL_CONFIG; "
         "print(json.dumps({'serve': serve.__file__, 'prices': str(DEFAULT_PRICES), 'local': str(LOCAL_CONFIG), "
-        f"'all': [str(config_path(name)) for name in {CONFIGS!r}]}}))"
+        f"'all': [str(config_path(name)) for name in {CONFIGS!r}], "
+        "'photos': {name: len(photo(name)) for name in PHOTOS}}))"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if python_path:
@@ -46,14 +49,24 @@ def lookups(python_path: str | None, cwd: Path) -> dict[str, str]:
 
 def test_every_package_is_listed():
     config = setuptools_config()
-    found = {
-        ".".join(init.parent.relative_to(ROOT).parts)
-        for top in ("serve", "bench", "eval")
-        for init in (ROOT / top).rglob("__init__.py")
-    }
+    folders = [ROOT / top for top in ("serve", "bench", "eval")]
+    folders += [p for top in folders for p in top.rglob("*") if p.is_dir() and p.name != "__pycache__"]
+    found = {".".join(folder.relative_to(ROOT).parts) for folder in folders}  # data-only folders too
     mapped = {name: ROOT / folder for name, folder in config["package-dir"].items()}
     assert set(config["packages"]) == found | set(mapped)
     assert all((folder / "__init__.py").is_file() for folder in mapped.values())
+
+
+def test_each_photograph_ships_with_its_licence():
+    folder = ROOT / "serve" / "app" / "photos"
+    assert sorted(p.stem for p in folder.glob("*.jpg")) == sorted(PHOTOS)
+    licences = (folder / "LICENSES.md").read_text()
+    for name in PHOTOS:
+        [row] = [line for line in licences.splitlines() if line.startswith(f"| `{name}.jpg` |")]
+        assert "public domain" in row.lower() or "CC0" in row
+        with Image.open(io.BytesIO(photo(name))) as image:
+            assert image.format == "JPEG" and max(image.size) <= 512
+            assert f"| {image.width}x{image.height}" in row
 
 
 def test_the_checkout_finds_its_configs():
@@ -113,12 +126,14 @@ def test_a_built_wheel_carries_the_configs(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         assert {f"serve/configs/{name}" for name in CONFIGS} <= names
+        assert {f"serve/app/photos/{name}.jpg" for name in PHOTOS} | {"serve/app/photos/LICENSES.md"} <= names
         assert not any(name.startswith(("results/", "tests/", "configs/")) for name in names)
         archive.extractall(tmp_path / "site")
     site = tmp_path / "site"
     found = lookups(str(site), tmp_path)
     assert Path(found["serve"]) == site / "serve" / "__init__.py"
     assert found["all"] == [str(site / "serve" / "configs" / name) for name in CONFIGS]
+    assert found["photos"] == {name: len(photo(name)) for name in PHOTOS}
     assert (found["prices"], found["local"]) == (
         str(site / "serve/configs/prices.yaml"),
         str(site / "serve/configs/local.yaml"),
