@@ -19,9 +19,12 @@ Every output folder (``--out DIR``) holds a ``summary.json`` that starts with ``
   and ``report.md``;
 - ``price``: ``pricing.md``, ``pricing.csv``, ``pricing.png`` and ``cost_vs_latency.png``.
 
-Modules: ``workload`` (what is sent), ``load`` (when: the send schedule), ``replicas`` (Serve's replica
-counts), ``records`` (per-request records, result files), ``metrics`` (pure statistics), ``cost`` (prices and
-the cost formula), ``summary`` and ``pricing`` (summaries and price rows), ``report`` (pandas tables and
-Markdown), ``plots`` (matplotlib), ``engine_bench`` and ``preprocess_bench`` (the offline modes), ``demo`` (the
-tiny service for ``make bench``).
+Modules: ``cli`` (the parser) and ``commands`` (what each command does); ``workload`` (what is sent),
+``schedule`` (when: arrivals and load points), ``generator`` (one process sending them), ``load`` (a run, in
+one process or several), ``replicas`` (Serve's replica counts), ``records`` (per-request records, result files),
+``metrics`` (pure statistics), ``cost`` (prices and the cost formula), ``summary`` and ``pricing`` (summaries
+and price rows), ``tables`` (Markdown tables), ``report``, ``engine_report`` and ``price_report`` (the
+reports), ``plots`` (matplotlib), ``engine_bench`` and ``preprocess_bench`` (the offline modes), ``demo`` (the
+tiny service for ``make bench``). ``bench.lab`` holds the tools that measure the engine and the service for
+their development (the performance run, the engine profile, kernel comparisons), each its own command line.
 """

@@ -27,8 +27,10 @@ from typing import Any
 
 import yaml
 
-DEFAULT_PRICES = Path(__file__).resolve().parent.parent / "configs" / "prices.yaml"
-"""The price table shipped with the project."""
+from serve.app.shipped import config_path
+
+DEFAULT_PRICES = config_path("prices.yaml")
+"""The price table shipped with the project (``configs/prices.yaml``)."""
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@
 :func:`tiny_service` builds the tiny model if its folder has none, starts Ray, Serve and the application on
 127.0.0.1 with ``configs/local.yaml`` (``serve.app.launch``), yields the service's URL, and stops everything when
 the block ends, also on an error or Ctrl-C. ``python -m bench demo`` runs ``python -m bench run`` inside it
-(``bench.__main__``), so the output folder holds the usual files of a load run. The numbers measure the tiny
+(``bench.commands``), so the output folder holds the usual files of a load run. The numbers measure the tiny
 model on this machine's CPU: they show the bench working, not Kosmos-2's speed.
 """
 
@@ -16,10 +16,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from serve.app.shipped import config_path
+
 TINY = Path(".cache/tiny-kosmos2")
 """The tiny model's folder, the one ``make tiny`` and ``python -m serve demo`` use."""
 
-LOCAL_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "local.yaml"
+LOCAL_CONFIG = config_path("local.yaml")
 """The service's config for one machine without a GPU."""
 
 

@@ -1,7 +1,8 @@
 """The bench's PNG plots (matplotlib, Agg backend; the only module that imports matplotlib).
 
 Each function takes plain data (lists, dicts, dataclasses), writes one PNG and returns its path; titles, axis
-labels with units and legends are always set. ``bench.report`` decides which plots a report holds.
+labels with units and legends are always set. The reports (``bench.report``, ``bench.engine_report``,
+``bench.price_report``) decide which plots they hold.
 """
 
 from __future__ import annotations

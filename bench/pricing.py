@@ -3,7 +3,7 @@
 For each run, the point priced is the fastest one whose error rate is at most ``max_error_rate`` and, with an
 SLO, whose p99 latency meets it. Its cost per 1,000 images is computed at 100% utilization and at the target
 utilization, and the suggested list price adds the margin on top of the latter. ``python -m bench price``
-renders the rows (``bench.report.write_price_report``). Pure: summaries in, rows out.
+renders the rows (``bench.price_report.write_price_report``). Pure: summaries in, rows out.
 
     >>> points = [{"label": "c=1", "images_per_s": 2.0, "latency_p99_s": 0.5, "error_rate": 0.0},
     ...           {"label": "c=8", "images_per_s": 9.0, "latency_p99_s": 3.0, "error_rate": 0.0},

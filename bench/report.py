@@ -1,8 +1,9 @@
-"""Tables and Markdown reports from a bench output folder's files (pandas; the only module importing it).
+"""The report of a load run (``python -m bench run``): ``summary.csv``, the plots and ``report.md``.
 
 Reports are made from the files alone (``summary.json``, ``requests.jsonl``, ``replicas.jsonl``), so they can
-be made again elsewhere: ``python -m bench report DIR [--engine-baseline ENGINE_DIR]``. Each writer returns
-the path of the Markdown it wrote; plots go beside it (``bench.plots``).
+be made again elsewhere: ``python -m bench report DIR [--engine-baseline ENGINE_DIR]``. The writer returns the
+path of the Markdown it wrote; plots go beside it (``bench.plots``). The engine-only and preprocessing runs'
+reports are in ``bench.engine_report``, the pricing estimate's in ``bench.price_report``.
 """
 
 from __future__ import annotations
@@ -15,12 +16,11 @@ from typing import Any
 import pandas as pd
 
 from bench import plots
-from bench.cost import cost_per_1k_images
-from bench.load import parse_shape
 from bench.metrics import time_series
-from bench.pricing import PriceRow
 from bench.records import read_json, read_jsonl, read_requests
 from bench.replicas import ReplicaSample, replica_changes
+from bench.schedule import parse_shape
+from bench.tables import markdown_table, plot_label, provenance_lines
 
 RUN_COLUMNS = {
     "label": "point",
@@ -44,29 +44,6 @@ RUN_COLUMNS = {
 MAX_SERIES_BINS = 300
 
 
-def markdown_table(frame: pd.DataFrame) -> str:
-    """A GitHub Markdown table; floats to 4 significant digits, missing values as a dash.
-
-    >>> print(markdown_table(pd.DataFrame({"a": [1.23456, None], "b": ["x", "y"]})))
-    | a | b |
-    |---|---|
-    | 1.235 | x |
-    | – | y |
-    """
-    lines = ["| " + " | ".join(str(c) for c in frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    for row in frame.itertuples(index=False):
-        lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
-    return "\n".join(lines)
-
-
-def _cell(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def points_frame(summary: dict[str, Any]) -> pd.DataFrame:
     """One row per point, nested fields flattened (``errors_by_status.503``), schedules left out."""
     rows = [{k: v for k, v in point.items() if k != "schedule"} for point in summary["points"]]
@@ -79,17 +56,6 @@ def console_table(summary: dict[str, Any]) -> str:
     columns = [c for c in ("label", "images_per_s", "latency_p50_s", "latency_p99_s", "errors") if c in frame]
     columns += [c for c in ("cost_per_1k_images_usd",) if c in frame and frame[c].notna().any()]
     return frame[columns].rename(columns=RUN_COLUMNS).to_string(index=False, float_format=lambda v: f"{v:.4g}")
-
-
-def provenance_lines(summary: dict[str, Any]) -> list[str]:
-    hardware = summary.get("hardware", {})
-    versions = ", ".join(f"{k} {v}" for k, v in summary.get("versions", {}).items() if v)
-    return [
-        f"- commit `{summary.get('git_commit') or 'unknown'}`, schema version {summary.get('schema_version')}",
-        f"- bench host: {hardware.get('cpu_model')}, {hardware.get('cpu_cores')} cores, "
-        f"{hardware.get('memory_gib')} GiB, GPUs: {', '.join(hardware.get('gpus') or []) or 'none'}",
-        f"- versions: {versions}",
-    ]
 
 
 def write_run_report(out_dir: Path, engine_dir: Path | None = None) -> Path:
@@ -344,7 +310,7 @@ def _run_plots(
     made.append(("rate, latency and replicas over time", "timeseries.png"))
     priced = [p for p in points if p.get("cost_per_1k_images_usd_at_utilization") is not None and p["latency_p99_s"]]
     if priced:
-        data = [(p["latency_p99_s"], p["cost_per_1k_images_usd_at_utilization"], _short(p)) for p in priced]
+        data = [(p["latency_p99_s"], p["cost_per_1k_images_usd_at_utilization"], plot_label(p)) for p in priced]
         plots.cost_latency_plot(
             {_nodes_name(summary): data},
             summary["reference_usd_per_1k_images"],
@@ -355,225 +321,5 @@ def _run_plots(
     return made
 
 
-def _short(point: dict[str, Any]) -> str:
-    """A point's label for a plot: c=4, 2/s, b=32.
-
-    >>> _short({"mode": "closed", "concurrency": 4}), _short({"mode": "open", "rate": 2.0}), _short({"batch_size": 8})
-    ('c=4', '2/s', 'b=8')
-    """
-    if "batch_size" in point:
-        return f"b={point['batch_size']}"
-    if point.get("mode") == "closed":
-        return f"c={point['concurrency']}"
-    return "shape" if point.get("mode") == "shape" else f"{point['rate']:g}/s"
-
-
 def _nodes_name(summary: dict[str, Any]) -> str:
     return ", ".join(summary.get("nodes") or []) or "unpriced nodes"
-
-
-CONTINUOUS_COLUMNS = {
-    "path": "path",
-    "concurrency": "in flight",
-    "requests": "requests",
-    "images_per_s": "images/s",
-    "tokens_per_s": "output tok/s",
-    "latency_mean_s": "mean (s)",
-    "latency_p50_s": "p50 (s)",
-    "latency_p99_s": "p99 (s)",
-    "mean_batch": "mean batch",
-    "steps_per_s": "steps/s",
-}
-"""The closed-loop table of an engine report, with its column titles."""
-
-OPEN_COLUMNS = {
-    "path": "path",
-    "rate": "arriving/s",
-    **{key: title for key, title in CONTINUOUS_COLUMNS.items() if key not in ("path", "concurrency", "latency_mean_s")},
-    "waiting_at_end": "waiting at the end",
-}
-"""The open-loop table of an engine report, with its column titles."""
-
-
-def write_engine_report(out_dir: Path) -> Path:
-    """``summary.csv``, ``engine_throughput.png`` and ``report.md`` of an engine-only run folder."""
-    out_dir = Path(out_dir)
-    summary = read_json(out_dir / "summary.json")
-    frame = pd.DataFrame(summary["points"])
-    frame.to_csv(out_dir / "summary.csv", index=False)
-    series = {path: list(zip(group["batch_size"], group["images_per_s"])) for path, group in frame.groupby("path")}
-    plots.engine_plot(series, out_dir / "engine_throughput.png")
-    config = summary["config"]
-    columns = {
-        "path": "path",
-        "batch_size": "batch",
-        "images_per_s": "images/s",
-        "latency_s": "batch latency (s)",
-        "latency_p99_s": "p99 (s)",
-        "tokens_per_s": "output tok/s",
-        "completion_tokens_mean": "tokens/request",
-        "finished_by_length_fraction": "hit max_tokens",
-        "cost_per_1k_images_usd": "$/1k @100%",
-    }
-    lines = [
-        "# Kosmos-2 engine-only benchmark",
-        "",
-        f"Model `{config['model']}` ({config['load_format']} weights, {summary['dtype']}) on {summary['gpu']}; "
-        f"{config['iterations']} timed batches per point after {config['warmup_iterations']} warm-up; greedy, "
-        + (
-            f"exactly {config['workload']['max_tokens']} new tokens (ignore_eos)."
-            if config["workload"].get("ignore_eos")
-            else f"max_tokens {config['workload']['max_tokens']} (generation stops at the end token, so "
-            "tokens/request is reported as measured)."
-        ),
-        *provenance_lines(summary),
-        "",
-        markdown_table(frame[[c for c in columns if c in frame]].rename(columns=columns)),
-        "",
-        "![engine throughput](engine_throughput.png)",
-        "",
-    ]
-    if summary.get("continuous"):
-        lines += [
-            "## Closed loops at the engine",
-            "",
-            f"Requests kept in the engine (a new one as each finishes), {config['seconds']:g} s timed after one "
-            "turnover: the engine admits while it decodes, as under a service's load. Mean batch: sequences "
-            "running after each step (0 for hf, whose steps run whole batches).",
-            "",
-            markdown_table(pd.DataFrame(summary["continuous"]).rename(columns=CONTINUOUS_COLUMNS)),
-            "",
-        ]
-    if summary.get("open"):
-        frame = pd.DataFrame(summary["open"])
-        lines += [
-            "## Open loops at the engine",
-            "",
-            "Requests arriving one at a time at the rate given (Poisson), as a service's CPU tier hands them over, "
-            f"{config['seconds']:g} s timed after a warm-up; latency from arrival. Throughput below the rate, "
-            "and requests left waiting, mean the engine cannot sustain it.",
-            "",
-            markdown_table(frame[[c for c in OPEN_COLUMNS if c in frame]].rename(columns=OPEN_COLUMNS)),
-            "",
-        ]
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines))
-    return path
-
-
-def write_preprocess_report(out_dir: Path) -> Path:
-    """``report.md`` of a preprocessing run folder."""
-    out_dir = Path(out_dir)
-    summary = read_json(out_dir / "summary.json")
-    frame = pd.DataFrame([{"path": name, **values} for name, values in summary["paths"].items()])
-    columns = {
-        "path": "path",
-        "images_per_s_per_core": "images/s per core",
-        "speedup_vs_hf": "speedup vs hf",
-        "images": "images",
-        "seconds": "seconds",
-        "pixel_mean_abs_diff": "mean abs. diff. vs exact (levels)",
-        "pixel_max_abs_diff": "max abs. diff. vs exact (levels)",
-    }
-    config = summary["config"]
-    lines = [
-        "# Image preprocessing benchmark (one core)",
-        "",
-        f"{config['images']} distinct {config['resolution']} JPEGs (mean {summary['mean_jpeg_bytes'] / 1024:.0f} "
-        "KiB), single-threaded, the paths alternating in rounds. `hf`: PIL decode then the Kosmos-2 image "
-        "processor (resize and normalize to float). `ours_exact`: `serve.kosmos2.images.prepare_image` (decode, "
-        "checks, "
-        "squash-resize to 224x224 uint8, the processor's pixels; normalization happens later on the GPU). "
-        "`ours_fast`: the same with `limits.fast_jpeg: true` (JPEGs decoded at reduced scale with libjpeg's DCT "
-        "scaling before the resize); its pixel deviation from `ours_exact` is the absolute difference over every "
-        "channel of every pixel of every image, in levels of 0..255. Rates count CPU seconds; allocator: "
-        f"{summary.get('allocator', 'default')}.",
-        *provenance_lines(summary),
-        "",
-        markdown_table(frame[[c for c in columns if c in frame]].rename(columns=columns)),
-        "",
-    ]
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines))
-    return path
-
-
-def write_price_report(
-    rows: Sequence[PriceRow],
-    summaries: dict[str, dict[str, Any]],
-    out_dir: Path,
-    slo_p99_s: float | None = None,
-    max_error_rate: float = 0.01,
-) -> Path:
-    """``pricing.md``, ``pricing.csv``, ``pricing.png`` and ``cost_vs_latency.png`` for priced runs."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    frame = pd.DataFrame([row.to_dict() for row in rows])
-    frame.to_csv(out_dir / "pricing.csv", index=False)
-    reference = rows[0].reference_usd_per_1k_images
-    utilization, margin = rows[0].utilization, rows[0].margin
-    names = [f"{row.nodes}\n({row.run})" for row in rows]
-    plots.price_bars_plot(
-        names,
-        {
-            "cost @100% utilization": [_zero(r.cost_per_1k_images_usd) for r in rows],
-            f"cost @{utilization:.0%} utilization": [_zero(r.cost_per_1k_images_usd_at_utilization) for r in rows],
-            f"list price @{margin:.0%} margin": [_zero(r.list_price_per_1k_images_usd) for r in rows],
-        },
-        reference,
-        out_dir / "pricing.png",
-    )
-    series = {}
-    for row in rows:
-        points = summaries[row.run]["points"]
-        series[f"{row.nodes} ({row.run})"] = [
-            (p["latency_p99_s"], cost_per_1k_images(row.usd_per_hour, p["images_per_s"], utilization), _short(p))
-            for p in points
-            if p.get("latency_p99_s") and p["images_per_s"] > 0
-        ]
-    plots.cost_latency_plot(series, reference, out_dir / "cost_vs_latency.png", utilization)
-    columns = {
-        "run": "run",
-        "nodes": "nodes",
-        "bench_host": "measured on",
-        "point": "point priced",
-        "usd_per_hour": "$/h",
-        "images_per_s": "images/s",
-        "latency_p99_s": "p99 (s)",
-        "cost_per_1k_images_usd": "$/1k @100%",
-        "cost_per_1k_images_usd_at_utilization": f"$/1k @{utilization:.0%}",
-        "list_price_per_1k_images_usd": f"list $/1k @{margin:.0%} margin",
-        "list_price_vs_reference": "list / reference",
-    }
-    lines = [
-        "# Kosmos-2 pricing estimate",
-        "",
-        f"Per run: the fastest point with an error rate of at most {max_error_rate:.1%}"
-        + (f" and p99 latency within {slo_p99_s:g} s" if slo_p99_s is not None else "")
-        + ", priced on its node set at list prices (`configs/prices.yaml`: on-demand list prices as of their "
-        "capture date, to be refreshed before use).",
-        "",
-        f"Cost = Σ node $/h ÷ (images/s × 3600) × 1000 ÷ utilization; list price = cost at {utilization:.0%} "
-        f"utilization ÷ (1 − {margin:.0%} margin). Reference: ${reference:.3f} per 1,000 images.",
-        "",
-        markdown_table(frame[list(columns)].rename(columns=columns)),
-        "",
-        "![price per 1,000 images](pricing.png)",
-        "",
-        "![cost vs p99 latency](cost_vs_latency.png)",
-        "",
-        "Runs:",
-        *[
-            f"- {row.run}: started {summaries[row.run].get('started_at', '–')}, commit "
-            f"`{summaries[row.run].get('git_commit') or 'unknown'}`, bench host {row.bench_host}"
-            for row in rows
-        ],
-        "",
-    ]
-    path = out_dir / "pricing.md"
-    path.write_text("\n".join(lines))
-    return path
-
-
-def _zero(value: float | None) -> float:
-    return 0.0 if value is None else value

@@ -6,8 +6,8 @@ costs more than some requests), and sent in order, cycling: request ``i`` of eve
 
 - ``synthetic``: photograph-like pictures (smooth shapes and gradients, sensor noise) at the resolution
   buckets asked for, encoded as JPEG or PNG with the probabilities asked for;
-- ``skimage``: the real photographs scikit-image ships (astronaut, chelsea the cat, coffee, rocket ...),
-  resized to the buckets and encoded the same way; no download;
+- ``photos``: the project's sample photographs (astronaut, chelsea the cat, coffee, rocket ...,
+  ``serve.app.shipped``), resized to the buckets and encoded the same way;
 - a folder: its image files sent as they are (buckets and formats do not apply).
 
 Tasks (caption, detailed_caption, vqa, ground) are drawn with their probabilities; vqa and ground draw a
@@ -32,14 +32,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from serve.app.shipped import PHOTOS, photo
+
 TASKS = ("caption", "detailed_caption", "vqa", "ground")
 """Tasks a workload may mix (the service's ``describe_region`` and ``raw`` need inputs a bench cannot guess)."""
 
 FORMATS = {"jpeg": "JPEG", "png": "PNG"}
 """Encodings a workload may mix, by the name used on the command line."""
-
-SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina")
-"""Colour photographs in the scikit-image wheel, by loader name."""
 
 QUESTIONS = (
     "What is in the picture?",
@@ -55,7 +54,7 @@ FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 
 @dataclass(frozen=True)
 class WorkloadConfig:
-    """What to send. ``source``: ``synthetic``, ``skimage`` or a folder of images. Mixes map a choice to its
+    """What to send. ``source``: ``synthetic``, ``photos`` or a folder of images. Mixes map a choice to its
     probability (weights are normalized). ``pool_size`` distinct items are drawn and then cycled."""
 
     source: str = "synthetic"
@@ -153,7 +152,7 @@ def parse_resolution(text: str) -> tuple[int, int]:
 def build_workload(config: WorkloadConfig) -> list[WorkItem]:
     """The pool of ``config.pool_size`` items, the same for the same config (the seed included)."""
     rng = np.random.default_rng(config.seed)
-    folder = None if config.source in ("synthetic", "skimage") else folder_images(config.source)
+    folder = None if config.source in ("synthetic", "photos") else folder_images(config.source)
     items = []
     for index in range(config.pool_size):
         task = _draw(rng, config.tasks)
@@ -169,9 +168,9 @@ def build_workload(config: WorkloadConfig) -> list[WorkItem]:
         else:
             width, height = parse_resolution(_draw(rng, config.resolutions))
             fmt = _draw(rng, config.formats)
-            if config.source == "skimage":
-                name = SKIMAGE_PHOTOS[int(rng.integers(len(SKIMAGE_PHOTOS)))]
-                picture = skimage_photo(name).resize((width, height), Image.Resampling.BICUBIC)
+            if config.source == "photos":
+                name = PHOTOS[int(rng.integers(len(PHOTOS)))]
+                picture = sample_photo(name).resize((width, height), Image.Resampling.BICUBIC)
             else:
                 name = f"synthetic-{index}"
                 picture = synthetic_photo(width, height, rng)
@@ -189,18 +188,17 @@ def folder_images(folder: str | Path) -> list[Path]:
     """The image files directly in ``folder``, sorted by name."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"the image source {str(folder)!r} is neither synthetic, skimage nor a folder")
+        raise ValueError(f"the image source {str(folder)!r} is neither synthetic, photos nor a folder")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in FILE_SUFFIXES)
     if not files:
         raise ValueError(f"the folder {str(folder)!r} holds no image files ({', '.join(FILE_SUFFIXES)})")
     return files
 
 
-def skimage_photo(name: str) -> Image.Image:
-    """One of scikit-image's bundled colour photographs (no download)."""
-    from skimage import data
-
-    return Image.fromarray(getattr(data, name)()).convert("RGB")
+def sample_photo(name: str) -> Image.Image:
+    """One of the project's sample photographs (``serve.app.shipped.PHOTOS``), decoded."""
+    with Image.open(io.BytesIO(photo(name))) as image:
+        return image.convert("RGB")
 
 
 def synthetic_photo(width: int, height: int, rng: np.random.Generator) -> Image.Image:

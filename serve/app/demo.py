@@ -2,13 +2,12 @@
 client, the answers printed with their entities, then a clean stop.
 
 The tiny model's weights are random, so its answers are random words; the point is every path working end
-to end. Serve the real model (README) for real answers. The picture is scikit-image's ``astronaut``
-(public domain, NASA), shipped inside the scikit-image wheel.
+to end. Serve the real model (README) for real answers. The picture is the project's sample ``astronaut``
+(public domain, NASA; ``serve.app.shipped``).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from openai import OpenAI
 from serve.app import launch
 from serve.app.client import image_data_uri
 from serve.app.config import load_config
+from serve.app.shipped import config_path, photo
 from serve.kosmos2.tiny import write_tiny
 
 TINY = Path(".cache/tiny-kosmos2")
@@ -31,26 +31,16 @@ REQUESTS = [
 ]
 
 
-def picture() -> bytes:
-    """The astronaut photograph as PNG bytes."""
-    from PIL import Image
-    from skimage import data
-
-    buffer = io.BytesIO()
-    Image.fromarray(data.astronaut()).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def main(port: int = 8000) -> int:
     if not (TINY / "model.safetensors").exists():
         write_tiny(TINY)
-    config = load_config("configs/local.yaml", model__source=str(TINY), http__port=port)
+    config = load_config(config_path("local.yaml"), model__source=str(TINY), http__port=port)
     started = time.monotonic()
     url = launch.start(config)
     print(f"service ready at {url} in {time.monotonic() - started:.1f} s\n")
     try:
         client = OpenAI(base_url=f"{url}/v1", api_key="not-needed-locally")
-        image = {"type": "image_url", "image_url": {"url": image_data_uri(picture())}}
+        image = {"type": "image_url", "image_url": {"url": image_data_uri(photo("astronaut"))}}
         model = client.models.list().data[0].id
         for task, text, region in REQUESTS:
             content = [image] + ([{"type": "text", "text": text}] if text else [])

@@ -7,7 +7,7 @@ joins that cluster instead.
 With ``http.proxy: haproxy`` (the default) the Ray it starts runs Serve's throughput-optimized mode with
 HAProxy as the HTTP entry: HAProxy forwards each request straight to an Ingress replica's own HTTP server,
 instead of through Serve's Python proxy, and deployments call each other over gRPC. On this project's
-benchmark that served 1.77 times the requests per second on the same CPUs (``bench/results/proxy-cpu``). Serve
+benchmark that served 1.77 times the requests per second on the same CPUs (``results/proxy-cpu``). Serve
 reads these switches from the environment of its processes, so they are set here before Ray starts; a
 cluster that Ray's launcher starts sets them in its start commands (``cluster.yaml``).
 """

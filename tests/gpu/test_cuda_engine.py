@@ -1,6 +1,6 @@
 """The fast engine's CUDA paths, on a GPU only: the Triton decode kernel, and the engine with every step
-captured as CUDA graphs giving the reference engine's tokens. CPU machines skip these; a GPU session's
-``bash bench/perf_gpu.sh`` runs them after its figures."""
+captured as CUDA graphs giving the reference engine's tokens. CPU machines skip these; on a GPU host
+``bash bench/lab/perf_gpu.sh`` runs them after its figures."""
 
 from __future__ import annotations
 

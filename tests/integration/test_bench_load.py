@@ -21,9 +21,10 @@ import pytest
 from PIL import Image
 
 from bench.__main__ import main
-from bench.load import LoadConfig, arrival_times, run_load, sweep
+from bench.load import run_load
 from bench.metrics import compute_metrics, percentile
 from bench.records import CANCELLED, TIMEOUT, read_json, read_jsonl, read_requests
+from bench.schedule import LoadConfig, arrival_times, sweep
 from bench.workload import WorkloadConfig, build_workload
 from serve.app.protocol import (
     ChatCompletion,

@@ -3,12 +3,10 @@ grounded caption of a photograph carries boxes inside the image."""
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
-from PIL import Image
 
+from serve.app.shipped import photo
 from serve.engine.build import build_engine
 from serve.engine.config import EngineConfig
 from serve.engine.model import load_model
@@ -22,13 +20,9 @@ pytestmark = pytest.mark.real_model
 
 
 def test_grounded_caption_of_a_photograph(request):
-    from skimage import data
-
     loaded = load_model(request.config.getoption("--real-model"))
     codec = TextCodec(loaded.processor)
-    buffer = io.BytesIO()
-    Image.fromarray(data.astronaut()).save(buffer, "PNG")
-    image = prepare_image(buffer.getvalue(), LIMITS)
+    image = prepare_image(photo("astronaut"), LIMITS)
     prompt = build_prompt(Task.CAPTION)
     ids = codec.encode(prompt.text)
     requests = [GenerationRequest(image.pixels, ids, SamplingParams(max_new_tokens=48))]

@@ -155,7 +155,7 @@ def test_pixel_deviation_is_zero_for_the_same_pixels_and_exact_otherwise():
 
 
 def test_profile_times_the_phases_and_lists_the_top_operators(tiny_dir, tmp_path):
-    from bench import engine_profile
+    from bench.lab import engine_profile
 
     out = tmp_path / "profile.json"
     args = ["--model", str(tiny_dir), "--batch-sizes", "1,3", "--tokens", "6", "--decode-attention", "sdpa"]
@@ -181,7 +181,7 @@ def test_profile_times_the_phases_and_lists_the_top_operators(tiny_dir, tmp_path
 
 
 def test_device_gaps_count_overlaps_once_and_rank_the_idle_stretches():
-    from bench.engine_profile import MARK, device_gaps
+    from bench.lab.engine_profile import MARK, device_gaps
 
     def event(name, cat, ts, dur):
         return {"name": name, "cat": cat, "ph": "X", "ts": ts, "dur": dur}

@@ -1,10 +1,10 @@
-"""``python -m bench.kernels`` on the CPU: every kernel timed by the ways that run here, one JSON row each."""
+"""``python -m bench.lab.kernels`` on the CPU: every kernel timed by the ways that run here, one JSON row each."""
 
 from __future__ import annotations
 
 import json
 
-from bench.kernels import main
+from bench.lab.kernels import main
 
 
 def test_kernel_bench_writes_a_row_per_kernel_and_way(tmp_path, monkeypatch) -> None:

@@ -8,7 +8,7 @@ import logging
 import httpx
 import pytest
 
-from bench.__main__ import serve_api_token
+from bench.commands import serve_api_token
 from bench.replicas import ReplicaPoller, ray_auth_token
 
 TOKEN = "s3cret"

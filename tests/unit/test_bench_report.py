@@ -9,7 +9,8 @@ from PIL import Image
 
 from bench.__main__ import main
 from bench.cost import load_prices, parse_nodes
-from bench.load import LoadRun, PointResult
+from bench.generator import PointResult
+from bench.load import LoadRun
 from bench.records import RequestRecord, read_json, write_json, write_jsonl
 from bench.replicas import ReplicaSample
 from bench.report import write_run_report

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from bench.request_log import main, read, windows
+from bench.lab.request_log import main, read, windows
 
 
 def line(clock: str, status: int = 200, **timings: float) -> str:

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from bench.load import (
+from bench.schedule import (
     LoadConfig,
     Lookahead,
     RateSegment,

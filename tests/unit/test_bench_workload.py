@@ -8,8 +8,9 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from bench.workload import SKIMAGE_PHOTOS, WorkloadConfig, build_workload, parse_mix
+from bench.workload import WorkloadConfig, build_workload, parse_mix
 from serve.app.client import chat_request
+from serve.app.shipped import PHOTOS
 from serve.kosmos2.images import prepare_image
 from tests.helpers import LIMITS, encode, photo
 
@@ -59,9 +60,9 @@ def test_ignore_eos_is_sent_only_when_asked():
     assert chat_request(forced.image, **forced.request_fields())["ignore_eos"] is True
 
 
-def test_skimage_photographs_resized_to_the_buckets():
-    pool = build_workload(small(source="skimage", pool_size=10, formats={"jpeg": 1}))
-    assert all(i.image_name.removesuffix(".jpeg") in SKIMAGE_PHOTOS for i in pool)
+def test_sample_photographs_resized_to_the_buckets():
+    pool = build_workload(small(source="photos", pool_size=10, formats={"jpeg": 1}))
+    assert all(i.image_name.removesuffix(".jpeg") in PHOTOS for i in pool)
     assert len({i.image_name for i in pool}) > 1
     assert all(Image.open(io.BytesIO(i.image)).size == (i.width, i.height) for i in pool)
 

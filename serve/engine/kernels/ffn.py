@@ -6,7 +6,7 @@ applies the exact (erf) GELU and the layer norm in float32, and writes it once. 
 :func:`gelu_layer_norm_reference`, the model's own two operations. The arithmetic of ``erf``, more than memory
 traffic, bounds this work, so the kernel holds the row and computes each GELU once rather than streaming the
 row twice. Per layer of a 512-image admission's prefill (36,352 rows of 8,192) on an H200 it takes about
-0.74 ms, eager's two kernels 0.86 and Inductor's fusion of them 1.7 (``python -m bench.kernels`` times them).
+0.74 ms, eager's two kernels 0.86 and Inductor's fusion of them 1.7 (``python -m bench.lab.kernels`` times them).
 
 :func:`quick_gelu_` applies ``x * sigmoid(1.702 x)`` in place, one read and one write in float32 registers (on
 CUDA a Triton kernel, elsewhere the model's own expression). Reading and writing a 512-image admission's
