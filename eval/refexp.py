@@ -19,7 +19,9 @@ The protocol and its quirks, with where each comes from:
 3. Only entities whose phrase, stripped, equals the expression, stripped, count (``refexp_evaluate.py``:
    ``p_pred.strip() != caption.strip()``). The match is exact and case-sensitive, against the expression as the
    annotation file spells it, so any change the tokenizer's round trip makes to the phrase (collapsed spaces,
-   NFKC, an unknown character) turns a box into "no box". Objects the model writes without a phrase never match.
+   NFKC, an unknown character) turns a box into "no box"; answers are therefore decoded without transformers'
+   clean-up of tokenization spaces (``serve.kosmos2.text``), which would turn "man , left" into "man, left".
+   Objects the model writes without a phrase never match.
 4. The boxes of every matching entity are collected in text order, each entity's boxes in order
    (``</delimiter_of_multi_objects/>``). Accuracy uses the first (``iou[0, :1]``); the "upper bound" takes any
    of them (``max(iou)``). The official script also prints a "mean box" score, not reproduced here.
