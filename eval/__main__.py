@@ -1,14 +1,18 @@
 """Command line of the referring-expression evaluation.
 
     python -m eval synth --out DIR --n 500 --seed 0
-    python -m eval run --annotations DIR/finetune_synth_val.json --images DIR/images --predictor oracle --out OUT
+    python -m eval run --annotations DIR/finetune_synth_val.json --images DIR/images --predictor ceiling --out OUT
     python -m eval run --annotations finetune_refcoco_val.json finetune_refcoco_testA.json \\
         --images coco/train2014 --predictor api --url http://127.0.0.1:8000 --concurrency 32 --out OUT
     python -m eval run --refer 'refcoco/refs(unc).p' --split val --images coco --predictor engine --model DIR --out OUT
-    python -m eval run --parquet RefCOCO/data/val-*.parquet --predictor api --url http://127.0.0.1:8000 --out OUT
+    python -m eval run --parquet RefCOCO/data/testA-*.parquet --predictor api --url http://127.0.0.1:8000 --out OUT
+    python -m eval audit-tokens 'refcocog/refs(umd).p' finetune_refcoco_val.json
 
 ``run`` writes OUT/predictions.jsonl, summary.json, report.md and examples.png, and resumes from a partial
-OUT/predictions.jsonl. It exits 1 when some expressions failed (rerun to retry them) and 2 on a fatal error.
+OUT/predictions.jsonl, scoring the stored answers against the annotations given now. It exits 1 when some
+expressions failed (rerun to retry them) and 2 on a fatal error. ``audit-tokens`` counts the expressions that
+transformers' clean-up of tokenization spaces would change. docs/evaluation.md has the recipe for the paper's
+table.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ import os
 import sys
 from typing import Any
 
-from eval.datasets import DatasetError, RefExample, load_mdetr, load_refer, load_table
-from eval.predictors import APIPredictor, OraclePredictor, Predictor, WholeImagePredictor
+from eval.audit import audit, render
+from eval.datasets import DatasetError, RefExample, load_mdetr, load_refer
+from eval.predictors import APIPredictor, Predictor
 from eval.records import RunError
+from eval.references import CeilingPredictor, RoundTripPredictor, WholeImagePredictor
 from eval.runner import evaluate
 from eval.synth import write_synthetic
+from eval.tables import load_table
 from serve.app.client import APIError
 
 
@@ -35,20 +42,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="evaluate a predictor on referring expressions")
     data = run.add_argument_group("data (at least one source)")
-    data.add_argument("--annotations", nargs="+", default=[], metavar="FILE", help="MDETR finetune_*.json files")
-    data.add_argument("--refer", metavar="REFS", help="a refer-toolkit refs(unc).p / refs(umd).p")
+    data.add_argument(
+        "--annotations", nargs="+", default=[], metavar="FILE", help="MDETR finetune_*.json / final_*.json files"
+    )
+    data.add_argument("--refer", metavar="REFS", help="a refer-toolkit refs(unc).p / refs(umd).p / refs(google).p")
     data.add_argument("--instances", metavar="FILE", help="COCO instances.json of --refer (default: beside it)")
-    data.add_argument("--parquet", nargs="+", default=[], metavar="FILE", help="Hugging Face style Parquet files")
-    data.add_argument("--jsonl", nargs="+", default=[], metavar="FILE", help="JSONL exports, one row per box")
+    data.add_argument(
+        "--parquet", nargs="+", default=[], metavar="FILE", help="lmms-lab, jxu124 or other Parquet files"
+    )
+    data.add_argument("--jsonl", nargs="+", default=[], metavar="FILE", help="Qwen-VL/InternVL or other JSONL files")
     data.add_argument("--images", metavar="DIR", help="image folder (tables: default the file's folder)")
     data.add_argument(
         "--split", action="append", help="keep only this split (repeatable); --refer: default all but train"
     )
     data.add_argument("--dataset", help="dataset name for --refer and tables (default: from the path)")
-    data.add_argument("--bbox-format", choices=("xywh", "xyxy"), default="xywh", help="tables' bbox column")
+    data.add_argument(
+        "--bbox-format",
+        choices=("auto", "xywh", "xyxy"),
+        default="auto",
+        help="tables' bbox column (default auto: the layout's, xyxy for jxu124 and Qwen-VL, else xywh); "
+        "every box is checked against its image",
+    )
     data.add_argument("--limit", type=int, help="evaluate only the first N expressions")
 
-    run.add_argument("--predictor", choices=("api", "engine", "oracle", "whole-image"), required=True)
+    run.add_argument(
+        "--predictor",
+        choices=("api", "engine", "roundtrip", "ceiling", "whole-image"),
+        required=True,
+        help="the model (api, engine), or a reference: roundtrip (the truth through the grid), ceiling (the best "
+        "token pair per box), whole-image (a floor)",
+    )
     run.add_argument("--out", required=True, help="output folder (reused: the run resumes)")
     run.add_argument("--max-tokens", type=int, default=64, help="api/engine: tokens to generate (default 64)")
     run.add_argument("--examples", type=int, default=16, help="panels in examples.png")
@@ -65,7 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--model", help="Hugging Face id or folder (default: the service's default model)")
     engine.add_argument("--engine", choices=("hf", "fast"), default="hf", help="engine path (default hf)")
     engine.add_argument("--device", default="auto")
-    engine.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"))
+    engine.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("auto", "float32", "float16", "bfloat16"),
+        help="default float32, as the official run (auto: float16 on CUDA)",
+    )
     engine.add_argument("--batch-size", type=int, default=8)
 
     synth = commands.add_parser("synth", help="write a synthetic RefCOCO-style set in MDETR's format")
@@ -73,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--n", type=int, default=500, help="number of expressions")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--split", default="val")
+
+    tokens = commands.add_parser("audit-tokens", help="count expressions the tokenizer's space clean-up changes")
+    tokens.add_argument("files", nargs="+", metavar="FILE", help="refs(*).p, MDETR .json, .parquet or .jsonl files")
     return parser
 
 
@@ -91,10 +122,9 @@ def load_examples(args: argparse.Namespace) -> list[RefExample]:
 
 
 def build_predictor(args: argparse.Namespace) -> Predictor:
-    if args.predictor == "oracle":
-        return OraclePredictor()
-    if args.predictor == "whole-image":
-        return WholeImagePredictor()
+    references = {"roundtrip": RoundTripPredictor, "ceiling": CeilingPredictor, "whole-image": WholeImagePredictor}
+    if args.predictor in references:
+        return references[args.predictor]()
     if args.predictor == "api":
         return APIPredictor(
             args.url,
@@ -110,7 +140,8 @@ def build_predictor(args: argparse.Namespace) -> Predictor:
     from serve.engine.model import load_model
 
     loaded = load_model(args.model or DEFAULT_MODEL, device=args.device, dtype=args.dtype)
-    engine = build_engine(loaded, EngineConfig(kind=args.engine, max_batch_size=args.batch_size))
+    room = min(2048, args.max_tokens + 256)  # the prompt (image, tags, expression) is under 256 tokens
+    engine = build_engine(loaded, EngineConfig(kind=args.engine, max_batch_size=args.batch_size, max_seq_len=room))
     return EnginePredictor(loaded, engine, batch_size=args.batch_size, max_tokens=args.max_tokens)
 
 
@@ -121,14 +152,19 @@ def run(args: argparse.Namespace) -> int:
         "sources": {k: getattr(args, k) for k in ("annotations", "refer", "parquet", "jsonl") if getattr(args, k)},
         "images": args.images,
         "split": args.split,
+        "bbox_format": args.bbox_format,
         "limit": args.limit,
     }
     summary = asyncio.run(evaluate(examples, predictor, args.out, config, not args.no_progress, args.examples))
+    low, high = summary["accuracy_ci95"]
     print(
-        f"accuracy {100 * summary['accuracy']:.2f}%  any box {100 * summary['any_box_accuracy']:.2f}%  "
+        f"accuracy {100 * summary['accuracy']:.2f}% (95% {100 * low:.1f}-{100 * high:.1f})  "
+        f"any box {100 * summary['any_box_accuracy']:.2f}%  "
         f"n {summary['n']}  no box {summary['no_box']} (phrase mismatch {summary['phrase_mismatch']}, "
         f"no object {summary['no_object']})  errors {summary['errors']}  -> {args.out}"
     )
+    for caveat in summary["caveats"]:
+        print(f"kept out of the paper's table: {caveat}")
     if not summary["complete"]:
         print(f"{summary['errors']} expressions failed (see 'error' in predictions.jsonl); rerun to retry them")
         return 1
@@ -146,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.predictor == "api" and not args.url:
             parser.error("--predictor api needs --url")
     try:
+        if args.command == "audit-tokens":
+            print(render(audit(args.files)))
+            return 0
         if args.command == "synth":
             path = write_synthetic(args.out, args.n, args.seed, args.split)
             print(f"{path}\nrun: python -m eval run --annotations {path} --images {path.parent / 'images'} ...")

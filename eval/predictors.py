@@ -1,15 +1,13 @@
-"""Where predictions come from: the running service, the engine in process, or two geometric references.
+"""Where the model's predictions come from: the running service, or the engine in process.
 
 - :class:`APIPredictor` (``--predictor api``): the service's ``ground`` task through ``serve.app.client``, many
   requests at once, retrying transport errors, 408, 429 and 5xx with exponential backoff (or the server's
   ``Retry-After``). A refused request (400, 413, 422) is recorded as that expression's error; 401, 403 and 404
   stop the run, since every request would fail alike.
 - :class:`EnginePredictor` (``--predictor engine``): the same prompt, image path and decoding, in process, in
-  batches, through ``serve.engine``.
-- :class:`OraclePredictor` (``--predictor oracle``): the ground-truth box sent through Kosmos-2's patch-index
-  encoding and back, the best any answer can do on the 32x32 grid: the protocol's ceiling.
-- :class:`WholeImagePredictor` (``--predictor whole-image``): the whole image as the box, a floor.
+  batches, through ``serve.engine``, in float32 unless told otherwise, as the official run was.
 
+``eval.references`` holds the predictors computed from the ground truth alone (the grid's ceiling, a floor).
 Every predictor is an async context manager whose :meth:`Predictor.predict` turns a batch of examples into
 one :class:`Prediction` each; ``eval.runner`` drives it. See ``python -m eval run --help``.
 """
@@ -25,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 from eval.datasets import RefExample
 from eval.refexp import PredictedEntity
 from serve.app.client import APIError, KosmosClient
-from serve.kosmos2.grounding import box_to_patch_indices, extract_entities, patch_token
 
 if TYPE_CHECKING:  # torch is imported only when the engine predictor is used
     from serve.engine.base import Engine
@@ -72,47 +69,9 @@ class Predictor:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
-        """The settings that shaped the predictions, for ``summary.json``."""
-        return {"predictor": self.name}
-
-
-class OraclePredictor(Predictor):
-    """The ground-truth box quantized to the 32x32 grid and decoded again, under the expression's phrase."""
-
-    name = "oracle"
-    batch_size = 256
-
-    async def predict(self, batch: Sequence[RefExample]) -> list[Prediction]:
-        return [self.one(example) for example in batch]
-
-    @staticmethod
-    def one(example: RefExample) -> Prediction:
-        x1, y1, x2, y2 = example.box
-        w, h = example.width, example.height
-        normalized = (max(x1 / w, 0.0), max(y1 / h, 0.0), min(x2 / w, 1.0), min(y2 / h, 1.0))
-        try:
-            upper_left, lower_right = box_to_patch_indices(normalized)
-        except ValueError:  # an empty ground-truth box has no encoding: no answer could name it
-            return Prediction("(the ground-truth box is empty inside the image)")
-        phrase = example.expression.strip()
-        markup = f"<phrase> {phrase}</phrase><object>{patch_token(upper_left)}{patch_token(lower_right)}</object>"
-        content, entities = extract_entities(markup)
-        return Prediction(content, [PredictedEntity(e.phrase, e.boxes, e.span) for e in entities])
-
-
-class WholeImagePredictor(Predictor):
-    """The whole image as the box of the expression."""
-
-    name = "whole-image"
-    batch_size = 256
-
-    async def predict(self, batch: Sequence[RefExample]) -> list[Prediction]:
-        predictions = []
-        for example in batch:
-            phrase = example.expression.strip()
-            whole = PredictedEntity(phrase, [(0.0, 0.0, 1.0, 1.0)], (0, len(phrase)))
-            predictions.append(Prediction(phrase, [whole]))
-        return predictions
+        """The settings that shaped the predictions, for ``summary.json`` (``dtype``: the model's, None when unknown
+        or when no model runs)."""
+        return {"predictor": self.name, "dtype": None}
 
 
 class APIPredictor(Predictor):
@@ -198,6 +157,7 @@ class APIPredictor(Predictor):
             "concurrency": self.concurrency,
             "max_retries": self.max_retries,
             "retries": self.retries,
+            "dtype": None,
             "max_tokens": self.max_tokens,
             "no_repeat_ngram_size": NO_REPEAT_NGRAM_SIZE,
             "temperature": 0.0,

@@ -1,10 +1,12 @@
-"""The stored predictions: one :class:`PredictionRecord` a line of ``predictions.jsonl``, scored on reading, so
-that an interrupted run resumes from what it has (``read_records``)."""
+"""The stored predictions: one :class:`PredictionRecord` a line of ``predictions.jsonl``, so that an interrupted
+run resumes from what it has (``read_records``). A stored answer is scored again on every run, against the
+ground truth the annotations give now, never against the copy stored beside it."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,9 +15,11 @@ from eval.predictors import Prediction
 from eval.refexp import PredictedEntity, Score, score
 from serve.kosmos2.grounding import Box
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Version of the layout of ``predictions.jsonl`` and ``summary.json`` (2: entities keep their span and pixel
-boxes, and ``no_object`` is counted beside ``phrase_mismatch``)."""
+boxes, and ``no_object`` is counted beside ``phrase_mismatch``; 3: 95% intervals, the dtype, and each split's
+sources, box formats, partition, caveat and whether it stands beside the paper's column)."""
+
 
 
 class RunError(RuntimeError):
@@ -76,6 +80,14 @@ class PredictionRecord:
         record.apply(record.score())
         return record
 
+    def prediction(self) -> Prediction:
+        """The stored answer, apart from what it was scored against."""
+        return Prediction(self.text, self.entities, self.finish_reason, self.error)
+
+    def answers(self, example: RefExample) -> bool:
+        """Whether this record is the answer to ``example``'s question: the same expression about the same image."""
+        return self.expression == example.expression and self.image_id == example.image_id
+
     def score(self) -> Score:
         return score(self.expression, self.gt_box, self.entities, self.width, self.height)
 
@@ -98,12 +110,14 @@ class PredictionRecord:
         return record
 
 
-def read_records(path: Path, predictor: str, ids: set[str]) -> dict[str, PredictionRecord]:
-    """The finished records of an earlier run for ``ids`` (last line per id wins).
+def read_records(path: Path, predictor: str, examples: Mapping[str, RefExample]) -> dict[str, PredictionRecord]:
+    """The finished records of an earlier run for ``examples`` (by id; the last line per id wins), scored against
+    the ground truth, image size and names those examples give now.
 
-    The file is rewritten without the lines that do not parse (a crash mid-write) or hold an error, so those
-    are predicted again; lines of expressions outside this run are kept, unscored. A record of another
-    predictor stops the run, since mixing two predictors' answers would score neither.
+    The file is rewritten with the records so scored, without the lines that do not parse (a crash mid-write) or
+    hold an error, so those are predicted again; lines of expressions outside this run are kept as they are. A
+    record of another predictor, or one that answers another expression or image than its example now names,
+    stops the run: its answer cannot be scored against this annotation.
     """
     if not path.exists():
         return {}
@@ -119,8 +133,21 @@ def read_records(path: Path, predictor: str, ids: set[str]) -> dict[str, Predict
                 "choose another --out"
             )
         records[record.id] = record
-    kept = {k: r for k, r in records.items() if r.error is None}
+    kept = {}
+    for key, record in records.items():
+        if record.error is not None:
+            continue
+        example = examples.get(key)
+        if example is not None:
+            if not record.answers(example):
+                raise RunError(
+                    f"{path}: the stored answer for {key!r} is to {record.expression!r} on image {record.image_id}, "
+                    f"but the annotations now ask {example.expression!r} on image {example.image_id}; "
+                    "choose another --out to predict again"
+                )
+            record = PredictionRecord.build(example, record.prediction(), predictor)
+        kept[key] = record
     temporary = path.with_suffix(".jsonl.tmp")
     temporary.write_text("".join(r.to_json() + "\n" for r in kept.values()), encoding="utf-8")
     os.replace(temporary, path)
-    return {k: r for k, r in kept.items() if k in ids}
+    return {k: r for k, r in kept.items() if k in examples}

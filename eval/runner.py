@@ -4,7 +4,7 @@
 arrive, then writes ``OUT/summary.json``, ``OUT/report.md`` and ``OUT/examples.png``. Run it again with the same
 ``OUT`` and it predicts only what is missing or failed (a partial last line from a crash is dropped), so an
 interrupted evaluation costs nothing twice. Scores are recomputed from the stored entities every time, with
-``eval.refexp``. The command line is ``python -m eval run`` (``eval/__main__.py``).
+``eval.refexp``, against the annotations of this run. The command line is ``python -m eval run`` (``eval/__main__.py``).
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from eval.datasets import RefExample, check_unique
+from eval.datasets import PAPER_SPLIT_BY, RefExample, check_unique
 from eval.examples import draw_examples
 from eval.predictors import Predictor
 from eval.records import SCHEMA_VERSION, PredictionRecord, RunError, read_records
 from eval.refexp import Tally, tally
-from eval.report import render_report
+from eval.report import PAPER_COLUMNS, render_report
 
 PACKAGES = ("torch", "transformers", "httpx", "numpy", "pillow")
 
@@ -37,7 +37,7 @@ async def predict_all(
     examples: Sequence[RefExample], predictor: Predictor, path: Path, progress: bool = True
 ) -> tuple[dict[str, PredictionRecord], int]:
     """Predict every example without a finished record in ``path``; returns all records and how many are new."""
-    records = read_records(path, predictor.name, {e.id for e in examples})
+    records = read_records(path, predictor.name, {e.id: e for e in examples})
     pending = [e for e in examples if e.id not in records]
     batches = [pending[i : i + predictor.batch_size] for i in range(0, len(pending), predictor.batch_size)]
     gate = asyncio.Semaphore(predictor.concurrency)
@@ -82,7 +82,7 @@ async def evaluate(
         records, new = await predict_all(examples, predictor, out / "predictions.jsonl", progress)
     wall = time.perf_counter() - started
     ordered = [records[e.id] for e in examples]
-    summary = summarize(ordered, {**(config or {}), **predictor.describe()})
+    summary = summarize(ordered, {**(config or {}), **predictor.describe()}, examples)
     summary["timing"] = {
         "wall_s": round(wall, 3),
         "predicted": new,
@@ -94,25 +94,56 @@ async def evaluate(
     return summary
 
 
-def summarize(records: Sequence[PredictionRecord], config: dict[str, Any]) -> dict[str, Any]:
-    """Overall and per-split accuracy of scored records, with the run's config and versions."""
+def summarize(
+    records: Sequence[PredictionRecord], config: dict[str, Any], examples: Sequence[RefExample] = ()
+) -> dict[str, Any]:
+    """Overall and per-split accuracy (with 95% Wilson intervals) of scored records, what each split was read
+    from and whether it may stand beside the paper's column of that name, the run's config and versions.
+
+    ``examples`` (the records' examples, in any order) give each split's sources, box formats and caveats.
+    """
     scores = [r.score() for r in records]
     groups: dict[tuple[str, str], list[int]] = {}
     for i, r in enumerate(records):
         groups.setdefault((r.dataset, r.split), []).append(i)
-    errors = sum(r.error is not None for r in records)
+    origins: dict[tuple[str, str], list[RefExample]] = {}
+    for example in examples:
+        origins.setdefault((example.dataset, example.split), []).append(example)
     per_split = [
-        {"dataset": dataset, "split": split, **_tally_dict(tally(scores[i] for i in members), records, members)}
+        {
+            "dataset": dataset,
+            "split": split,
+            **_origin(dataset, split, origins.get((dataset, split), [])),
+            **_tally_dict(tally(scores[i] for i in members), records, members),
+        }
         for (dataset, split), members in groups.items()
     ]
+    errors = sum(r.error is not None for r in records)
     return {
         "schema_version": SCHEMA_VERSION,
         **_tally_dict(tally(scores), records, range(len(records))),
         "complete": errors == 0,
+        "dtype": config.get("dtype"),
+        "bbox_formats": sorted({e.bbox_format for e in examples}),
+        "caveats": sorted({e.caveat for e in examples if e.caveat}),
         "per_split": per_split,
         "config": config,
         "versions": versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _origin(dataset: str, split: str, examples: Sequence[RefExample]) -> dict[str, Any]:
+    """Where a split's examples came from, its partition (``unc``, ``umd``, ``google``), and whether it is the
+    paper's split of that name."""
+    caveats = sorted({e.caveat for e in examples if e.caveat})
+    name, _, suffix = dataset.partition("-")
+    return {
+        "partition": (suffix or PAPER_SPLIT_BY[name]) if name in PAPER_SPLIT_BY else None,
+        "sources": sorted({e.source for e in examples}),
+        "bbox_formats": sorted({e.bbox_format for e in examples}),
+        "caveat": "; ".join(caveats) or None,
+        "paper_column": any((dataset, split) == (d, s) for d, s, _ in PAPER_COLUMNS) and not caveats,
     }
 
 

@@ -5,7 +5,7 @@ position) on a smooth background, images of varied size and aspect ratio, and fo
 scene an expression such as "the small red circle on the left". No two shapes of a scene share colour and
 kind, so every expression names exactly one shape; size and position words are true of it. Small shapes go
 down to a few pixels, where Kosmos-2's 32x32 location grid cannot reach IoU 0.5, so the grid's ceiling
-(``--predictor oracle``) is below 100% as on real data.
+(``--predictor ceiling``) is below 100% as on real data.
 
 It writes ``DIR/images/*.png`` and ``DIR/finetune_synth_{split}.json`` in MDETR's format, so the same loader
 reads it: ``python -m eval run --annotations DIR/finetune_synth_val.json --images DIR/images ...``.

@@ -4,6 +4,14 @@
 (``<s><image>`` 64 image slots ``</image>`` then the prompt); ``TextCodec.answer`` turns generated ids into the
 clean answer and its entities, as the processor's ``post_process_generation`` would on the whole sequence.
 ``AnswerStream`` yields the same answer piece by piece while tokens arrive.
+
+Every answer, of every task, is the text as the model wrote it: ids are decoded without transformers' clean-up
+of tokenization spaces, which the real checkpoint's tokenizer config turns on and which rewrites ``" ,"``,
+``" ."``, ``" 's"``, ``" n't"`` ... into ``","``, ``"."``, ``"'s"``, ``"n't"``. Sentencepiece already decodes the
+spaces the model wrote, and the authors' fairseq code, demo and evaluation never rewrite them; the clean-up would
+make a ``ground`` answer's phrase differ from the expression it echoes ("man , left" would come back as
+"man, left", which the official RefCOCO evaluation scores as no box), and would let a streamed piece already sent
+differ from the final text.
 """
 
 from __future__ import annotations
@@ -63,9 +71,11 @@ class TextCodec:
         return array
 
     def decode_after_image(self, prompt_ids: Sequence[int], generated: Sequence[int]) -> str:
-        """Text of the prompt after ``</image>`` and the generated ids, special tokens skipped."""
+        """Text of the prompt after ``</image>`` and the generated ids, special tokens skipped, spaces as written."""
         tail = list(prompt_ids[list(prompt_ids).index(self.eoi_id) + 1 :])
-        return self.tokenizer.decode(tail + list(generated), skip_special_tokens=True)
+        return self.tokenizer.decode(
+            tail + list(generated), skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
 
     def answer(
         self, prompt: Prompt, prompt_ids: Sequence[int], generated: Sequence[int], width: int, height: int

@@ -2,9 +2,10 @@
 
 ``python -m serve tiny DIR`` writes a model and processor (about 1 MB) that load with ``from_pretrained(DIR)``
 like the real checkpoint, byte-identical on every run: a hand-made unigram vocabulary (a trained tokenizer
-would differ run to run), the real ``Kosmos2Processor`` (which adds the 11 tag tokens and the 1,024
-patch-index tokens), 64 image tokens, and 2-layer text and vision towers with seeded random weights. Its
-output is random text, but it runs every code path the real model runs.
+would differ run to run) configured as the real tokenizer is (``clean_up_tokenization_spaces`` on), the real
+``Kosmos2Processor`` (which adds the 11 tag tokens and the 1,024 patch-index tokens), 64 image tokens, and
+2-layer text and vision towers with seeded random weights. Its output is random text, but it runs every code
+path the real model runs.
 """
 
 from __future__ import annotations
@@ -53,9 +54,11 @@ def vocabulary(size: int | None = None) -> list[tuple[str, float]]:
 def build_processor(vocab_size: int | None = None) -> Kosmos2Processor:
     """The real Kosmos-2 processor around the tiny vocabulary and the CLIP image settings of the checkpoint.
 
-    ``vocab_size`` pads the vocabulary so that the tokenizer, tags included, has that many tokens."""
+    ``vocab_size`` pads the vocabulary so that the tokenizer, tags included, has that many tokens. The tokenizer
+    turns on transformers' clean-up of tokenization spaces (``" ,"`` to ``","`` ...) by default, as the real
+    checkpoint's ``tokenizer_config.json`` does, so that tests see what a default ``decode`` does to real answers."""
     pieces = vocabulary(None if vocab_size is None else vocab_size - ADDED_TOKENS)
-    tokenizer = XLMRobertaTokenizerFast(vocab=pieces)
+    tokenizer = XLMRobertaTokenizerFast(vocab=pieces, clean_up_tokenization_spaces=True)
     image_processor = CLIPImageProcessorPil(
         size={"height": 224, "width": 224}, crop_size={"height": 224, "width": 224}, resample=3
     )

@@ -234,6 +234,6 @@ def test_another_predictors_output_is_not_mixed_in(synthetic, stub, tmp_path, ca
     _, url = stub
     out = tmp_path / "out"
     args = ["run", "--annotations", str(synthetic), "--images", str(synthetic.parent / "images"), "--out", str(out)]
-    assert main([*args, "--predictor", "oracle", "--no-progress"]) == 0
+    assert main([*args, "--predictor", "roundtrip", "--no-progress"]) == 0
     assert main(command(synthetic, url, out)) == 2
     assert "choose another --out" in capsys.readouterr().err

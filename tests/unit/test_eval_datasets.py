@@ -1,17 +1,22 @@
-"""Each dataset loader on the hand-made fixtures in tests/fixtures/eval, and the synthetic set's guarantees."""
+"""Each dataset loader on the fixtures in tests/fixtures/eval, written in the exact layouts of the public files
+(refer toolkit, MDETR, lmms-lab and jxu124 Parquet, Qwen-VL/InternVL JSONL); boxes checked against the images;
+dataset names as the paper's table knows them; the clean-up audit; and the synthetic set's guarantees."""
 
 from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from eval.datasets import DatasetError, ImageResolver, check_unique, load_mdetr, load_refer, load_table
+from eval.audit import audit, clean_up
+from eval.datasets import DatasetError, ImageResolver, check_unique, load_mdetr, load_refer
 from eval.synth import COLOURS, KINDS, describe, random_scene, write_synthetic
+from eval.tables import load_table
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "eval"
 IMAGES = FIXTURES / "images"
@@ -61,38 +66,140 @@ def test_refer_splits_can_be_chosen():
     assert [(e.id, e.expression) for e in examples] == [("x/train/2/3", "green top"), ("x/testB/3/4", "yellow bar")]
 
 
-def test_parquet_with_inline_images_and_lists_of_expressions():
-    examples = load_table(FIXTURES / "refcoco+_testA.parquet")
+LMMS = FIXTURES / "lmms-lab"
+JXU124 = FIXTURES / "jxu124" / "refcoco" / "data" / "validation-00000-of-00001.parquet"
+QWEN = FIXTURES / "qwen-vl" / "refcoco_testA.jsonl"
+
+
+def test_lmms_lab_parquet_with_inline_images_and_lists_of_expressions():
+    examples = load_table(LMMS / "RefCOCOplus" / "data" / "testA-00000-of-00001.parquet")
     assert summary(examples) == [
-        ("refcoco+/testA/q9-102/0", "refcoco+", "testA", "blue box", (40.0, 10.0, 60.0, 40.0), 64, 48),
-        ("refcoco+/testA/q9-102/1", "refcoco+", "testA", "box on the right", (40.0, 10.0, 60.0, 40.0), 64, 48),
-        ("refcoco+/testA/q25-202/0", "refcoco+", "testA", "yellow bar", (10.0, 35.0, 20.0, 55.0), 40, 60),
+        ("refcoco+/testA/102/0", "refcoco+", "testA", "blue box", (40.0, 10.0, 60.0, 40.0), 64, 48),
+        ("refcoco+/testA/102/1", "refcoco+", "testA", "box on the right", (40.0, 10.0, 60.0, 40.0), 64, 48),
+        ("refcoco+/testA/202/0", "refcoco+", "testA", "yellow bar", (10.0, 35.0, 20.0, 55.0), 40, 60),
     ]
+    assert {(e.source, e.bbox_format, e.caveat) for e in examples} == {("lmms-lab", "xywh", None)}
     image = Image.open(io.BytesIO(examples[0].read_image()))
     assert image.size == (64, 48)
     assert np.array_equal(np.asarray(image), np.asarray(Image.open(IMAGE_9)))
 
 
-def test_jsonl_with_image_paths_relative_to_the_file():
-    examples = load_table(FIXTURES / "refcocog_val.jsonl")
+def test_lmms_lab_refcoco_val_is_marked_as_not_the_official_val():
+    examples = load_table(LMMS / "RefCOCO" / "data" / "val-00000-of-00001.parquet")
+    assert [(e.dataset, e.split, e.box) for e in examples] == [("refcoco", "val", (4.0, 6.0, 24.0, 30.0))] * 2
+    assert all("8,811" in e.caveat and "3,811" in e.caveat for e in examples)
+
+
+def test_jxu124_parquet_reads_sentences_and_xyxy_boxes():
+    examples = load_table(JXU124, IMAGES)
     assert summary(examples) == [
-        ("refcocog/val/7/0", "refcocog", "val", "green top", (5.0, 5.0, 35.0, 25.0), 40, 60),
-        ("refcocog/val/8/0", "refcocog", "val", "white square", (10.0, 10.0, 40.0, 40.0), 50, 50),  # size read
+        ("refcoco/val/0/0", "refcoco", "val", "red box left", (4.0, 6.0, 24.0, 30.0), 64, 48),
+        ("refcoco/val/0/1", "refcoco", "val", "the red one", (4.0, 6.0, 24.0, 30.0), 64, 48),
+        ("refcoco/val/1/2", "refcoco", "val", "blue box", (40.0, 10.0, 60.0, 40.0), 64, 48),
     ]
-    assert [e.image_path for e in examples] == [IMAGE_25, IMAGE_30]
-    assert examples[0].image_bytes is None
+    assert [e.image_path for e in examples] == [IMAGE_9] * 3  # image_path is coco/train2014/...
+    assert {(e.source, e.bbox_format) for e in examples} == {("jxu124", "xyxy")}
+    refer = {e.id: e for e in load_refer(FIXTURES / "refcoco" / "refs(unc).p", IMAGES)}
+    assert all((refer[e.id].expression, refer[e.id].box) == (e.expression, e.box) for e in examples[:2])
+
+
+def test_qwen_vl_jsonl_reads_xyxy_boxes():
+    examples = load_table(QWEN, IMAGES)
+    assert summary(examples) == [
+        ("refcoco/testA/0/0", "refcoco", "testA", "blue box", (40.0, 10.0, 60.0, 40.0), 64, 48),
+        ("refcoco/testA/1/0", "refcoco", "testA", "yellow bar", (10.0, 35.0, 20.0, 55.0), 40, 60),
+        ("refcoco/testA/2/0", "refcoco", "testA", "red box , left", (4.0, 6.0, 24.0, 30.0), 64, 48),
+    ]
+    assert [e.image_path for e in examples] == [IMAGE_9, IMAGE_25, IMAGE_9]
+    assert {(e.source, e.bbox_format) for e in examples} == {("qwen-vl", "xyxy")}
+
+
+def test_a_box_read_in_the_wrong_format_is_an_error_naming_the_row_and_the_format(tmp_path):
+    with pytest.raises(DatasetError, match=r"refcoco_testA.jsonl row 1 .*outside the 64x48 image.*--bbox-format xyxy"):
+        load_table(QWEN, IMAGES, bbox_format="xywh")
+    path = tmp_path / "export.jsonl"  # a layout of no known export: xywh unless told, and checked
+    rows = [
+        {"image": "COCO_train2014_000000000009.png", "expression": "x", "bbox": b}
+        for b in ([1, 2, 3, 4], [40, 10, 60, 40])
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(DatasetError, match=r"row 2 .*its numbers fit as xyxy: pass --bbox-format xyxy"):
+        load_table(path, IMAGES)
+    assert [e.box for e in load_table(path, IMAGES, bbox_format="xyxy")] == [(1, 2, 3, 4), (40, 10, 60, 40)]
+    with pytest.raises(DatasetError, match=r"row 1 .*as xyxy is \(40, 10, 20, 30\).*its numbers fit as xywh"):
+        load_table(LMMS / "RefCOCOplus" / "data" / "testA-00000-of-00001.parquet", bbox_format="xyxy")
+
+
+def test_refer_and_mdetr_boxes_are_checked_against_their_images(tmp_path):
+    folder = shutil.copytree(FIXTURES / "refcoco", tmp_path / "refcoco")
+    instances = json.loads((folder / "instances.json").read_text())
+    instances["annotations"][1]["bbox"] = [40, 10, 60, 40]  # xyxy where COCO writes xywh
+    (folder / "instances.json").write_text(json.dumps(instances))
+    with pytest.raises(DatasetError, match=r"annotation 102 \(ref 1\).*outside the 64x48 image"):
+        load_refer(folder / "refs(unc).p", IMAGES)
+    data = json.loads((FIXTURES / "finetune_refcoco_val.json").read_text())
+    data["images"][2]["width"] = 30
+    path = tmp_path / "finetune_refcoco_val.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=r"image entry 2: .*outside the 30x50 image"):
+        load_mdetr(path, IMAGES)
+
+
+def test_refcocog_partitions_are_told_apart():
+    umd = load_refer(FIXTURES / "refcocog" / "refs(umd).p", IMAGES)
+    assert [(e.id, e.expression) for e in umd] == [
+        ("refcocog/val/0/10", "the red box , on the left"),
+        ("refcocog/test/1/11", "the blue box 's right edge"),
+        ("refcocog/test/1/12", "a blue box"),
+    ]
+    google = load_refer(FIXTURES / "refcocog" / "refs(google).p", IMAGES)
+    assert [(e.id, e.dataset) for e in google] == [("refcocog-google/val/0/10", "refcocog-google")]
+    assert {e.dataset for e in load_refer(FIXTURES / "refcocog" / "refs(google).p", IMAGES, dataset="refcocog")} == {
+        "refcocog-google"
+    }
+
+
+def test_dataset_names_are_canonical_whatever_the_folder(tmp_path):
+    folder = shutil.copytree(FIXTURES / "refcoco", tmp_path / "RefCOCO")
+    assert {e.dataset for e in load_refer(folder / "refs(unc).p", IMAGES)} == {"refcoco"}
+    plus = shutil.copytree(FIXTURES / "refcoco", tmp_path / "RefCOCO+")
+    assert {e.dataset for e in load_refer(plus / "refs(unc).p", IMAGES)} == {"refcoco+"}
+    data = json.loads((FIXTURES / "finetune_refcoco_val.json").read_text())
+    for entry in data["images"]:
+        entry["dataset_name"] = "RefCOCO"
+    path = tmp_path / "finetune_refcoco_val.json"
+    path.write_text(json.dumps(data))
+    assert {e.dataset for e in load_mdetr(path, IMAGES)} == {"refcoco"}
 
 
 def test_table_options(tmp_path):
     path = tmp_path / "export.jsonl"
     path.write_text(json.dumps({"image": "COCO_train2014_000000000030.png", "expression": "it", "bbox": [1, 2, 3, 4]}))
     (example,) = load_table(path, IMAGES, split="val", dataset="mine", bbox_format="xyxy")
-    assert (example.id, example.box, example.split, example.dataset) == (
+    assert (example.id, example.box, example.split, example.dataset, example.width) == (
         "mine/val/0/0",
         (1.0, 2.0, 3.0, 4.0),
         "val",
         "mine",
+        50,  # read from the image
     )
+
+
+def test_the_audit_counts_expressions_the_clean_up_would_change():
+    from transformers import PreTrainedTokenizerBase
+
+    for text in ("man , left", "it 's here . really ?", "is n't it ! yes", "a ' b 've 're 'm"):
+        assert clean_up(text) == PreTrainedTokenizerBase.clean_up_tokenization(None, text)
+    results = audit([FIXTURES / "refcocog" / "refs(umd).p", QWEN, FIXTURES / "finetune_refcoco_val.json", JXU124])
+    assert [(Path(r.path).name, r.split, r.n, r.touched) for r in results] == [
+        ("refs(umd).p", "val", 1, 1),
+        ("refs(umd).p", "test", 2, 1),
+        ("refs(umd).p", "train", 1, 0),
+        ("refcoco_testA.jsonl", "testA", 3, 1),
+        ("finetune_refcoco_val.json", "val", 3, 0),
+        ("validation-00000-of-00001.parquet", "val", 3, 0),
+    ]
+    assert results[1].examples == ["the blue box 's right edge"]
 
 
 def test_missing_images_and_columns_are_explained(tmp_path):
@@ -104,11 +211,13 @@ def test_missing_images_and_columns_are_explained(tmp_path):
         load_table(path)
 
 
-def test_coco_subfolders_are_searched(tmp_path):
+def test_coco_subfolders_and_other_machines_paths_are_searched(tmp_path):
     (tmp_path / "train2014").mkdir()
     (tmp_path / "train2014" / "COCO_train2014_000000000009.jpg").write_bytes(b"x")
     found = ImageResolver(tmp_path)("COCO_train2014_000000000009.jpg")
     assert found == str(tmp_path / "train2014" / "COCO_train2014_000000000009.jpg")
+    elsewhere = ImageResolver(tmp_path)("/data/coco/train2014/COCO_train2014_000000000009.jpg")
+    assert elsewhere == found
 
 
 def test_ids_must_be_unique():

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eval.refexp import NO_BOX, PredictedEntity, iou, matching_boxes, score, tally, xywh_to_xyxy
+from eval.refexp import NO_BOX, Z_95, PredictedEntity, iou, matching_boxes, score, tally, wilson_interval, xywh_to_xyxy
 from serve.kosmos2.grounding import extract_entities
 
 
@@ -107,6 +107,19 @@ def test_tally_counts():
     t = tally([score("x", gt, e, 10, 10) for e in ([hit], [miss_then_hit], [], [PredictedEntity("y", hit.boxes)])])
     assert (t.n, t.correct, t.any_box_correct, t.no_box, t.phrase_mismatch, t.no_object) == (4, 1, 2, 2, 1, 1)
     assert t.accuracy == 0.25 and t.any_box_accuracy == 0.5
+
+
+def test_wilson_interval_is_exact_at_the_ends_and_narrows_with_n():
+    # at 0 or n successes Wilson's bounds are z^2 / (n + z^2) and n / (n + z^2)
+    assert wilson_interval(0, 10) == (0.0, pytest.approx(Z_95**2 / (10 + Z_95**2)))
+    assert wilson_interval(10, 10) == pytest.approx((10 / (10 + Z_95**2), 1.0))
+    assert pytest.approx(1.959964, abs=1e-6) == Z_95
+    widths = [high - low for low, high in (wilson_interval(n // 2, n) for n in (10, 100, 1000, 10000))]
+    assert widths == sorted(widths, reverse=True) and widths[-1] < 0.02
+    low, high = wilson_interval(30, 100)
+    assert low < 0.3 < high and high - 0.3 > 0.3 - low  # pulled toward one half, unlike Wald's
+    t = tally([score("x", (0, 0, 10, 10), [PredictedEntity("x", [(0, 0, 1, 1)])], 10, 10)] * 3)
+    assert t.as_dict()["accuracy_ci95"] == list(wilson_interval(3, 3))
 
 
 # The official algorithm, restated from unilm's kosmos-2/evaluation (decode_string.py, refexp_evaluate.py,

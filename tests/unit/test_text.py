@@ -1,4 +1,5 @@
-"""Prompt ids equal the processor's; answers equal its post-processing; streamed pieces add up to the answer."""
+"""Prompt ids equal the processor's; answers equal its post-processing of the text as the model wrote it (no
+clean-up of tokenization spaces); streamed pieces add up to the answer."""
 
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ GENERATED = [
     "<phrase> a fire</phrase><object><patch_index_0005><patch_index_0911></object>.",
     "<object><patch_index_0000><patch_index_1023></object> sits there",
     " a dog and a cat",
+    "<phrase> man , left</phrase><object><patch_index_0000><patch_index_1023></object> is n't the dog 's ?",
 ]
 
 
@@ -59,10 +61,11 @@ def test_answer_equals_processor_post_processing(codec, loaded, task, text, regi
     prompt_ids = codec.encode(prompt.text).tolist()
     new_ids = processor.tokenizer(generated, add_special_tokens=False)["input_ids"]
     answer = codec.answer(prompt, prompt_ids, new_ids + [2], 640, 480)
-    full = processor.batch_decode([prompt_ids + new_ids + [2]], skip_special_tokens=True)[0]
+    as_written = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
+    full = processor.batch_decode([prompt_ids + new_ids + [2]], **as_written)[0]
     clean, entities = processor.post_process_generation(full)
     if not prompt.echo:  # the answer leaves out the prompt's own words (the question, the instruction)
-        cut = len(processor.post_process_generation(processor.decode(prompt_ids, skip_special_tokens=True))[0])
+        cut = len(processor.post_process_generation(processor.decode(prompt_ids, **as_written))[0])
         shift = cut + len(clean[cut:]) - len(clean[cut:].lstrip())
         clean = clean[shift:]
         entities = [(name, (s - shift, e - shift), boxes) for name, (s, e), boxes in entities if s >= shift]
@@ -85,3 +88,37 @@ def test_stream_adds_up_to_the_answer(codec, loaded, task, text, region, generat
     pieces.append(stream.finish(final))
     assert "".join(pieces) == final
     assert sum(1 for p in pieces if p) > 1 or len(final.split()) <= 1
+
+
+PUNCTUATED = ["man , left", "the dog 's tail", "guy on right .", "is n't it blue ?", "red ' s one"]
+"""RefCOCO-style expressions whose spaces transformers' clean-up would remove (" ,", " 's", " .", " n't" ...)."""
+
+
+def test_the_tiny_tokenizer_cleans_up_by_default_like_the_real_one(loaded):
+    """The fixture is configured as the real checkpoint's tokenizer, so the tests below can fail."""
+    tokenizer = loaded.processor.tokenizer
+    assert tokenizer.clean_up_tokenization_spaces
+    assert tokenizer.decode(tokenizer("man , left", add_special_tokens=False)["input_ids"]) == "man, left"
+
+
+@pytest.mark.parametrize("expression", PUNCTUATED)
+def test_a_grounded_phrase_is_the_expression_as_sent(codec, loaded, expression):
+    """The official evaluation compares the echoed phrase with the expression as an exact string."""
+    prompt = build_prompt(Task.GROUND, expression)
+    prompt_ids = codec.encode(prompt.text).tolist()
+    generated = "<object><patch_index_0000><patch_index_1023></object> , it 's there ."
+    new_ids = loaded.processor.tokenizer(generated, add_special_tokens=False)["input_ids"]
+    answer = codec.answer(prompt, prompt_ids, new_ids + [2], 640, 480)
+    assert answer.text == f"{expression} , it 's there ."
+    (entity,) = answer.entities
+    assert entity.phrase == expression and answer.text[entity.span[0] : entity.span[1]] == expression
+    stream = AnswerStream(codec, prompt, prompt_ids)
+    pieces = [stream.push([token]) for token in new_ids]
+    assert "".join(pieces) + stream.finish(answer.text) == answer.text
+
+
+def test_every_task_answers_with_the_text_as_the_model_wrote_it(codec, loaded):
+    prompt = build_prompt(Task.VQA, "What is it ?")
+    prompt_ids = codec.encode(prompt.text).tolist()
+    new_ids = loaded.processor.tokenizer(" it 's a dog , is n't it .", add_special_tokens=False)["input_ids"]
+    assert codec.answer(prompt, prompt_ids, new_ids, 10, 10).text == "it 's a dog , is n't it ."
