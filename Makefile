@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(PY) -m ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not multinode"
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m multinode tests/multinode
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m multinode tests/service/test_multinode.py
 
 # The same suite on the GPU machines' releases (torch 2.11, transformers 5.17) in a venv of its own, on the CPU;
 # not part of `make test`: PyPI's torch 2.11 is a CUDA build of several GB.

@@ -1,4 +1,7 @@
-"""Shared fixtures: the tiny Kosmos-2 built once per session, its codec and engine, and test images."""
+"""Shared fixtures: the tiny Kosmos-2 built once per test run, its codec and reference engine, and the live
+service. Tiers by marker: ``slow`` (starts Ray or runs long), ``gpu`` (needs CUDA; skipped without it),
+``multinode`` (owns a local multi-node Ray cluster: its own pytest process), ``real_model`` (opt in with
+``--real-model PATH``)."""
 
 from __future__ import annotations
 
@@ -19,12 +22,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--real-model"):
-        return
-    skip = pytest.mark.skip(reason="needs the real checkpoint: pass --real-model PATH")
+    """Skip the ``gpu`` tests where no CUDA device is visible, and the ``real_model`` ones without --real-model."""
+    import torch
+
+    real_model = config.getoption("--real-model")
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    no_model = pytest.mark.skip(reason="needs the real checkpoint: pass --real-model PATH")
     for item in items:
-        if "real_model" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
+        if "real_model" in item.keywords and not real_model:
+            item.add_marker(no_model)
 
 
 @pytest.fixture(scope="session")

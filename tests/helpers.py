@@ -1,22 +1,32 @@
-"""Test images (smooth, photograph-like pictures in any format), and Triton kernels run by its interpreter."""
+"""What several test modules share: test images (smooth, photograph-like pictures in any format), engine requests
+and a recording sink, eval output checks, and Triton kernels run by its interpreter."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import os
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from eval.refexp import wilson_interval
+from serve.app.client import chat_request
 from serve.app.config import LimitsConfig
+from serve.engine.requests import GenerationRequest, SamplingParams
+from serve.kosmos2.images import prepare_image
+from serve.kosmos2.tasks import Task, build_prompt
 
 LIMITS = LimitsConfig().image_limits()
 """The service's default image limits."""
@@ -61,3 +71,106 @@ def bomb_png(width: int, height: int) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     pixels = zlib.compress(b"\0" * 64)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+QUESTIONS = [
+    "what is this?",
+    "where",
+    "is the small red circle on the left of the big blue square near the tree?",
+    "x",
+    "two cats sitting on a mat",
+    "what colour is the car next to the building on the right?",
+    "who",
+    "how many people are standing in front of the bus?",
+]
+
+
+def requests_for(codec, params: list[SamplingParams]) -> list[GenerationRequest]:
+    out = []
+    for i, p in enumerate(params):
+        task = [Task.VQA, Task.GROUND, Task.CAPTION, Task.DETAILED_CAPTION][i % 4]
+        text = QUESTIONS[i % len(QUESTIONS)] if task in (Task.VQA, Task.GROUND) else None
+        pixels = prepare_image(encode(photo(160 + 7 * i, 120, seed=100 + i)), LIMITS).pixels
+        out.append(GenerationRequest(pixels, codec.encode(build_prompt(task, text).text), p))
+    return out
+
+
+class Recorder:
+    """A streaming sink that records every token it is given."""
+
+    streaming = True
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+        self.result = None
+
+    def tokens(self, token_ids):
+        self.seen.extend(token_ids)
+
+    def finish(self, result):
+        self.result = result
+
+    def fail(self, error):
+        raise error
+
+
+def read_outputs(out: Path) -> tuple[list[dict], dict]:
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    return lines, json.loads((out / "summary.json").read_text())
+
+
+def check_consistent(out: Path, n: int) -> tuple[list[dict], dict]:
+    """The files of one run agree: one line per expression, the summary their mean, the report and image made."""
+    lines, summary = read_outputs(out)
+    assert len(lines) == n == summary["n"] and len({line["id"] for line in lines}) == n
+    assert summary["correct"] == sum(line["correct"] for line in lines)
+    assert summary["accuracy"] == pytest.approx(summary["correct"] / n)
+    assert summary["any_box_correct"] == sum(line["any_box_correct"] for line in lines)
+    assert summary["no_box"] == sum(line["no_box"] for line in lines)
+    assert sum(s["n"] for s in summary["per_split"]) == n
+    for line in lines:
+        assert line["correct"] == (line["iou"] >= 0.5) and line["any_box_iou"] >= line["iou"]
+        assert line["no_box"] == (not line["pred_boxes"])
+    assert summary["no_box"] == summary["phrase_mismatch"] + summary["no_object"]
+    assert summary["no_object"] == sum(line["no_object"] for line in lines)
+    assert summary["schema_version"] == 3 and summary["versions"]["python"]
+    assert summary["accuracy_ci95"] == list(wilson_interval(summary["correct"], n))
+    assert all(s["accuracy_ci95"] == list(wilson_interval(s["correct"], s["n"])) for s in summary["per_split"])
+    report = (out / "report.md").read_text()
+    assert "52.32" in report and "56.3" in report and f"{100 * summary['accuracy']:.2f}%" in report
+    low, high = summary["accuracy_ci95"]
+    assert f"95% interval {100 * low:.2f}–{100 * high:.2f}%" in report
+    assert (out / "examples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return lines, summary
+
+
+LOAD_IMAGE = encode(photo(96, 72), "PNG")
+"""The small image of the load tests' requests."""
+
+
+def body(**fields) -> dict:
+    """A brief-caption request of at most 12 tokens, with ``fields`` on top."""
+    return chat_request(LOAD_IMAGE, **{"task": "caption", "max_tokens": 12, **fields})
+
+
+async def storm(url: str, clients: int, seconds: float, **fields) -> list[tuple[int, float, dict]]:
+    """``clients`` loops sending requests for ``seconds``; returns (status, latency, headers) of each."""
+    results: list[tuple[int, float, dict]] = []
+    deadline = time.monotonic() + seconds
+    async with httpx.AsyncClient(timeout=60) as client:
+
+        async def loop() -> None:
+            while time.monotonic() < deadline:
+                sent = time.monotonic()
+                try:
+                    response = await client.post(f"{url}/v1/chat/completions", json=body(**fields))
+                    results.append((response.status_code, time.monotonic() - sent, dict(response.headers)))
+                    if response.status_code == 200:
+                        assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
+                    else:
+                        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+                except httpx.HTTPError as exc:
+                    results.append((0, time.monotonic() - sent, {"error": repr(exc)}))
+
+        await asyncio.gather(*(loop() for _ in range(clients)))
+    return results

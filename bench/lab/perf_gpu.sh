@@ -33,6 +33,6 @@ echo "perf_run exit $?"; tail -30 "$OUT/perf_run.log"
 tar czf "$OUT/perf.tgz" -C /tmp/perf --exclude='*.png' --exclude='requests.jsonl' . 2>/dev/null
 # The CUDA tests last, so that a run short of time loses them rather than the figures.
 if [ "${GPU_TESTS:-1}" = 1 ]; then
-  timeout "${GPU_TEST_TIMEOUT:-100}" python3 -m pytest -q ${GPU_TEST_ARGS:-tests/gpu tests/unit/test_attention.py tests/unit/test_ffn.py} 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+  timeout "${GPU_TEST_TIMEOUT:-100}" python3 -m pytest -q ${GPU_TEST_ARGS:--m gpu tests/engine} 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 fi
 ls -la "$OUT"

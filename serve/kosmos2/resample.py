@@ -6,7 +6,7 @@ with fixed-point weights (the bicubic kernel, ``a = -0.5``, widened by the scale
 times ``2**22`` and rounded), a sum in 32-bit integers that starts at half a unit, shifted back and clipped to
 a byte. It runs the horizontal pass first unless the height shrinks more than twice as much as the width,
 and skips an axis whose size does not change. :func:`resize_bicubic` does the same arithmetic in the same
-order, so its bytes equal Pillow's (``tests/unit/test_resample.py`` checks them over many sizes), but each
+order, so its bytes equal Pillow's (``tests/kosmos2/test_resample.py`` checks them over many sizes), but each
 pass runs along contiguous rows of a transposed image (Pillow transposes the input, whole pixels at a time),
 which the compiler vectorizes: on this project's 2-core machine a 640x480 photograph resizes in about 0.7 ms
 against Pillow's 2.6. The passes release the interpreter lock, as Pillow's do, so a replica's event loop keeps

@@ -24,7 +24,7 @@ SGLang's overlap scheduler; a sequence ending at its end token then costs one mo
 length none.
 
 On the tiny model in float32 on the CPU its greedy tokens equal :class:`serve.engine.HFEngine`'s
-(``tests/integration/test_fastpath.py``).
+(``tests/engine/test_fast_engine.py``).
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ INTERPRETER_SCRIPT = """
 import sys, torch
 from serve.engine.kernels.attention import triton_available
 from serve.engine.kernels.ffn import gelu_layer_norm, quick_gelu_
-from tests.unit.test_ffn import CASES, make_case
+from tests.engine.test_ffn import CASES, make_case
 assert triton_available("cpu")
 results = {name: gelu_layer_norm(*make_case(name)) for name in CASES}
 results |= {f"quick_{name}": quick_gelu_(make_case(name)[0]) for name in CASES}
@@ -107,7 +107,7 @@ def test_layer_output_equals_the_hugging_face_layer(tiny_dir: Path) -> None:
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", CASES)
 def test_cuda_kernel_matches_float64(name: str) -> None:
     pytest.importorskip("triton")
@@ -117,7 +117,7 @@ def test_cuda_kernel_matches_float64(name: str) -> None:
     torch.testing.assert_close(out.cpu().double(), exact(*inputs), **tolerance(inputs[0].dtype))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", CASES)
 def test_cuda_quick_gelu_matches_float64(name: str) -> None:
     pytest.importorskip("triton")

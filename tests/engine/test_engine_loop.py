@@ -20,7 +20,7 @@ from serve.engine.messages import EngineStats, StartEngine
 from serve.engine.process import EngineProcess
 from serve.engine.requests import GenerationRequest, GenerationResult, SamplingParams
 from serve.errors import InvalidRequest, ServiceError, Unavailable
-from tests.integration.test_fastpath import requests_for
+from tests.helpers import requests_for
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ import pytest
 from eval.__main__ import build_parser, main
 from eval.datasets import load_mdetr, load_refer
 from eval.predictors import EnginePredictor
-from eval.refexp import wilson_interval
 from eval.runner import evaluate
 from eval.synth import write_synthetic
 from serve.kosmos2.grounding import patch_indices_to_box
+from tests.helpers import check_consistent, read_outputs
 
 N = 80
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "eval"
@@ -79,36 +79,6 @@ def expected_counts(annotation_file: Path) -> dict[str, int]:
 @pytest.fixture(scope="module")
 def counts(synthetic) -> dict[str, int]:
     return expected_counts(synthetic)
-
-
-def read_outputs(out: Path) -> tuple[list[dict], dict]:
-    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    return lines, json.loads((out / "summary.json").read_text())
-
-
-def check_consistent(out: Path, n: int) -> tuple[list[dict], dict]:
-    """The files of one run agree: one line per expression, the summary their mean, the report and image made."""
-    lines, summary = read_outputs(out)
-    assert len(lines) == n == summary["n"] and len({line["id"] for line in lines}) == n
-    assert summary["correct"] == sum(line["correct"] for line in lines)
-    assert summary["accuracy"] == pytest.approx(summary["correct"] / n)
-    assert summary["any_box_correct"] == sum(line["any_box_correct"] for line in lines)
-    assert summary["no_box"] == sum(line["no_box"] for line in lines)
-    assert sum(s["n"] for s in summary["per_split"]) == n
-    for line in lines:
-        assert line["correct"] == (line["iou"] >= 0.5) and line["any_box_iou"] >= line["iou"]
-        assert line["no_box"] == (not line["pred_boxes"])
-    assert summary["no_box"] == summary["phrase_mismatch"] + summary["no_object"]
-    assert summary["no_object"] == sum(line["no_object"] for line in lines)
-    assert summary["schema_version"] == 3 and summary["versions"]["python"]
-    assert summary["accuracy_ci95"] == list(wilson_interval(summary["correct"], n))
-    assert all(s["accuracy_ci95"] == list(wilson_interval(s["correct"], s["n"])) for s in summary["per_split"])
-    report = (out / "report.md").read_text()
-    assert "52.32" in report and "56.3" in report and f"{100 * summary['accuracy']:.2f}%" in report
-    low, high = summary["accuracy_ci95"]
-    assert f"95% interval {100 * low:.2f}–{100 * high:.2f}%" in report
-    assert (out / "examples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    return lines, summary
 
 
 @pytest.mark.parametrize("predictor", ["roundtrip", "ceiling", "whole-image"])

@@ -13,9 +13,9 @@ from serve.engine.kernels.attention import decode_attention, decode_attention_re
 from serve.engine.model import load_model
 from serve.engine.reference import HFEngine
 from serve.engine.requests import SamplingParams
-from tests.integration.test_fastpath import requests_for
+from tests.helpers import requests_for
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu
 
 LENGTHS = [1, 31, 32, 33, 100, 160, 7]
 

@@ -19,39 +19,9 @@ import pytest
 import ray
 from ray import serve
 
-from serve.app.client import chat_request
-from tests.helpers import encode, photo
+from tests.helpers import LOAD_IMAGE, body, storm
 
 pytestmark = pytest.mark.slow
-
-IMAGE = encode(photo(96, 72), "PNG")
-
-
-def body(**fields) -> dict:
-    return chat_request(IMAGE, **{"task": "caption", "max_tokens": 12, **fields})
-
-
-async def storm(url: str, clients: int, seconds: float, **fields) -> list[tuple[int, float, dict]]:
-    """``clients`` loops sending requests for ``seconds``; returns (status, latency, headers) of each."""
-    results: list[tuple[int, float, dict]] = []
-    deadline = time.monotonic() + seconds
-    async with httpx.AsyncClient(timeout=60) as client:
-
-        async def loop() -> None:
-            while time.monotonic() < deadline:
-                sent = time.monotonic()
-                try:
-                    response = await client.post(f"{url}/v1/chat/completions", json=body(**fields))
-                    results.append((response.status_code, time.monotonic() - sent, dict(response.headers)))
-                    if response.status_code == 200:
-                        assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
-                    else:
-                        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
-                except httpx.HTTPError as exc:
-                    results.append((0, time.monotonic() - sent, {"error": repr(exc)}))
-
-        await asyncio.gather(*(loop() for _ in range(clients)))
-    return results
 
 
 @pytest.fixture(scope="module")
@@ -171,9 +141,9 @@ class ImageHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         self.send_response(200)
         self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(len(IMAGE)))
+        self.send_header("Content-Length", str(len(LOAD_IMAGE)))
         self.end_headers()
-        self.wfile.write(IMAGE)
+        self.wfile.write(LOAD_IMAGE)
 
     def log_message(self, *args):
         pass

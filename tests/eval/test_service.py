@@ -11,7 +11,7 @@ import pytest
 from eval.__main__ import main
 from eval.synth import write_synthetic
 from serve.app.client import KosmosClient
-from tests.integration.test_eval_runs import check_consistent
+from tests.helpers import check_consistent
 
 pytestmark = pytest.mark.slow
 

@@ -16,18 +16,7 @@ from serve.engine.requests import Collector, GenerationRequest, SamplingParams
 from serve.errors import InvalidRequest
 from serve.kosmos2.images import prepare_image
 from serve.kosmos2.tasks import Task, build_prompt
-from tests.helpers import LIMITS, encode, photo, run_interpreted
-from tests.integration.test_hf_engine import QUESTIONS, Recorder
-
-
-def requests_for(codec, params: list[SamplingParams]) -> list[GenerationRequest]:
-    out = []
-    for i, p in enumerate(params):
-        task = [Task.VQA, Task.GROUND, Task.CAPTION, Task.DETAILED_CAPTION][i % 4]
-        text = QUESTIONS[i % len(QUESTIONS)] if task in (Task.VQA, Task.GROUND) else None
-        pixels = prepare_image(encode(photo(160 + 7 * i, 120, seed=100 + i)), LIMITS).pixels
-        out.append(GenerationRequest(pixels, codec.encode(build_prompt(task, text).text), p))
-    return out
+from tests.helpers import LIMITS, Recorder, encode, photo, requests_for, run_interpreted
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["sync", "overlap"])
@@ -321,7 +310,7 @@ from serve.engine.fast.engine import FastEngine
 from serve.engine.model import load_model
 from serve.engine.requests import SamplingParams
 from serve.kosmos2.text import TextCodec
-from tests.integration.test_fastpath import requests_for
+from tests.helpers import requests_for
 loaded = load_model(sys.argv[2], device="cpu")
 limits = [SamplingParams(max_new_tokens=4 + 5 * (i % 7)) for i in range(14)]
 workload = requests_for(TextCodec(loaded.processor), limits)

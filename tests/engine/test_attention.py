@@ -23,7 +23,7 @@ CASES = {
 INTERPRETER_SCRIPT = """
 import sys, torch
 from serve.engine.kernels.attention import decode_attention, triton_available, write_cache
-from tests.unit.test_attention import CASES, WRITE_DTYPES, make_case, make_write_case
+from tests.engine.test_attention import CASES, WRITE_DTYPES, make_case, make_write_case
 assert triton_available("cpu")
 results = {}
 for name in CASES:
@@ -132,7 +132,7 @@ def test_cpu_falls_back_to_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("name", CASES)
 def test_cuda_kernel_replays_in_a_graph(name: str) -> None:
     """Captured once with every length 1, replayed after the lengths change on the device."""
@@ -163,7 +163,7 @@ def test_write_kernel_matches_indexing(interpreted: dict[str, tuple[torch.Tensor
     assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", WRITE_DTYPES)
 def test_cuda_write_kernel_matches_indexing(dtype) -> None:
     pytest.importorskip("triton")

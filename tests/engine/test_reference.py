@@ -11,18 +11,7 @@ from serve.engine.reference import normalize_pixels
 from serve.engine.requests import GenerationRequest, SamplingParams
 from serve.kosmos2.images import prepare_image
 from serve.kosmos2.tasks import Task, build_prompt
-from tests.helpers import LIMITS, encode, photo
-
-QUESTIONS = [
-    "what is this?",
-    "where",
-    "is the small red circle on the left of the big blue square near the tree?",
-    "x",
-    "two cats sitting on a mat",
-    "what colour is the car next to the building on the right?",
-    "who",
-    "how many people are standing in front of the bus?",
-]
+from tests.helpers import LIMITS, QUESTIONS, Recorder, encode, photo
 
 
 def make_requests(codec, params: list[SamplingParams]) -> list[GenerationRequest]:
@@ -124,25 +113,6 @@ def test_mixed_parameters_in_one_batch(hf_engine, codec):
         assert result.completion_tokens == len(result.token_ids) + (result.finish_reason == "stop")
         if result.finish_reason == "length":
             assert len(result.token_ids) == request.params.max_new_tokens
-
-
-class Recorder:
-    """A streaming sink that records every token it is given."""
-
-    streaming = True
-
-    def __init__(self) -> None:
-        self.seen: list[int] = []
-        self.result = None
-
-    def tokens(self, token_ids):
-        self.seen.extend(token_ids)
-
-    def finish(self, result):
-        self.result = result
-
-    def fail(self, error):
-        raise error
 
 
 def test_streaming_sinks_see_every_token(hf_engine, greedy_requests, alone):

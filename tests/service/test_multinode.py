@@ -18,7 +18,7 @@ from ray.util.state import list_actors
 from serve.app.builder import APP_NAME, build_app
 from serve.app.config import load_config
 from tests.conftest import ROOT, free_port
-from tests.integration.test_reliability import body, storm
+from tests.helpers import body, storm
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 
