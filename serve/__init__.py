@@ -1,7 +1,12 @@
-"""Kosmos-2 serving: the engine and its helpers (no Ray, no HTTP) and the Ray Serve application on top.
+"""Kosmos-2 serving, in three layers, each importing only the ones below it:
 
-Data flow: ``images`` and ``tasks``/``text`` prepare a request on CPU replicas; ``engine`` (or ``fastpath``)
-generates on GPU replicas, in a process of their own (``engine_process``, around ``engine_loop``); ``text`` and
-``grounding`` turn the tokens into an answer with boxes; ``app`` binds the deployments from one ``config``;
-``protocol`` and ``errors`` define the wire format.
+- ``serve.engine``: generation. Pixels and prompt ids in, token ids out; the reference and the fast engine, the
+  engine's own thread and process. No Ray, no HTTP, no tokenizer.
+- ``serve.kosmos2``: the model's domain. Prompts, boxes and their tokens, text, images, and the pipeline from an
+  image and a task to an engine request and from its tokens to the answer. No Ray, no HTTP.
+- ``serve.app``: the Ray Serve application. Config, the OpenAI-compatible protocol, the three deployments
+  (Ingress, Preprocessor, Generator), the builder and the launcher.
+
+``serve.errors`` holds the exceptions every layer raises and their one mapping to the OpenAI error envelope.
+``docs/architecture.md`` draws the picture and follows one request through it.
 """

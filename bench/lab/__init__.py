@@ -9,6 +9,6 @@
 - ``cpu_usage``: the CPU each of the service's processes spends, by role (for ``perf_run``);
 - ``request_log``: where requests spent their time, from the Ingress's log lines;
 - ``perf_gpu.sh``: the performance run and the CUDA tests on a GPU host, as one command;
-- ``wheelhouse.sh``: the wheels such a host lacks (Ray Serve and its dependencies), built where there is an
+- ``gpu_wheels.sh``: the wheels such a host lacks (Ray Serve and its dependencies), built where there is an
   index and installed there without one.
 """

@@ -5,7 +5,7 @@
 # CUDA tests come last, so that a run short of time loses them rather than the figures (GPU_TESTS=0 skips them).
 # Each step has a timeout (KERNELS_TIMEOUT, PERF_TIMEOUT, GPU_TEST_TIMEOUT in seconds).
 # A host whose image has torch and transformers but no Ray and no package index gets its wheels from .whl/,
-# built beforehand on a machine online by bench/lab/wheelhouse.sh; this script installs them when .whl/ exists.
+# built beforehand on a machine online by bench/lab/gpu_wheels.sh; this script installs them when .whl/ exists.
 #   PERF_ARGS="--concurrency 1,1024 --rates 650" bash bench/lab/perf_gpu.sh   # engine and service, about 7 minutes
 #   # the engine's goals with its kernels, its profile and the CUDA tests, about 8 minutes:
 #   KERNELS=1 PROFILE=1 KERNELS_TIMEOUT=150 PERF_TIMEOUT=300 PERF_ARGS="--engine-only --rates 650" bash bench/lab/perf_gpu.sh
@@ -14,7 +14,7 @@
 set -uo pipefail
 OUT=${OUT:-out/perf-gpu}; mkdir -p "$OUT"
 if [ -d .whl ]; then
-  bash bench/lab/wheelhouse.sh install /tmp/site || exit 1
+  bash bench/lab/gpu_wheels.sh install /tmp/site || exit 1
   export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
 fi
 export RAY_AUTH_MODE=disabled HF_HUB_OFFLINE=1

@@ -2,8 +2,8 @@
 # The wheels a GPU host without a package index needs to serve the project: its image has Python 3.12, CUDA
 # builds of torch and transformers and their usual company (PREINSTALLED below), but no Ray.
 #
-#   bash bench/lab/wheelhouse.sh [build] [requirement ...]   # here, online; default: "ray[serve]==2.60.0" httpx
-#   bash bench/lab/wheelhouse.sh install TARGET               # there, offline, from the repository root
+#   bash bench/lab/gpu_wheels.sh [build] [requirement ...]   # here, online; default: "ray[serve]==2.60.0" httpx
+#   bash bench/lab/gpu_wheels.sh install TARGET               # there, offline, from the repository root
 #
 # build: fills .whl/ in the repository root (ignored by git) with `pip download` of the requirements and their
 # dependencies as wheels for CPython 3.12 on manylinux x86-64, whatever this machine runs. Then it drops the
@@ -93,7 +93,7 @@ build() {
 }
 
 install() {
-  local target=${1:?usage: wheelhouse.sh install TARGET}
+  local target=${1:?usage: gpu_wheels.sh install TARGET}
   rm -rf "$target"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$target" \
     "$WHEELS"/*.whl
