@@ -29,12 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from serve.app.config import LimitsConfig
 from serve.engine.config import EngineConfig
 from serve.engine.fast.engine import FastEngine
 from serve.engine.model import LoadedModel, load_model
 from serve.engine.requests import Collector, GenerationRequest, SamplingParams
-from serve.kosmos2.tasks import Task, build_prompt
-from serve.kosmos2.text import TextCodec
+from serve.kosmos2.images import PreparedImage
+from serve.kosmos2.pipeline import Pipeline, Query
+from serve.kosmos2.tasks import Task
 
 
 def synchronize(loaded: LoadedModel) -> None:
@@ -51,11 +53,13 @@ def timed(loaded: LoadedModel, work) -> float:
 
 
 def caption_requests(loaded: LoadedModel, batch: int, tokens: int) -> list[GenerationRequest]:
-    """``batch`` brief-caption requests of random images, exactly ``tokens`` new tokens each."""
-    ids = TextCodec(loaded.processor).encode(build_prompt(Task.CAPTION).text)
+    """``batch`` brief-caption requests of random images, exactly ``tokens`` new tokens each, prepared as the
+    service prepares them."""
+    pipeline = Pipeline(loaded.processor, LimitsConfig().image_limits())
+    query = Query(Task.CAPTION, params=SamplingParams(max_new_tokens=tokens, ignore_eos=True))
     rng = np.random.default_rng(0)
-    params = SamplingParams(max_new_tokens=tokens, ignore_eos=True)
-    return [GenerationRequest(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8), ids, params) for _ in range(batch)]
+    images = (PreparedImage(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8), 224, 224) for _ in range(batch))
+    return [pipeline.prepare(query, image).request for image in images]
 
 
 def warmed_engine(loaded: LoadedModel, requests: list[GenerationRequest], **config: Any) -> FastEngine:
