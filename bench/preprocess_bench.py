@@ -14,8 +14,8 @@ single-threaded (torch limited to one thread; PIL decodes and resizes on one), s
 
 Large allocations are kept off ``mmap`` first (:func:`steady_allocator`): otherwise glibc's allocator state
 decides, from run to run, whether the processor's float arrays (about 4 MB an image) come back as fresh pages,
-about 1,000 page faults an image that made the processor 130 instead of 200 images/s here, which flattered
-every earlier ratio against it. The paths alternate in rounds until each has run ``seconds``; ``summary.json``
+about 1,000 page faults an image that can slow the processor by a third and flatter any ratio against it. The
+paths alternate in rounds until each has run ``seconds``; ``summary.json``
 holds each path's ``images_per_s_per_core`` and ``speedup_vs_hf``, and for ``ours_fast`` its deviation from
 ``ours_exact`` over every pixel of every image: ``pixel_mean_abs_diff`` and ``pixel_max_abs_diff``, in 0..255
 levels. Without ``--model`` the tiny model's processor is used: it carries the real checkpoint's image settings.
