@@ -12,6 +12,7 @@ from typing import Any
 
 from bench.cost import DEFAULT_PRICES
 from bench.demo import TINY
+from bench.latency import DEFAULT_PERCENTILES, parse_percentiles
 from bench.schedule import LoadConfig
 from bench.workload import TASKS, WorkloadConfig, parse_mix
 
@@ -23,6 +24,8 @@ DEFAULT_UTILIZATION = 0.5
 
 DEFAULT_MARGIN = 0.3
 """Gross margin of the suggested list price."""
+
+NO_PROGRESS = "no progress bars (they go to stderr)"
 
 
 def float_list(text: str) -> list[float]:
@@ -112,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"steady seconds per point ({defaults['duration_s']})",
     )
     load.add_argument(
+        "--warmup",
         "--warmup-s",
         type=float,
         dest="warmup_s",
@@ -133,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--burstiness", type=float, help=f"gamma shape of open-loop gaps, 1 = Poisson ({defaults['burstiness']})"
     )
     load.add_argument("--max-in-flight", type=int, help=f"open-loop in-flight cap ({defaults['max_in_flight']})")
-    load.add_argument("--stream", action="store_true", default=None, help="stream answers; measures TTFT and ITL")
+    load.add_argument("--stream", action="store_true", default=None, help="stream answers; measures TTFT, TPOT and ITL")
     load.add_argument(
         "--ready-timeout",
         type=float,
@@ -142,6 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"wait this long for /health first ({defaults['ready_timeout_s']})",
     )
     load.add_argument("--slo-p99", type=float, help="latency SLO in seconds: goodput and the SLO verdict")
+    load.add_argument(
+        "--percentiles",
+        type=parse_percentiles,
+        default=DEFAULT_PERCENTILES,
+        help="latency percentiles to report, e.g. 50,90,99,99.9 (%(default)s)",
+    )
+    load.add_argument(
+        "--goodput",
+        nargs="+",
+        metavar="KEY:MS",
+        help="SLOs in milliseconds a request must all meet to count as good, as vLLM's --goodput: "
+        "ttft:500 tpot:50 e2el:2000 (ttft and tpot need --stream)",
+    )
     load.add_argument("--api-key-env", help="environment variable holding the service's API key")
     load.add_argument("--serve-api", help="Ray dashboard URL to poll replica counts from, e.g. http://127.0.0.1:8265")
     load.add_argument(
@@ -152,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument("--poll-interval", type=float, default=1.0, help="seconds between replica polls (%(default)s)")
     load.add_argument("--engine-baseline", type=Path, help="an engine-only run folder, for the service/engine ratio")
-    load.add_argument("--no-progress", action="store_true", help="no progress bar")
+    load.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     load.add_argument(
         "--processes",
         type=int,
@@ -182,10 +199,24 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument(
         "--rates", type=float_list, help="open loops at the engine: Poisson arrivals, requests/s (none)"
     )
-    engine.add_argument("--seconds", type=float, help="timed seconds of each closed or open loop (10)")
+    engine.add_argument(
+        "--duration",
+        "--seconds",
+        type=float,
+        dest="duration_s",
+        metavar="S",
+        help="timed seconds of each closed or open loop (10)",
+    )
+    engine.add_argument(
+        "--output-lengths",
+        type=int_list,
+        help="measure every point at each of these exact numbers of new tokens (ignore_eos), e.g. 16,32,64,128; "
+        "default: the workload's --max-tokens",
+    )
     engine.add_argument("--load-format", choices=["auto", "dummy"], help="dummy: random weights (auto)")
     engine.add_argument("--dtype", help="auto, float32, float16, bfloat16 (auto)")
     engine.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (auto)")
+    engine.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     add_workload_args(engine)
     add_pricing_args(engine)
 
@@ -196,8 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--model", help="model folder whose processor to use (default: the tiny model's)")
     pre.add_argument("--images", type=int, help="distinct JPEGs (32)")
     pre.add_argument("--resolution", help="WxH (640x480)")
-    pre.add_argument("--seconds", type=float, help="timed seconds per path at least (3)")
+    pre.add_argument(
+        "--duration",
+        "--seconds",
+        type=float,
+        dest="duration_s",
+        metavar="S",
+        help="timed CPU seconds per path at least (3)",
+    )
     pre.add_argument("--seed", type=int, help="(0)")
+    pre.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
     price = commands.add_parser("price", help="a pricing estimate from one or more runs")
     price.add_argument("run_dirs", nargs="+", type=Path, help="bench output folders (run or engine)")

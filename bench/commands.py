@@ -20,6 +20,7 @@ def serve_api_token(path: Path | None) -> str | None:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    from bench.latency import parse_goodput
     from bench.load import run_load
     from bench.records import write_json, write_jsonl
     from bench.report import console_table, write_run_report
@@ -35,6 +36,9 @@ def command_run(args: argparse.Namespace) -> int:
     prices = load_prices(args.prices)
     nodes = parse_nodes(args.nodes) if args.nodes else []
     prices.usd_per_hour(nodes)  # an unknown instance fails now, not after the run
+    goodput = parse_goodput(args.goodput or [])
+    if {"ttft", "tpot"} & set(goodput) and not load_config.stream:
+        raise ValueError("--goodput ttft and tpot need --stream: a whole answer has no first token time")
     if args.api_key_env and args.api_key_env not in os.environ:
         raise ValueError(f"--api-key-env names {args.api_key_env}, which is not set")
     api_key = os.environ[args.api_key_env] if args.api_key_env else None
@@ -60,11 +64,16 @@ def command_run(args: argparse.Namespace) -> int:
         "shape": args.shape,
         "load": asdict(load_config),
         "workload": workload.to_dict(),
+        "model": run.model,
         "slo_p99_s": args.slo_p99,
+        "percentiles": list(args.percentiles),
+        "goodput_slos_ms": goodput or None,
         "serve_api": args.serve_api,
         "poll_interval_s": args.poll_interval,
     }
-    summary = service_summary(run, config, prices, nodes, args.utilization, args.slo_p99)
+    summary = service_summary(
+        run, config, prices, nodes, args.utilization, args.slo_p99, args.percentiles, goodput or None
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     write_jsonl(args.out / "requests.jsonl", run.records)
     write_jsonl(args.out / "replicas.jsonl", run.replicas)
@@ -83,23 +92,26 @@ def command_engine(args: argparse.Namespace) -> int:
     prices = load_prices(args.prices)
     nodes = parse_nodes(args.nodes) if args.nodes else []
     prices.usd_per_hour(nodes)  # an unknown instance name fails here, before minutes of measuring
-    summary = run_engine_bench(config, args.out, prices, nodes, args.utilization)
+    summary = run_engine_bench(config, args.out, prices, nodes, args.utilization, progress=not args.no_progress)
     report = write_engine_report(args.out)
     for point in summary["points"]:
         print(
-            f"{point['path']:>5} batch {point['batch_size']:>4}: {point['images_per_s']:8.2f} images/s, "
-            f"{point['latency_s']:7.3f} s/batch, {point['tokens_per_s']:9.1f} tokens/s"
+            f"{point['path']:>5} {point['max_tokens']:>4} tokens, batch {point['batch_size']:>4}: "
+            f"{point['images_per_s']:8.2f} images/s, {point['latency_s']:7.3f} s/batch, "
+            f"{point['tokens_per_s']:9.1f} tokens/s"
         )
     for point in summary["continuous"]:
         print(
-            f"{point['path']:>5} {point['concurrency']:>4} in flight: {point['images_per_s']:8.2f} images/s, "
-            f"p50 {point['latency_p50_s']:7.3f} s, mean batch {point['mean_batch']:6.1f}"
+            f"{point['path']:>5} {point['max_tokens']:>4} tokens, {point['concurrency']:>4} in flight: "
+            f"{point['images_per_s']:8.2f} images/s, p50 {_seconds(point['latency_p50_s'])}, "
+            f"mean batch {point['mean_batch']:6.1f}"
         )
     for point in summary["open"]:
         print(
-            f"{point['path']:>5} {point['rate']:6.1f} arriving/s: {point['images_per_s']:8.2f} images/s, "
-            f"p50 {point['latency_p50_s']:7.3f} s, p99 {point['latency_p99_s']:7.3f} s, "
-            f"mean batch {point['mean_batch']:6.1f}, {point['waiting_at_end']} waiting at the end"
+            f"{point['path']:>5} {point['max_tokens']:>4} tokens, {point['rate']:6.1f} arriving/s: "
+            f"{point['images_per_s']:8.2f} images/s, p50 {_seconds(point['latency_p50_s'])}, "
+            f"p99 {_seconds(point['latency_p99_s'])}, mean batch {point['mean_batch']:6.1f}, "
+            f"{point['waiting_at_end']} waiting at the end"
         )
     print(f"wrote {report}")
     return 0
@@ -110,7 +122,7 @@ def command_preprocess(args: argparse.Namespace) -> int:
     from bench.preprocess_bench import PreprocessBenchConfig, run_preprocess_bench
 
     config = PreprocessBenchConfig(**given_fields(args, PreprocessBenchConfig))
-    summary = run_preprocess_bench(config, args.out)
+    summary = run_preprocess_bench(config, args.out, progress=not args.no_progress)
     report = write_preprocess_report(args.out)
     for name, values in summary["paths"].items():
         deviation = (
@@ -175,6 +187,10 @@ def command_demo(args: argparse.Namespace) -> int:
         run = ["run", "--url", url, "--out", str(args.out), "--concurrency", args.concurrency]
         run += ["--duration", args.duration, "--warmup-s", "1", "--max-tokens", "16", "--nodes", args.nodes]
         return command_run(build_parser().parse_args(run))
+
+
+def _seconds(value: float | None) -> str:
+    return "     – s" if value is None else f"{value:7.3f} s"
 
 
 def _money(value: float | None) -> str:
