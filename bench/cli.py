@@ -14,13 +14,20 @@ from bench.cost import DEFAULT_PRICES
 from bench.demo import TINY
 from bench.latency import DEFAULT_PERCENTILES, parse_percentiles
 from bench.schedule import LoadConfig
+from bench.task_cost import DEFAULT_TASK_LENGTHS
 from bench.workload import TASKS, WorkloadConfig, parse_mix
 
 DEFAULT_CONCURRENCY = "1,4,16"
 """The concurrency sweep of ``run`` when no --concurrency, --rate or --shape is given."""
 
 DEFAULT_UTILIZATION = 0.5
-"""The "realistic" utilization reported beside 100%: paid hours that carry load (fleets idle at night)."""
+"""The "realistic" utilization a run reports beside 100%: paid hours that carry load (fleets idle at night)."""
+
+DEFAULT_UTILIZATIONS = (0.3, 0.5, 0.7, 1.0)
+"""The utilizations the pricing estimate prices at."""
+
+DEFAULT_CPU_INSTANCE = "m7g.large"
+"""The price table's CPU row the pricing estimate prices missing CPU cores at."""
 
 DEFAULT_MARGIN = 0.3
 """Gross margin of the suggested list price."""
@@ -77,14 +84,13 @@ def workload_config(args: argparse.Namespace) -> WorkloadConfig:
     return WorkloadConfig(**given_fields(args, WorkloadConfig))
 
 
-def add_pricing_args(parser: argparse.ArgumentParser, nodes: bool = True) -> None:
+def add_pricing_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("cost")
-    if nodes:
-        group.add_argument(
-            "--nodes",
-            help="the measured node set, NAME[/gpu][*COUNT],... from the price table, "
-            "e.g. g5.xlarge or 'p5.48xlarge/gpu,c7i.2xlarge*2'; omitted: not priced",
-        )
+    group.add_argument(
+        "--nodes",
+        help="the measured node set, NAME[/gpu][*COUNT],... from the price table, "
+        "e.g. g5.xlarge or 'p5en.48xlarge/gpu,m7g.large*4'; omitted: not priced",
+    )
     group.add_argument("--prices", type=Path, default=DEFAULT_PRICES, help="price table (default %(default)s)")
     group.add_argument(
         "--utilization",
@@ -241,17 +247,39 @@ def build_parser() -> argparse.ArgumentParser:
     price = commands.add_parser("price", help="a pricing estimate from one or more runs")
     price.add_argument("run_dirs", nargs="+", type=Path, help="bench output folders (run or engine)")
     price.add_argument("--out", type=Path, required=True, help="output folder")
-    price.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help="gross margin (%(default)s)")
-    price.add_argument("--slo-p99", type=float, help="price only points whose p99 latency is within this, s")
+    price.add_argument(
+        "--utilization",
+        type=float_list,
+        default=list(DEFAULT_UTILIZATIONS),
+        help="utilizations to price at, comma-separated (%(default)s)",
+    )
+    price.add_argument(
+        "--margin", type=float, default=DEFAULT_MARGIN, help="gross margin of the list price (%(default)s)"
+    )
+    price.add_argument("--slo-p99", type=float, help="price only service points whose p99 latency is within this, s")
     price.add_argument("--max-error-rate", type=float, default=0.01, help="price only points below (%(default)s)")
     price.add_argument(
         "--nodes",
         action="append",
         default=[],
         metavar="RUN_DIR=SPEC",
-        help="node set of a run that recorded none (or to override it); repeatable",
+        help="price a run on this node set as given instead of every instance of its GPU; repeatable",
     )
-    add_pricing_args(price, nodes=False)
+    price.add_argument("--prices", type=Path, default=DEFAULT_PRICES, help="price table (default %(default)s)")
+    price.add_argument(
+        "--lengths", type=Path, default=DEFAULT_TASK_LENGTHS, help="answer lengths per task (default %(default)s)"
+    )
+    price.add_argument(
+        "--cpu-ms-per-request",
+        type=float,
+        help="the service's CPU ms a request (default: cpu_per_request.json in or above each service run, "
+        "the load generator left out)",
+    )
+    price.add_argument(
+        "--cpu-instance",
+        default=DEFAULT_CPU_INSTANCE,
+        help="price table row whose price a vCPU prices the CPU tier's missing cores (%(default)s)",
+    )
 
     report = commands.add_parser("report", help="make a run folder's report and plots again from its files")
     report.add_argument("run_dir", type=Path)
@@ -263,5 +291,5 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=0, help="the service's port on 127.0.0.1 (default: a free one)")
     demo.add_argument("--concurrency", default="1,4", help="closed-loop sweep (%(default)s)")
     demo.add_argument("--duration", default="5", help="steady seconds per point (%(default)s)")
-    demo.add_argument("--nodes", default="c7i.2xlarge", help="node set to price the run on (%(default)s)")
+    demo.add_argument("--nodes", default="m7g.large", help="node set to price the run on (%(default)s)")
     return parser

@@ -139,9 +139,10 @@ def command_preprocess(args: argparse.Namespace) -> int:
 
 
 def command_price(args: argparse.Namespace) -> int:
-    from bench.price_report import write_price_report
-    from bench.pricing import price_row
+    from bench.price_report import PriceSettings, write_price_report
+    from bench.pricing import Offer, figures_of, offers_for, price_row
     from bench.records import read_json
+    from bench.task_cost import load_task_lengths
 
     overrides = {}
     for item in args.nodes:
@@ -149,33 +150,74 @@ def command_price(args: argparse.Namespace) -> int:
         if not sep:
             raise ValueError(f"--nodes takes RUN_DIR=SPEC, got {item!r}")
         overrides[Path(folder).resolve()] = spec
+    if not args.utilization or not all(0 < u <= 1 for u in args.utilization):
+        raise ValueError(f"--utilization takes fractions in (0, 1], e.g. 0.3,0.5,0.7,1; got {args.utilization}")
     prices = load_prices(args.prices)
+    lengths = load_task_lengths(args.lengths)
+    cpu = prices.price(args.cpu_instance)
+    if not cpu.vcpus:
+        raise ValueError(f"--cpu-instance {args.cpu_instance} has no vCPUs in the price table")
     names = [d.name for d in args.run_dirs]
-    rows, summaries = [], {}
+    usd_per_vcpu_hour = cpu.instance_usd_per_hour / cpu.vcpus
+    rows, figures = [], []
     for folder in args.run_dirs:
         name = folder.name if names.count(folder.name) == 1 else str(folder)
-        summaries[name] = read_json(folder / "summary.json")
-        rows.append(
-            price_row(
-                name,
-                summaries[name],
-                prices,
-                nodes=overrides.get(folder.resolve()),
-                utilization=args.utilization,
-                margin=args.margin,
-                slo_p99_s=args.slo_p99,
-                max_error_rate=args.max_error_rate,
+        summary = read_json(folder / "summary.json")
+        cpu_ms = args.cpu_ms_per_request if args.cpu_ms_per_request is not None else service_cpu_ms(folder)
+        found = figures_of(name, summary, cpu_ms, args.slo_p99, args.max_error_rate)
+        if not found:
+            raise ValueError(f"{folder}: no point to price (none within the error rate and the SLO)")
+        spec = overrides.get(folder.resolve())
+        offers = [Offer.node_set(spec, prices)] if spec else offers_for(found[0].gpu, prices)
+        if not offers:
+            raise ValueError(
+                f"{folder}: no price for its GPU ({found[0].gpu}) in {args.prices}; pass --nodes {folder}=SPEC"
             )
-        )
-    report = write_price_report(rows, summaries, args.out, args.slo_p99, args.max_error_rate)
+        figures += found
+        rows += [
+            price_row(f, o, args.utilization, args.margin, prices.reference_usd_per_1k, usd_per_vcpu_hour)
+            for f in found
+            for o in offers
+        ]
+    settings = PriceSettings(
+        tuple(args.utilization),
+        args.margin,
+        args.slo_p99,
+        args.max_error_rate,
+        args.cpu_instance,
+        _shown(args.prices),
+        _shown(args.lengths),
+    )
+    report = write_price_report(rows, figures, prices, lengths, settings, args.out)
+    low = min(args.utilization)
     for row in rows:
         print(
-            f"{row.run}: {row.nodes} {row.images_per_s:.3g} images/s -> ${_money(row.cost_per_1k_images_usd)}/1k "
-            f"@100%, ${_money(row.cost_per_1k_images_usd_at_utilization)} @{row.utilization:.0%}, list "
-            f"${_money(row.list_price_per_1k_images_usd)} (reference ${row.reference_usd_per_1k_images})"
+            f"{row.figure.run} ({row.figure.kind}, {row.figure.new_tokens or '-'} tokens) on {row.offer.name} "
+            f"({row.offer.pricing}): ${_money(row.cost_usd.get(1.0))}/1k @100%, "
+            f"${_money(row.cost_usd[low])} @{low:.0%} (reference ${prices.reference_usd_per_1k})"
         )
     print(f"wrote {report}")
     return 0
+
+
+def service_cpu_ms(folder: Path) -> float | None:
+    """The service's CPU ms a request from ``cpu_per_request.json`` in ``folder`` or its parent (a performance
+    run's layout), the load generator left out; None if there is none."""
+    from bench.records import read_json
+
+    for candidate in (folder / "cpu_per_request.json", folder.parent / "cpu_per_request.json"):
+        if candidate.exists():
+            spent = read_json(candidate)
+            return round(spent["total"] - spent.get("load generator", 0.0), 3)
+    return None
+
+
+def _shown(path: Path) -> str:
+    """A path as the report shows it: relative to the working directory when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def command_demo(args: argparse.Namespace) -> int:
