@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     price.add_argument(
         "--utilization",
         type=float_list,
-        default=list(DEFAULT_UTILIZATIONS),
+        default=",".join(f"{u:g}" for u in DEFAULT_UTILIZATIONS),
         help="utilizations to price at, comma-separated (%(default)s)",
     )
     price.add_argument(

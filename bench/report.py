@@ -56,8 +56,16 @@ def console_table(summary: dict[str, Any]) -> str:
     """The short table printed at the end of a run."""
     frame = points_frame(summary)
     columns = [c for c in ("label", "images_per_s", "latency_p50_s", "latency_p99_s", "errors") if c in frame]
-    columns += [c for c in ("cost_per_1k_images_usd",) if c in frame and frame[c].notna().any()]
-    return frame[columns].rename(columns=RUN_COLUMNS).to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    optional = ("median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "request_goodput", "cost_per_1k_images_usd")
+    columns += [c for c in optional if c in frame and frame[c].notna().any()]
+    names = {
+        **RUN_COLUMNS,
+        "median_ttft_ms": "TTFT p50 (ms)",
+        "p99_ttft_ms": "TTFT p99 (ms)",
+        "median_itl_ms": "ITL p50 (ms)",
+        "request_goodput": "goodput/s",
+    }
+    return frame[columns].rename(columns=names).to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
 def write_run_report(out_dir: Path, engine_dir: Path | None = None) -> Path:
