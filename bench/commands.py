@@ -227,7 +227,7 @@ def command_demo(args: argparse.Namespace) -> int:
     load_prices(DEFAULT_PRICES).usd_per_hour(parse_nodes(args.nodes))  # an unknown instance fails before the start
     with tiny_service(args.model, args.port) as url:
         run = ["run", "--url", url, "--out", str(args.out), "--concurrency", args.concurrency]
-        run += ["--duration", args.duration, "--warmup-s", "1", "--max-tokens", "16", "--nodes", args.nodes]
+        run += ["--duration", args.duration, "--warmup", "1", "--max-tokens", "16", "--nodes", args.nodes]
         return command_run(build_parser().parse_args(run))
 
 

@@ -340,7 +340,7 @@ def test_absent_serve_api_records_nothing_and_warns_once(stub, workload, caplog)
 
 def test_run_command_writes_consistent_files(tmp_path):
     out = tmp_path / "run"
-    args = f"run --url URL --out {out} --concurrency 1,2 --duration 1 --warmup-s 0.2 --resolutions 64x48"
+    args = f"run --url URL --out {out} --concurrency 1,2 --duration 1 --warmup 0.2 --resolutions 64x48"
     args += " --tasks caption:3,ground:1 --seed 3 --max-tokens 5 --ignore-eos --pool-size 8 --nodes g5.xlarge"
     args += " --utilization 0.5 --slo-p99 1.0 --no-progress"
     with StubService() as stub:

@@ -21,7 +21,7 @@ POINTS = ["concurrency=1", "concurrency=2"]
 @pytest.fixture(scope="module")
 def run_dir(service_url, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "run"
-    args = f"run --url {service_url} --out {out} --concurrency 1,2 --duration 3 --warmup-s 0.5 --grace 20"
+    args = f"run --url {service_url} --out {out} --concurrency 1,2 --duration 3 --warmup 0.5 --grace 20"
     args += f" --resolutions 320x240:3,640x480:1 --pool-size 8 --max-tokens {MAX_TOKENS} --seed 1"
     args += " --nodes m7g.large --slo-p99 30 --no-progress"
     assert main(args.split()) == 0
