@@ -2,7 +2,8 @@
 
 For one streamed request (times from ``bench.records.RequestRecord``, seconds):
 
-- TTFT, time to first token: from sending the request to the first chunk that carries text;
+- TTFT, time to first token: from sending the request to the first chunk that carries text (an answer with
+  none, an empty one, has no TTFT; for goodput its first token came with its end);
 - TPOT, time per output token after the first: ``(E2EL - TTFT) / (completion_tokens - 1)``, for answers of more
   than one token (``completion_tokens`` is the server's ``usage``, the end token included);
 - ITL, inter-token latency: the gaps between consecutive chunks that carry text (a chunk may carry several
@@ -65,15 +66,17 @@ class RequestLatency:
         return cls(e2el, ttft, tpot, itls)
 
     def meets(self, slos_ms: dict[str, float]) -> bool:
-        """Whether every SLO holds (``ttft``, ``tpot``, ``e2el`` in ms); a missing TTFT fails a TTFT SLO.
+        """Whether every SLO holds (``ttft``, ``tpot``, ``e2el`` in ms). An answer that streamed no text before
+        its end (an empty one) had its first token when it ended: its TTFT counts as its E2EL here.
 
         >>> RequestLatency(1.0, 0.2, None).meets({"tpot": 10, "e2el": 1000})
         True
-        >>> RequestLatency(1.0).meets({"ttft": 500})
-        False
+        >>> RequestLatency(1.0).meets({"ttft": 500}), RequestLatency(0.2).meets({"ttft": 500})
+        (False, True)
         """
-        values = {"ttft": self.ttft, "tpot": self.tpot if self.tpot is not None else 0.0, "e2el": self.e2el}
-        return all(values[name] is not None and values[name] * 1000 <= limit for name, limit in slos_ms.items())
+        ttft = self.ttft if self.ttft is not None else self.e2el
+        values = {"ttft": ttft, "tpot": self.tpot if self.tpot is not None else 0.0, "e2el": self.e2el}
+        return all(values[name] * 1000 <= limit for name, limit in slos_ms.items())
 
 
 def percentile_key(q: float) -> str:
