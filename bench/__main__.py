@@ -1,11 +1,13 @@
 """Command line of the bench: load runs, engine-only and preprocessing runs, pricing, and reports.
 
     python -m bench run --url http://127.0.0.1:8000 --duration 30 --concurrency 1,4,16 --nodes g5.xlarge --out DIR
-    python -m bench run --url URL --rate 2,4,8 [--burstiness 0.5] --out DIR
+    python -m bench run --url URL --rate 2,4,8 [--burstiness 0.5] --stream --percentiles 50,90,99 \\
+        --goodput ttft:500 tpot:50 e2el:2000 --out DIR
     python -m bench run --url URL --shape 2:60,2-20:120,20:60,2:60 --serve-api http://127.0.0.1:8265 --out DIR
     python -m bench engine --model M --engine hf,fast --batch-sizes 1,8,32 [--load-format dummy] --out DIR
-    python -m bench preprocess --out DIR
-    python -m bench price RUN_DIR [RUN_DIR ...] --margin 0.3 --utilization 0.5 --out DIR
+    python -m bench engine --model M --engine fast --batch-sizes 1024 --output-lengths 16,32,64,128 --out DIR
+    python -m bench preprocess --duration 3 --out DIR
+    python -m bench price RUN_DIR [RUN_DIR ...] --utilization 0.3,0.5,0.7,1 --out DIR
     python -m bench report RUN_DIR [--engine-baseline ENGINE_DIR]
     python -m bench demo --out out/bench     # make bench: the tiny model served here, a short run, a clean stop
 

@@ -12,17 +12,27 @@ from typing import Any
 
 from bench.cost import DEFAULT_PRICES
 from bench.demo import TINY
+from bench.latency import DEFAULT_PERCENTILES, parse_percentiles
 from bench.schedule import LoadConfig
+from bench.task_cost import DEFAULT_TASK_LENGTHS
 from bench.workload import TASKS, WorkloadConfig, parse_mix
 
 DEFAULT_CONCURRENCY = "1,4,16"
 """The concurrency sweep of ``run`` when no --concurrency, --rate or --shape is given."""
 
 DEFAULT_UTILIZATION = 0.5
-"""The "realistic" utilization reported beside 100%: paid hours that carry load (fleets idle at night)."""
+"""The "realistic" utilization a run reports beside 100%: paid hours that carry load (fleets idle at night)."""
+
+DEFAULT_UTILIZATIONS = (0.3, 0.5, 0.7, 1.0)
+"""The utilizations the pricing estimate prices at."""
+
+DEFAULT_CPU_INSTANCE = "m7g.large"
+"""The price table's CPU row the pricing estimate prices missing CPU cores at."""
 
 DEFAULT_MARGIN = 0.3
 """Gross margin of the suggested list price."""
+
+NO_PROGRESS = "no progress bars (they go to stderr)"
 
 
 def float_list(text: str) -> list[float]:
@@ -74,14 +84,13 @@ def workload_config(args: argparse.Namespace) -> WorkloadConfig:
     return WorkloadConfig(**given_fields(args, WorkloadConfig))
 
 
-def add_pricing_args(parser: argparse.ArgumentParser, nodes: bool = True) -> None:
+def add_pricing_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("cost")
-    if nodes:
-        group.add_argument(
-            "--nodes",
-            help="the measured node set, NAME[/gpu][*COUNT],... from the price table, "
-            "e.g. g5.xlarge or 'p5.48xlarge/gpu,c7i.2xlarge*2'; omitted: not priced",
-        )
+    group.add_argument(
+        "--nodes",
+        help="the measured node set, NAME[/gpu][*COUNT],... from the price table, "
+        "e.g. g5.xlarge or 'p5en.48xlarge/gpu,m7g.large*4'; omitted: not priced",
+    )
     group.add_argument("--prices", type=Path, default=DEFAULT_PRICES, help="price table (default %(default)s)")
     group.add_argument(
         "--utilization",
@@ -112,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"steady seconds per point ({defaults['duration_s']})",
     )
     load.add_argument(
+        "--warmup",
         "--warmup-s",
         type=float,
         dest="warmup_s",
@@ -133,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--burstiness", type=float, help=f"gamma shape of open-loop gaps, 1 = Poisson ({defaults['burstiness']})"
     )
     load.add_argument("--max-in-flight", type=int, help=f"open-loop in-flight cap ({defaults['max_in_flight']})")
-    load.add_argument("--stream", action="store_true", default=None, help="stream answers; measures TTFT and ITL")
+    load.add_argument("--stream", action="store_true", default=None, help="stream answers; measures TTFT, TPOT and ITL")
     load.add_argument(
         "--ready-timeout",
         type=float,
@@ -142,6 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"wait this long for /health first ({defaults['ready_timeout_s']})",
     )
     load.add_argument("--slo-p99", type=float, help="latency SLO in seconds: goodput and the SLO verdict")
+    load.add_argument(
+        "--percentiles",
+        type=parse_percentiles,
+        default=DEFAULT_PERCENTILES,
+        help="latency percentiles to report, e.g. 50,90,99,99.9 (%(default)s)",
+    )
+    load.add_argument(
+        "--goodput",
+        nargs="+",
+        metavar="KEY:MS",
+        help="SLOs in milliseconds a request must all meet to count as good, as vLLM's --goodput: "
+        "ttft:500 tpot:50 e2el:2000 (ttft and tpot need --stream)",
+    )
     load.add_argument("--api-key-env", help="environment variable holding the service's API key")
     load.add_argument("--serve-api", help="Ray dashboard URL to poll replica counts from, e.g. http://127.0.0.1:8265")
     load.add_argument(
@@ -152,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument("--poll-interval", type=float, default=1.0, help="seconds between replica polls (%(default)s)")
     load.add_argument("--engine-baseline", type=Path, help="an engine-only run folder, for the service/engine ratio")
-    load.add_argument("--no-progress", action="store_true", help="no progress bar")
+    load.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     load.add_argument(
         "--processes",
         type=int,
@@ -182,10 +205,24 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument(
         "--rates", type=float_list, help="open loops at the engine: Poisson arrivals, requests/s (none)"
     )
-    engine.add_argument("--seconds", type=float, help="timed seconds of each closed or open loop (10)")
+    engine.add_argument(
+        "--duration",
+        "--seconds",
+        type=float,
+        dest="duration_s",
+        metavar="S",
+        help="timed seconds of each closed or open loop (10)",
+    )
+    engine.add_argument(
+        "--output-lengths",
+        type=int_list,
+        help="measure every point at each of these exact numbers of new tokens (ignore_eos), e.g. 16,32,64,128; "
+        "default: the workload's --max-tokens",
+    )
     engine.add_argument("--load-format", choices=["auto", "dummy"], help="dummy: random weights (auto)")
     engine.add_argument("--dtype", help="auto, float32, float16, bfloat16 (auto)")
     engine.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (auto)")
+    engine.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     add_workload_args(engine)
     add_pricing_args(engine)
 
@@ -196,23 +233,53 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--model", help="model folder whose processor to use (default: the tiny model's)")
     pre.add_argument("--images", type=int, help="distinct JPEGs (32)")
     pre.add_argument("--resolution", help="WxH (640x480)")
-    pre.add_argument("--seconds", type=float, help="timed seconds per path at least (3)")
+    pre.add_argument(
+        "--duration",
+        "--seconds",
+        type=float,
+        dest="duration_s",
+        metavar="S",
+        help="timed CPU seconds per path at least (3)",
+    )
     pre.add_argument("--seed", type=int, help="(0)")
+    pre.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
     price = commands.add_parser("price", help="a pricing estimate from one or more runs")
     price.add_argument("run_dirs", nargs="+", type=Path, help="bench output folders (run or engine)")
     price.add_argument("--out", type=Path, required=True, help="output folder")
-    price.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help="gross margin (%(default)s)")
-    price.add_argument("--slo-p99", type=float, help="price only points whose p99 latency is within this, s")
+    price.add_argument(
+        "--utilization",
+        type=float_list,
+        default=",".join(f"{u:g}" for u in DEFAULT_UTILIZATIONS),
+        help="utilizations to price at, comma-separated (%(default)s)",
+    )
+    price.add_argument(
+        "--margin", type=float, default=DEFAULT_MARGIN, help="gross margin of the list price (%(default)s)"
+    )
+    price.add_argument("--slo-p99", type=float, help="price only service points whose p99 latency is within this, s")
     price.add_argument("--max-error-rate", type=float, default=0.01, help="price only points below (%(default)s)")
     price.add_argument(
         "--nodes",
         action="append",
         default=[],
         metavar="RUN_DIR=SPEC",
-        help="node set of a run that recorded none (or to override it); repeatable",
+        help="price a run on this node set as given instead of every instance of its GPU; repeatable",
     )
-    add_pricing_args(price, nodes=False)
+    price.add_argument("--prices", type=Path, default=DEFAULT_PRICES, help="price table (default %(default)s)")
+    price.add_argument(
+        "--lengths", type=Path, default=DEFAULT_TASK_LENGTHS, help="answer lengths per task (default %(default)s)"
+    )
+    price.add_argument(
+        "--cpu-ms-per-request",
+        type=float,
+        help="the service's CPU ms a request (default: cpu_per_request.json in or above each service run, "
+        "the load generator left out)",
+    )
+    price.add_argument(
+        "--cpu-instance",
+        default=DEFAULT_CPU_INSTANCE,
+        help="price table row whose price a vCPU prices the CPU tier's missing cores (%(default)s)",
+    )
 
     report = commands.add_parser("report", help="make a run folder's report and plots again from its files")
     report.add_argument("run_dir", type=Path)
@@ -224,5 +291,5 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=0, help="the service's port on 127.0.0.1 (default: a free one)")
     demo.add_argument("--concurrency", default="1,4", help="closed-loop sweep (%(default)s)")
     demo.add_argument("--duration", default="5", help="steady seconds per point (%(default)s)")
-    demo.add_argument("--nodes", default="c7i.2xlarge", help="node set to price the run on (%(default)s)")
+    demo.add_argument("--nodes", default="m7g.large", help="node set to price the run on (%(default)s)")
     return parser

@@ -7,19 +7,25 @@ fraction of paid hours that carry load at that throughput (1.0: a fully loaded f
 of the time). A list price at gross margin ``m`` is ``cost ÷ (1 − m)``. The formula functions are pure; only
 :func:`load_prices` reads a file.
 
-A node spec names instances of the price table: ``g5.xlarge`` (one), ``c7i.2xlarge*2`` (two),
-``p5.48xlarge/gpu`` (one GPU's share of a multi-GPU instance), joined by commas:
+Each row of the table is one published price: an instance at one pricing (on-demand, spot, committed), with
+its provider, region, the date the price was read and the page it was read from. A row gives either the
+instance's price (``usd_per_hour``) or, where the source publishes it so, one GPU's (``usd_per_gpu_hour``); the
+other is derived (× or ÷ the instance's GPUs) and marked as derived wherever it is shown.
+
+A node spec names rows of the table: ``g5.xlarge`` (one instance), ``m7g.large*2`` (two),
+``p5en.48xlarge/gpu`` (one GPU's share of a multi-GPU instance), joined by commas:
 
     >>> table = PriceTable({"g5.xlarge": InstancePrice("g5.xlarge", usd_per_hour=1.006, gpus=1),
-    ...                     "p5.48xlarge": InstancePrice("p5.48xlarge", usd_per_hour=98.32, gpus=8)}, 0.626)
+    ...                     "p5.48xlarge": InstancePrice("p5.48xlarge", usd_per_hour=55.04, gpus=8)}, 0.626)
     >>> table.usd_per_hour(parse_nodes("g5.xlarge*2,p5.48xlarge/gpu"))
-    14.302
+    8.892
     >>> round(cost_per_1k_images(1.006, 10.0), 6), round(cost_per_1k_images(1.006, 10.0, utilization=0.5), 6)
     (0.027944, 0.055889)
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -32,21 +38,81 @@ from serve.app.shipped import config_path
 DEFAULT_PRICES = config_path("prices.yaml")
 """The price table shipped with the project (``configs/prices.yaml``)."""
 
+PRICINGS = ("on-demand", "spot", "1-year committed", "3-year committed", "reserved")
+"""The kinds of price a row may hold."""
+
+DATE = re.compile(r"\d{4}-\d{2}(-\d{2})?")
+
 
 @dataclass(frozen=True)
 class InstancePrice:
-    """One instance type's on-demand list price and what it holds."""
+    """One published price of one instance type, and what the instance holds."""
 
     name: str
-    usd_per_hour: float
+    usd_per_hour: float | None = None
     gpus: int = 0
+    usd_per_gpu_hour: float | None = None
     provider: str = ""
-    region: str = ""
+    instance: str = ""
+    """The provider's name for the instance (``name`` is the table's key, unique per pricing)."""
+    accelerator: str | None = None
+    """The GPU model the bench reports name it by, e.g. H200 (matched against the GPU a run measured)."""
     gpu: str | None = None
     vcpus: int | None = None
     memory_gib: float | None = None
+    pricing: str = "on-demand"
+    region: str = ""
+    date: str = ""
+    date_kind: str = "read"
+    """``published``: the date the source states for the price; ``read``: when the source read it."""
     source: str = ""
-    captured: str = ""
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.usd_per_hour is None) == (self.usd_per_gpu_hour is None):
+            raise ValueError(f"{self.name}: give usd_per_hour or usd_per_gpu_hour, one of them")
+        if self.usd_per_gpu_hour is not None and self.gpus < 1:
+            raise ValueError(f"{self.name}: a price per GPU needs the instance's GPUs")
+
+    @property
+    def instance_usd_per_hour(self) -> float:
+        """The whole instance's price an hour (derived from the per-GPU price where that was published)."""
+        if self.usd_per_hour is not None:
+            return self.usd_per_hour
+        return round(self.usd_per_gpu_hour * self.gpus, 6)
+
+    @property
+    def gpu_usd_per_hour(self) -> float | None:
+        """One GPU's share an hour (derived from the instance price where that was published); None without
+        GPUs."""
+        if self.usd_per_gpu_hour is not None:
+            return self.usd_per_gpu_hour
+        return round(self.usd_per_hour / self.gpus, 6) if self.gpus else None
+
+    @property
+    def gpu_price_derived(self) -> bool:
+        """Whether the per-GPU price is derived (a multi-GPU instance's ÷ its GPUs) rather than published."""
+        return self.usd_per_gpu_hour is None and self.gpus > 1
+
+    @property
+    def instance_price_derived(self) -> bool:
+        """Whether the instance's price is derived (a published per-GPU price × its GPUs)."""
+        return self.usd_per_hour is None and self.gpus > 1
+
+    @property
+    def vcpus_per_gpu(self) -> float | None:
+        return self.vcpus / self.gpus if self.vcpus and self.gpus else None
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The hosted price ours is compared with: dollars per 1,000 images, what it is, when and from where."""
+
+    usd_per_1k_images: float
+    name: str = "reference"
+    basis: str = ""
+    date: str = ""
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,6 +135,7 @@ class PriceTable:
     instances: dict[str, InstancePrice]
     reference_usd_per_1k: float
     reference_name: str = "reference"
+    reference: Reference | None = None
 
     def price(self, name: str) -> InstancePrice:
         if name not in self.instances:
@@ -82,15 +149,18 @@ class PriceTable:
             price = self.price(node.instance)
             if node.per_gpu and price.gpus < 1:
                 raise ValueError(f"{node.instance} has no GPUs, so '{node.instance}/gpu' prices nothing")
-            total += node.count * (price.usd_per_hour / price.gpus if node.per_gpu else price.usd_per_hour)
+            total += node.count * (price.gpu_usd_per_hour if node.per_gpu else price.instance_usd_per_hour)
         return round(total, 6)
+
+    def gpu_rows(self) -> list[InstancePrice]:
+        return [p for p in self.instances.values() if p.gpus > 0]
 
 
 def parse_nodes(text: str) -> list[NodeSpec]:
     """Node specs from ``NAME[/gpu][*COUNT],...``.
 
-    >>> [str(node) for node in parse_nodes("g5.xlarge, c7i.2xlarge*2, p5.48xlarge/gpu")]
-    ['g5.xlarge', 'c7i.2xlarge*2', 'p5.48xlarge/gpu']
+    >>> [str(node) for node in parse_nodes("g5.xlarge, m7g.large*2, p5.48xlarge/gpu")]
+    ['g5.xlarge', 'm7g.large*2', 'p5.48xlarge/gpu']
     >>> parse_nodes("p5.48xlarge/gpu*2")
     [NodeSpec(instance='p5.48xlarge', count=2.0, per_gpu=True)]
     """
@@ -100,7 +170,7 @@ def parse_nodes(text: str) -> list[NodeSpec]:
         per_gpu = name.endswith("/gpu")
         name = name.removesuffix("/gpu")
         if not name or (count and not _positive(count)):
-            raise ValueError(f"a node spec is NAME[/gpu][*COUNT], e.g. g5.xlarge or c7i.2xlarge*2; got {part!r}")
+            raise ValueError(f"a node spec is NAME[/gpu][*COUNT], e.g. g5.xlarge or m7g.large*2; got {part!r}")
         nodes.append(NodeSpec(name, float(count) if count else 1.0, per_gpu))
     return nodes
 
@@ -127,6 +197,15 @@ def cost_per_1k_images(usd_per_hour: float, images_per_s: float, utilization: fl
     return usd_per_hour / (images_per_s * 3600) * 1000 / utilization
 
 
+def break_even_usd_per_hour(reference_usd_per_1k: float, images_per_s: float, utilization: float = 1.0) -> float:
+    """The hourly price at which nodes serving ``images_per_s`` cost the reference price per 1,000 images.
+
+    >>> break_even_usd_per_hour(1.0, 1.0), break_even_usd_per_hour(1.0, 1.0, utilization=0.5)
+    (3.6, 1.8)
+    """
+    return reference_usd_per_1k * images_per_s * 3.6 * utilization
+
+
 def list_price(cost_usd: float, margin: float) -> float:
     """The price that leaves a gross margin ``margin`` (a fraction of the price) over ``cost_usd``.
 
@@ -138,21 +217,36 @@ def list_price(cost_usd: float, margin: float) -> float:
     return cost_usd / (1 - margin)
 
 
+REQUIRED = ("name", "provider", "pricing", "region", "date", "source")
+
+
 def load_prices(path: str | Path = DEFAULT_PRICES) -> PriceTable:
-    """The price table in a YAML file (see ``configs/prices.yaml`` for the fields)."""
+    """The price table in a YAML file (see ``configs/prices.yaml`` for the fields); every row must say its
+    provider, pricing, region, date and source."""
     data: dict[str, Any] = yaml.safe_load(Path(path).read_text()) or {}
     known = {f.name for f in fields(InstancePrice)}
     instances = {}
     for entry in data.get("instances", []):
-        unknown = set(entry) - known
-        if unknown or "name" not in entry or "usd_per_hour" not in entry:
+        entry = {k: str(v) if k == "date" else v for k, v in entry.items()}
+        unknown, missing = set(entry) - known, [k for k in REQUIRED if not entry.get(k)]
+        if unknown or missing:
             raise ValueError(
-                f"{path}: each instance needs name and usd_per_hour and takes only {', '.join(sorted(known))}; "
-                f"got {entry}"
+                f"{path}: each instance needs {', '.join(REQUIRED)} and a price and takes only "
+                f"{', '.join(sorted(known))}; got {entry}"
             )
-        entry = {**entry, "captured": str(entry.get("captured", ""))}
+        if entry["pricing"] not in PRICINGS or not DATE.fullmatch(entry["date"]):
+            raise ValueError(f"{path}: pricing is one of {', '.join(PRICINGS)} and date YYYY-MM[-DD]; got {entry}")
+        if entry["name"] in instances:
+            raise ValueError(f"{path}: {entry['name']!r} appears twice")
         instances[entry["name"]] = InstancePrice(**entry)
-    reference = data.get("reference") or {}
-    if "usd_per_1k_images" not in reference:
+    raw = data.get("reference") or {}
+    if "usd_per_1k_images" not in raw:
         raise ValueError(f"{path}: needs reference.usd_per_1k_images, the price ours is compared with")
-    return PriceTable(instances, float(reference["usd_per_1k_images"]), reference.get("name", "reference"))
+    reference = Reference(
+        float(raw["usd_per_1k_images"]),
+        raw.get("name", "reference"),
+        raw.get("basis", ""),
+        str(raw.get("date", "")),
+        raw.get("source", ""),
+    )
+    return PriceTable(instances, reference.usd_per_1k_images, reference.name, reference)

@@ -3,6 +3,8 @@
     python -m bench engine --model microsoft/kosmos-2-patch14-224 --engine hf,fast --batch-sizes 1,8,32 \\
         --max-tokens 32 --out out/engine
     python -m serve tiny /tmp/k2 --real-size && python -m bench engine --model /tmp/k2 --load-format dummy ...
+    python -m bench engine --model M --engine fast --batch-sizes 1024 --concurrency 1024 \\
+        --output-lengths 16,32,64,128 --out out/lengths
 
 Each engine path (``serve.engine.build_engine``) runs the same requests at each batch size: the workload's
 images prepared as the service prepares them (``serve.kosmos2.images.prepare_image``, not timed) and its prompts
@@ -12,32 +14,40 @@ path and batch size, ``summary.json`` holds ``images_per_s``, ``latency_s`` (one
 request's latency in a static batch) and ``tokens_per_s``; ``batches.jsonl`` holds every timed batch. The
 service report divides its throughput by these (``python -m bench run ... --engine-baseline DIR``).
 
+``--output-lengths 16,32,64,128`` measures everything at each of these exact numbers of new tokens
+(``ignore_eos``), one after the other on the same engine: what an image costs depends on how long its answer
+is, and the pricing estimate (``python -m bench price``) prices each task from these. Every point carries its
+``max_tokens``.
+
 ``--concurrency 256,512`` adds closed loops at the engine itself, as a service drives it: that many requests
 are kept in the engine, running or waiting for a slot (a new one submitted as each finishes), so it admits
-while it decodes; after one turnover of requests, ``--seconds`` are timed. ``summary.json``'s ``continuous``
-holds per path and level the images/s, request latencies, the sequences running after each step (``mean_batch``:
-the fast engine's decode batch; 0 for ``hf``, whose steps run whole batches) and the steps per second.
+while it decodes; after one turnover of requests, ``--duration`` seconds are timed. ``summary.json``'s
+``continuous`` holds per path and level the images/s, request latencies, the sequences running after each step
+(``mean_batch``: the fast engine's decode batch; 0 for ``hf``, whose steps run whole batches) and the steps per
+second.
 
 ``--rates 600,800`` adds open loops: requests arrive at that many a second (Poisson, seeded), one at a time, as
 a service's CPU tier hands them over, whatever the engine's backlog; after ``OPEN_LOOP_WARMUP_S``,
-``--seconds`` are timed. A rate above what the engine sustains shows as throughput below the rate and a
-growing queue (``waiting_at_end``). ``summary.json``'s ``open`` holds them, latencies counted from arrival.
+``--duration`` seconds are timed. A rate above what the engine sustains shows as throughput below the rate and
+a growing queue (``waiting_at_end``). ``summary.json``'s ``open`` holds them, latencies counted from arrival.
+The loops are in ``bench.engine_loops``. A progress bar counts the measurements (``--no-progress``: none).
 """
 
 from __future__ import annotations
 
 import gc
-import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from bench.cost import NodeSpec, PriceTable
-from bench.metrics import BatchRecord, compute_engine_metrics, percentile
+from bench.engine_loops import time_closed_loop, time_open_loop
+from bench.metrics import BatchRecord, compute_engine_metrics
 from bench.provenance import provenance
 from bench.records import write_json, write_jsonl
 from bench.summary import KIND_ENGINE, costs, pricing_header
@@ -46,7 +56,7 @@ from serve.app.config import LimitsConfig
 from serve.engine.build import build_engine
 from serve.engine.config import EngineConfig
 from serve.engine.model import LoadedModel, load_model
-from serve.engine.requests import GenerationRequest, GenerationResult, SamplingParams
+from serve.engine.requests import GenerationRequest, SamplingParams
 from serve.kosmos2.pipeline import Pipeline, Query
 from serve.kosmos2.tasks import Task
 
@@ -77,14 +87,18 @@ class EngineBenchConfig:
     device: str = "auto"
     concurrency: tuple[int, ...] = ()
     rates: tuple[float, ...] = ()
-    seconds: float = 10.0
+    duration_s: float = 10.0
+    output_lengths: tuple[int, ...] = ()
+    """Exact numbers of new tokens to measure at, each in turn (ignore_eos); empty: the workload's max_tokens."""
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
 
     def __post_init__(self) -> None:
         if not self.engines or not self.batch_sizes or min(self.batch_sizes) < 1 or self.iterations < 1:
             raise ValueError("give at least one engine path, batch sizes >= 1 and at least one timed batch")
-        if min(self.concurrency, default=1) < 1 or min(self.rates, default=1) <= 0 or self.seconds <= 0:
+        if min(self.concurrency, default=1) < 1 or min(self.rates, default=1) <= 0 or self.duration_s <= 0:
             raise ValueError("closed-loop levels must be at least 1, open-loop rates and timed seconds positive")
+        if min(self.output_lengths, default=1) < 1:
+            raise ValueError("output lengths must be at least 1 new token")
         if unknown := set(self.engines) - set(PATHS):
             raise ValueError(f"unknown engine paths {sorted(unknown)}; the paths are {', '.join(PATHS)}")
 
@@ -102,6 +116,11 @@ def engine_requests(loaded: LoadedModel, items: Sequence[WorkItem]) -> list[Gene
         pipeline.prepare(Query(Task(item.task), item.text, params=sampling_params(item)), item.image).request
         for item in items
     ]
+
+
+def with_length(requests: Sequence[GenerationRequest], tokens: int) -> list[GenerationRequest]:
+    """The same requests generating exactly ``tokens`` new tokens each."""
+    return [replace(r, params=replace(r.params, max_new_tokens=tokens, ignore_eos=True)) for r in requests]
 
 
 def device_name(loaded: LoadedModel) -> str:
@@ -143,128 +162,29 @@ def time_batches(
                     sum(r.prompt_tokens for r in results),
                     sum(r.completion_tokens for r in results),
                     sum(r.finish_reason == "length" for r in results),
+                    batch[0].params.max_new_tokens,
                 )
             )
     return timed
 
 
-class _Timed:
-    """A sink that records when its request was submitted and when it finished."""
-
-    streaming = False
-
-    def __init__(self, finished: list[tuple[float, float, int]], submitted: float | None = None) -> None:
-        self.finished = finished
-        self.submitted = time.perf_counter() if submitted is None else submitted
-
-    def tokens(self, token_ids: list[int]) -> None:
-        pass
-
-    def finish(self, result: GenerationResult) -> None:
-        self.finished.append((self.submitted, time.perf_counter(), result.completion_tokens))
-
-    def fail(self, error: BaseException) -> None:
-        raise error
-
-
-def time_closed_loop(
-    engine: Any, kind: str, requests: Sequence[GenerationRequest], concurrency: int, seconds: float
-) -> dict[str, Any]:
-    """Keep ``concurrency`` requests in the engine for one turnover, then ``seconds`` timed; the figures of the
-    requests that finished in the timed window."""
-    finished: list[tuple[float, float, int]] = []
-    sent = 0
-
-    def advance() -> None:
-        if wait := engine.step():
-            time.sleep(wait)
-
-    def top_up() -> None:
-        nonlocal sent
-        while sent - len(finished) < concurrency:
-            engine.submit(requests[sent % len(requests)], _Timed(finished))
-            sent += 1
-
-    top_up()
-    while len(finished) < concurrency:  # warm-up: every first request has finished
-        advance()
-        top_up()
-    start, steps, rows = time.perf_counter(), 0, 0
-    while time.perf_counter() - start < seconds:
-        advance()
-        steps, rows = steps + 1, rows + engine.running_count
-        top_up()
-    end = time.perf_counter()
-    while engine.has_work:  # drain, untimed
-        advance()
-    return {"path": kind, "concurrency": concurrency, **_window_figures(finished, start, end, steps, rows)}
-
-
-def _window_figures(
-    finished: list[tuple[float, float, int]], start: float, end: float, steps: int, rows: int
-) -> dict[str, Any]:
-    """Throughput and latencies of the requests that finished in ``[start, end)``, and the window's steps a
-    second and mean batch (``rows``: the sequences running after each of its ``steps``, summed)."""
-    timed = [(began, ended, tokens) for began, ended, tokens in finished if start <= ended < end]
-    latencies = [ended - began for began, ended, _ in timed]
-    window = end - start
-    return {
-        "requests": len(timed),
-        "images_per_s": len(timed) / window,
-        "tokens_per_s": sum(tokens for _, _, tokens in timed) / window,
-        "latency_mean_s": sum(latencies) / len(latencies) if latencies else None,
-        "latency_p50_s": percentile(latencies, 50),
-        "latency_p99_s": percentile(latencies, 99),
-        "mean_batch": rows / max(steps, 1),
-        "steps_per_s": steps / window,
-    }
-
-
-OPEN_LOOP_WARMUP_S = 2.0
-"""Untimed seconds of an open loop before its timed window: the engine's backlog and batch settle first."""
-
-
-def time_open_loop(
-    engine: Any, kind: str, requests: Sequence[GenerationRequest], rate: float, seconds: float, seed: int = 0
-) -> dict[str, Any]:
-    """Submit requests at Poisson arrival times, ``rate`` a second, for ``OPEN_LOOP_WARMUP_S`` then ``seconds``
-    timed, stepping the engine between arrivals; the figures of the requests that finished in the timed window
-    (latency from each one's arrival time). Then the requests still waiting are dropped and the running ones
-    finish, untimed."""
-    arrivals = random.Random(seed)
-    finished: list[tuple[float, float, int]] = []
-    sent, steps, rows = 0, 0, 0
-    begin = time.perf_counter()
-    start, end, arrival = begin + OPEN_LOOP_WARMUP_S, begin + OPEN_LOOP_WARMUP_S + seconds, begin
-    while (now := time.perf_counter()) < end:
-        while arrival <= now:
-            engine.submit(requests[sent % len(requests)], _Timed(finished, submitted=arrival))
-            sent += 1
-            arrival += arrivals.expovariate(rate)
-        if not engine.has_work:
-            time.sleep(max(arrival - now, 0.0))
-            continue
-        if wait := engine.step():
-            time.sleep(min(wait, max(arrival - time.perf_counter(), 0.0)))
-        if now >= start:
-            steps, rows = steps + 1, rows + engine.running_count
-    waiting = len(engine.waiting)
-    engine.cancel(*(pending.id for pending in engine.waiting))  # an overload's backlog is not worth draining
-    while engine.has_work:  # the running ones, untimed
-        if wait := engine.step():
-            time.sleep(wait)
-    return {"path": kind, "rate": rate, **_window_figures(finished, start, end, steps, rows), "waiting_at_end": waiting}
-
-
 def run_engine_bench(
-    config: EngineBenchConfig, out_dir: Path, prices: PriceTable, nodes: Sequence[NodeSpec], utilization: float
+    config: EngineBenchConfig,
+    out_dir: Path,
+    prices: PriceTable,
+    nodes: Sequence[NodeSpec],
+    utilization: float,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """Measure every path at every batch size; writes ``batches.jsonl`` and ``summary.json`` to ``out_dir``."""
+    """Measure every path at every output length and batch size, then the loops; writes ``batches.jsonl`` and
+    ``summary.json`` to ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded = load_model(config.model, device=config.device, dtype=config.dtype, load_format=config.load_format)
     requests = engine_requests(loaded, build_workload(config.workload))
-    longest = max(len(r.prompt_ids) for r in requests) + config.workload.max_tokens
+    lengths = config.output_lengths or (config.workload.max_tokens,)
+    by_length = {n: with_length(requests, n) if config.output_lengths else requests for n in lengths}
+    longest = max(len(r.prompt_ids) for r in requests) + max(lengths)
     engine_config = {
         "max_batch_size": max(config.batch_sizes),
         "max_seq_len": max(EngineConfig().max_seq_len, longest),
@@ -273,25 +193,41 @@ def run_engine_bench(
     batches: list[BatchRecord] = []
     continuous: list[dict[str, Any]] = []
     open_loops: list[dict[str, Any]] = []
+    per_length = len(config.batch_sizes) + len(config.concurrency) + len(config.rates)
+    bar = tqdm(total=len(config.engines) * len(lengths) * per_length, unit="point", disable=not progress)
     for kind in config.engines:
+        bar.set_description(f"{kind}: warming up")
         engine = build_engine(loaded, EngineConfig(**PATHS[kind], **engine_config))
         engine.warm_up()
-        for batch_size in config.batch_sizes:
-            batches += time_batches(
-                engine, loaded, kind, requests, batch_size, config.iterations, config.warmup_iterations
-            )
-        continuous += [time_closed_loop(engine, kind, requests, level, config.seconds) for level in config.concurrency]
-        open_loops += [time_open_loop(engine, kind, requests, rate, config.seconds) for rate in config.rates]
+        for tokens, work in by_length.items():
+            mark = {"path": kind, "max_tokens": tokens}
+            for batch_size in config.batch_sizes:
+                bar.set_description(f"{kind}, {tokens} tokens, batch {batch_size}")
+                batches += time_batches(
+                    engine, loaded, kind, work, batch_size, config.iterations, config.warmup_iterations
+                )
+                bar.update()
+            for level in config.concurrency:
+                bar.set_description(f"{kind}, {tokens} tokens, {level} in flight")
+                continuous.append({**mark, **time_closed_loop(engine, work, level, config.duration_s)})
+                bar.update()
+            for rate in config.rates:
+                bar.set_description(f"{kind}, {tokens} tokens, {rate:g} arriving/s")
+                open_loops.append({**mark, **time_open_loop(engine, work, rate, config.duration_s)})
+                bar.update()
         del engine
         gc.collect()
         if loaded.device.type == "cuda":
             torch.cuda.empty_cache()
+    bar.close()
     usd_per_hour = prices.usd_per_hour(nodes) if nodes else None
     points = []
     for kind in config.engines:
-        for batch_size in config.batch_sizes:
-            metrics = compute_engine_metrics([b for b in batches if (b.path, b.batch_size) == (kind, batch_size)])
-            points.append({**metrics.to_dict(), **costs(usd_per_hour, metrics.images_per_s, utilization)})
+        for tokens in lengths:
+            for batch_size in config.batch_sizes:
+                mine = [b for b in batches if (b.path, b.max_tokens, b.batch_size) == (kind, tokens, batch_size)]
+                metrics = compute_engine_metrics(mine)
+                points.append({**metrics.to_dict(), **costs(usd_per_hour, metrics.images_per_s, utilization)})
     summary = {
         **provenance({**asdict(config), "engine_config": engine_config}),
         "kind": KIND_ENGINE,

@@ -15,6 +15,7 @@ from bench.tables import markdown_table, provenance_lines
 
 CONTINUOUS_COLUMNS = {
     "path": "path",
+    "max_tokens": "new tokens",
     "concurrency": "in flight",
     "requests": "requests",
     "images_per_s": "images/s",
@@ -29,6 +30,7 @@ CONTINUOUS_COLUMNS = {
 
 OPEN_COLUMNS = {
     "path": "path",
+    "max_tokens": "new tokens",
     "rate": "arriving/s",
     **{key: title for key, title in CONTINUOUS_COLUMNS.items() if key not in ("path", "concurrency", "latency_mean_s")},
     "waiting_at_end": "waiting at the end",
@@ -42,11 +44,16 @@ def write_engine_report(out_dir: Path) -> Path:
     summary = read_json(out_dir / "summary.json")
     frame = pd.DataFrame(summary["points"])
     frame.to_csv(out_dir / "summary.csv", index=False)
-    series = {path: list(zip(group["batch_size"], group["images_per_s"])) for path, group in frame.groupby("path")}
-    plots.engine_plot(series, out_dir / "engine_throughput.png")
     config = summary["config"]
+    lengths = config.get("output_lengths") or []
+    series = {
+        (f"{path}, {tokens} tokens" if lengths else path): list(zip(group["batch_size"], group["images_per_s"]))
+        for (path, tokens), group in frame.groupby(["path", _tokens(frame)], sort=False)
+    }
+    plots.engine_plot(series, out_dir / "engine_throughput.png")
     columns = {
         "path": "path",
+        "max_tokens": "new tokens",
         "batch_size": "batch",
         "images_per_s": "images/s",
         "latency_s": "batch latency (s)",
@@ -62,7 +69,9 @@ def write_engine_report(out_dir: Path) -> Path:
         f"Model `{config['model']}` ({config['load_format']} weights, {summary['dtype']}) on {summary['gpu']}; "
         f"{config['iterations']} timed batches per point after {config['warmup_iterations']} warm-up; greedy, "
         + (
-            f"exactly {config['workload']['max_tokens']} new tokens (ignore_eos)."
+            f"exactly {', '.join(map(str, lengths))} new tokens in turn (ignore_eos)."
+            if lengths
+            else f"exactly {config['workload']['max_tokens']} new tokens (ignore_eos)."
             if config["workload"].get("ignore_eos")
             else f"max_tokens {config['workload']['max_tokens']} (generation stops at the end token, so "
             "tokens/request is reported as measured)."
@@ -78,7 +87,7 @@ def write_engine_report(out_dir: Path) -> Path:
         lines += [
             "## Closed loops at the engine",
             "",
-            f"Requests kept in the engine (a new one as each finishes), {config['seconds']:g} s timed after one "
+            f"Requests kept in the engine (a new one as each finishes), {_duration(config):g} s timed after one "
             "turnover: the engine admits while it decodes, as under a service's load. Mean batch: sequences "
             "running after each step (0 for hf, whose steps run whole batches).",
             "",
@@ -91,7 +100,7 @@ def write_engine_report(out_dir: Path) -> Path:
             "## Open loops at the engine",
             "",
             "Requests arriving one at a time at the rate given (Poisson), as a service's CPU tier hands them over, "
-            f"{config['seconds']:g} s timed after a warm-up; latency from arrival. Throughput below the rate, "
+            f"{_duration(config):g} s timed after a warm-up; latency from arrival. Throughput below the rate, "
             "and requests left waiting, mean the engine cannot sustain it.",
             "",
             markdown_table(frame[[c for c in OPEN_COLUMNS if c in frame]].rename(columns=OPEN_COLUMNS)),
@@ -100,6 +109,16 @@ def write_engine_report(out_dir: Path) -> Path:
     path = out_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _tokens(frame: pd.DataFrame) -> pd.Series:
+    """Each point's output length (0 where the summary does not record one)."""
+    return frame["max_tokens"] if "max_tokens" in frame else pd.Series(0, index=frame.index, name="max_tokens")
+
+
+def _duration(config: dict) -> float:
+    """The timed seconds of each loop: ``duration_s``, or ``seconds`` in summaries that name it so."""
+    return config.get("duration_s", config.get("seconds"))
 
 
 def write_preprocess_report(out_dir: Path) -> Path:

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.sharedctypes import SynchronizedArray
 from multiprocessing.synchronize import Barrier
 
 import numpy as np
@@ -72,13 +73,21 @@ class LoadGenerator:
         config: LoadConfig,
         clock: Callable[[], float],
         progress: bool = True,
+        shared_progress: SynchronizedArray | None = None,
     ) -> None:
         self.client = client
         self.workload = workload
         self.config = config
         self.clock = clock
         self.progress = progress
+        self.shared_progress = shared_progress
+        """The point being sent, then each point's requests finished, shared with the other sending processes."""
         self.records: list[RequestRecord] = []
+
+    def _finished(self, point: int) -> None:
+        if self.shared_progress is not None:
+            with self.shared_progress.get_lock():
+                self.shared_progress[1 + point] += 1
 
     async def run_point(self, index: int, point: LoadPoint) -> PointResult:
         config, clock = self.config, self.clock
@@ -95,6 +104,8 @@ class LoadGenerator:
         in_flight: set[asyncio.Task[None]] = set()
         sent = skipped = 0
         bar = tqdm(desc=point.label, unit="req", disable=not self.progress, leave=True)
+        if self.shared_progress is not None:
+            self.shared_progress[0] = index
         while True:
             due = None
             if arrivals is not None:
@@ -120,7 +131,9 @@ class LoadGenerator:
             item = self.workload[sent % len(self.workload)]
             task = asyncio.create_task(self.issue(index, sent, item, now if due is None else due, warm))
             in_flight.add(task)
-            task.add_done_callback(lambda t: (slots.release(), in_flight.discard(t), bar.update()))
+            task.add_done_callback(
+                lambda t: (slots.release(), in_flight.discard(t), bar.update(), self._finished(index))
+            )
             sent += 1
         if arrivals is not None and math.isfinite(window_end):
             await asyncio.sleep(max(0.0, window_end - clock()))  # an open loop's window lasts to its end
@@ -211,9 +224,14 @@ class Target:
 
 
 async def send_points(
-    target: Target, points: list[LoadPoint], progress: bool, barrier: Barrier | None = None
+    target: Target,
+    points: list[LoadPoint],
+    progress: bool,
+    barrier: Barrier | None = None,
+    shared_progress: SynchronizedArray | None = None,
 ) -> tuple[list[PointResult], list[RequestRecord]]:
-    """One process's sending: every point in turn, each begun once all processes reach ``barrier``."""
+    """One process's sending: every point in turn, each begun once all processes reach ``barrier``, its
+    finished requests counted in ``shared_progress`` if given."""
     config = target.config
 
     def clock() -> float:
@@ -226,7 +244,7 @@ async def send_points(
             target.url, api_key=target.api_key, timeout=config.timeout_s, max_connections=connections
         ) as client:
             await client.wait_ready(config.ready_timeout_s)
-            generator = LoadGenerator(client, target.workload, config, clock, progress)
+            generator = LoadGenerator(client, target.workload, config, clock, progress, shared_progress)
             results = []
             for index, point in enumerate(points):
                 if barrier is not None:

@@ -1,6 +1,6 @@
 """A load run (:func:`run_load`): every point in turn against the service, with Serve's replica counts polled
 alongside (``bench.replicas``), from one sending process (``bench.generator``) or several, each with its share
-of every point, their results merged.
+of every point, their results merged; with several, this process shows their progress together.
 """
 
 from __future__ import annotations
@@ -11,13 +11,17 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from multiprocessing.sharedctypes import SynchronizedArray
 from multiprocessing.synchronize import Barrier
+
+from tqdm import tqdm
 
 from bench.generator import PointResult, Target, send_points
 from bench.records import RequestRecord
 from bench.replicas import ReplicaPoller, ReplicaSample
 from bench.schedule import LoadConfig, LoadPoint
 from bench.workload import WorkItem
+from serve.app.client import APIError, KosmosClient
 
 
 @dataclass
@@ -29,6 +33,19 @@ class LoadRun:
     records: list[RequestRecord]
     replicas: list[ReplicaSample] = field(default_factory=list)
     replica_poll_failures: int = 0
+    model: str | None = None
+    """The model the service lists first at ``/v1/models`` (None if it lists none)."""
+
+
+async def served_model(url: str, api_key: str | None, config: LoadConfig) -> str | None:
+    """Wait for ``/health``, then the first model ``/v1/models`` lists (None if it cannot say)."""
+    async with KosmosClient(url, api_key=api_key, timeout=config.timeout_s, max_connections=1) as client:
+        await client.wait_ready(config.ready_timeout_s)
+        try:
+            models = await client.models()
+        except (APIError, KeyError, TypeError):
+            return None
+    return models[0] if models else None
 
 
 async def run_load(
@@ -58,6 +75,7 @@ async def run_load(
     def clock() -> float:
         return time.perf_counter() - origin
 
+    model = await served_model(url, api_key, config)
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     poller = ReplicaPoller(serve_api, clock, poll_interval_s, serve_api_token) if serve_api else None
     polling = asyncio.create_task(poller.run()) if poller else None
@@ -66,7 +84,7 @@ async def run_load(
         if processes == 1:
             results, records = await send_points(target, points, progress)
         else:
-            results, records = await send_in_processes(target, points, processes)
+            results, records = await send_in_processes(target, points, processes, progress)
     finally:
         if polling is not None:
             polling.cancel()
@@ -77,6 +95,7 @@ async def run_load(
         records,
         poller.samples if poller else [],
         poller.failures if poller else 0,
+        model,
     )
 
 
@@ -93,26 +112,58 @@ def share(point: LoadPoint, worker: int, workers: int) -> LoadPoint:
 _barrier: Barrier | None = None
 """In a sending process: the barrier all senders meet at before each point (set when the process starts)."""
 
+_progress: SynchronizedArray | None = None
+"""In a sending process: the point being sent, then each point's requests finished so far, shared by every
+sender (``bench.generator.LoadGenerator``)."""
 
-def _set_barrier(barrier: Barrier) -> None:
-    global _barrier
-    _barrier = barrier
+
+def _set_shared(barrier: Barrier, progress: SynchronizedArray) -> None:
+    global _barrier, _progress
+    _barrier, _progress = barrier, progress
 
 
 def _send_share(target: Target, points: list[LoadPoint]) -> tuple[list[PointResult], list[RequestRecord]]:
-    return asyncio.run(send_points(target, points, False, _barrier))
+    return asyncio.run(send_points(target, points, False, _barrier, _progress))
+
+
+async def show_progress(progress: SynchronizedArray, points: list[LoadPoint], interval_s: float = 0.5) -> None:
+    """A bar per point of the requests the sending processes finished, until cancelled."""
+    bar, current = None, -1
+
+    def show(index: int) -> None:
+        if bar is not None:
+            bar.n = progress[1 + index]
+            bar.refresh()
+
+    try:
+        while True:
+            if progress[0] != current:
+                if bar is not None:
+                    show(current)
+                    bar.close()
+                current = progress[0]
+                bar = tqdm(desc=points[current].label, unit="req", leave=True)
+            show(current)
+            await asyncio.sleep(interval_s)
+    finally:
+        if bar is not None:
+            show(current)
+            bar.close()
 
 
 async def send_in_processes(
-    target: Target, points: list[LoadPoint], workers: int
+    target: Target, points: list[LoadPoint], workers: int, progress: bool = False
 ) -> tuple[list[PointResult], list[RequestRecord]]:
-    """:func:`send_points` in ``workers`` processes, each with its share of every point; merged results."""
+    """:func:`send_points` in ``workers`` processes, each with its share of every point; merged results. With
+    ``progress``, a bar per point counts the requests all of them finished."""
     config = target.config
     cap = -(-config.max_in_flight // workers)
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(workers)
+    shared = context.Array("q", [0] + [0] * len(points))
     loop = asyncio.get_running_loop()
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_set_barrier, initargs=(barrier,)) as pool:
+    showing = asyncio.create_task(show_progress(shared, points)) if progress else None
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_set_shared, initargs=(barrier, shared)) as pool:
         shares = [
             loop.run_in_executor(
                 pool,
@@ -127,6 +178,10 @@ async def send_in_processes(
         except BaseException:
             barrier.abort()  # the others stop at their next meeting rather than wait there for the one that failed
             raise
+        finally:
+            if showing is not None:
+                showing.cancel()
+                await asyncio.gather(showing, return_exceptions=True)
     results = [merge_points(point, [part[0][index] for part in parts]) for index, point in enumerate(points)]
     records = sorted((r for part in parts for r in part[1]), key=lambda r: (r.point, r.start_s))
     for point in range(len(points)):  # number each point's requests anew, in the order they were sent

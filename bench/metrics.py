@@ -1,7 +1,7 @@
 """Metric maths over per-request records: pure functions, no I/O, no clock.
 
-- :func:`compute_metrics`: one load point's throughput, latency percentiles, streaming latencies, error and
-  timeout rates by status code, and goodput under a latency SLO, over its steady window.
+- :func:`compute_metrics`: one load point's throughput, latency percentiles, error and timeout rates by status
+  code, the latencies of ``bench.latency`` (TTFT, TPOT, ITL, E2EL) and goodput under SLOs, over its steady window.
 - :func:`time_series`: per-interval send rate, completion rate and latency, for shaped (autoscaling) runs.
 - :func:`compute_engine_metrics`: the engine-only mode's throughput and latency over timed batches.
 
@@ -9,11 +9,12 @@ Definitions (as in vLLM's ``bench serve`` and llmperf):
 
 - Rates count completions whose *end* falls inside the steady window ``[start, end)``, divided by its length;
   ``images_per_s`` counts successful ones (one image per request), ``requests_per_s`` every answered one.
-- Latency, TTFT and ITL are taken over the point's steady requests (sent after warm-up), successes only;
-  ITL is the gap between consecutive streamed chunks carrying text.
+- Latency, TTFT, TPOT and ITL are taken over the point's steady requests (sent after warm-up), successes only
+  (``bench.latency`` defines them).
 - Error and timeout rates are over steady requests; requests cut off at the end of the drain are counted as
   ``incomplete``, not as errors.
-- Goodput counts successful completions in the window whose latency is within the SLO.
+- Goodput counts successful completions in the window that meet the SLO: ``goodput_images_per_s`` the p99
+  latency SLO's (``--slo-p99``, seconds), ``request_goodput`` every SLO of ``--goodput`` at once (ms).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.latency import DEFAULT_PERCENTILES, RequestLatency, latency_stats
 from bench.records import CANCELLED, TIMEOUT, RequestRecord
 
 PERCENTILES = (50, 90, 95, 99)
@@ -68,26 +70,36 @@ class Metrics:
     latency_p95_s: float | None
     latency_p99_s: float | None
     latency_max_s: float | None
-    ttft_p50_s: float | None = None
-    ttft_p99_s: float | None = None
-    itl_p50_s: float | None = None
-    itl_p99_s: float | None = None
+    input_tokens_per_s: float = 0.0
+    """Prompt tokens of the successful requests that ended in the window, a second."""
+    latency_ms: dict[str, float | None] = field(default_factory=dict)
+    """``bench.latency``'s statistics under vLLM's names (``mean_ttft_ms``, ``p99_e2el_ms`` ...)."""
     slo_p99_s: float | None = None
     slo_attainment: float | None = None
     goodput_images_per_s: float | None = None
     slo_met: bool | None = None
+    goodput_slos_ms: dict[str, float] | None = None
+    request_goodput: float | None = None
+    """Completions a second in the window that met every SLO of ``goodput_slos_ms``."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields, the latency statistics flattened into them."""
+        data = asdict(self)
+        return {**data, **data.pop("latency_ms")}
 
 
 def compute_metrics(
-    records: Sequence[RequestRecord], window_start_s: float, window_end_s: float, slo_p99_s: float | None = None
+    records: Sequence[RequestRecord],
+    window_start_s: float,
+    window_end_s: float,
+    slo_p99_s: float | None = None,
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+    goodput_slos_ms: dict[str, float] | None = None,
 ) -> Metrics:
     """The metrics of one load point's records over its steady window ``[window_start_s, window_end_s)``.
 
-    >>> r = lambda i, start, end, status=200, warm=False, tokens=10: RequestRecord(
-    ...     0, i, i, "caption", 64, 48, 100, warm, start, start, end, status, completion_tokens=tokens)
+    >>> r = lambda i, start, end, status=200, warm=False, tokens=10: RequestRecord(0, i, i, "caption", 64, 48,
+    ...     100, warm, start, start, end, status, prompt_tokens=80, completion_tokens=tokens)
     >>> records = [r(0, 0.0, 0.9, warm=True), r(1, 1.0, 2.0), r(2, 1.5, 2.5), r(3, 2.0, 2.2, 503), r(4, 3.0, 4.5)]
     >>> m = compute_metrics(records, 1.0, 3.0, slo_p99_s=1.0)
     >>> m.requests, m.ok, m.errors, m.errors_by_status, m.error_rate
@@ -96,6 +108,8 @@ def compute_metrics(
     (1.0, 1.5, 10.0)
     >>> m.latency_p50_s, m.latency_max_s, m.slo_attainment, m.goodput_images_per_s, m.slo_met
     (1.0, 1.5, 0.5, 1.0, False)
+    >>> m.input_tokens_per_s, m.latency_ms["median_e2el_ms"], m.latency_ms["p99_ttft_ms"]  # not streamed: no TTFT
+    (80.0, 1000.0, None)
     """
     window_s = window_end_s - window_start_s
     if window_s <= 0:
@@ -130,19 +144,24 @@ def compute_metrics(
         latency_p95_s=percentile(latencies, 95),
         latency_p99_s=percentile(latencies, 99),
         latency_max_s=max(latencies) if latencies else None,
+        input_tokens_per_s=sum(r.prompt_tokens for r in ok_in_window) / window_s,
+        latency_ms=latency_stats([request_latency(r) for r in ok], percentiles),
     )
-    streamed = [r for r in ok if r.first_token_s is not None]
-    if streamed:
-        ttft = [r.first_token_s - r.start_s for r in streamed]
-        gaps = [b - a for r in streamed for a, b in zip(r.chunk_times_s, r.chunk_times_s[1:])]
-        metrics.ttft_p50_s, metrics.ttft_p99_s = percentile(ttft, 50), percentile(ttft, 99)
-        metrics.itl_p50_s, metrics.itl_p99_s = percentile(gaps, 50), percentile(gaps, 99)
+    if goodput_slos_ms:
+        metrics.goodput_slos_ms = dict(goodput_slos_ms)
+        good = sum(request_latency(r).meets(goodput_slos_ms) for r in ok_in_window)
+        metrics.request_goodput = good / window_s
     if slo_p99_s is not None:
         metrics.slo_p99_s = slo_p99_s
         metrics.slo_attainment = sum(lat <= slo_p99_s for lat in latencies) / len(steady) if steady else None
         metrics.goodput_images_per_s = sum(r.latency_s <= slo_p99_s for r in ok_in_window) / window_s
         metrics.slo_met = metrics.latency_p99_s is not None and metrics.latency_p99_s <= slo_p99_s
     return metrics
+
+
+def request_latency(record: RequestRecord) -> RequestLatency:
+    """A request's latencies (``bench.latency``) from its record."""
+    return RequestLatency.of(record.start_s, record.end_s, record.chunk_times_s, record.completion_tokens)
 
 
 @dataclass
@@ -211,11 +230,13 @@ class BatchRecord:
     prompt_tokens: int
     completion_tokens: int
     finished_by_length: int
+    max_tokens: int = 0
+    """The new tokens each request of the batch could generate (exactly, with ignore_eos)."""
 
 
 @dataclass
 class EngineMetrics:
-    """One engine path at one batch size: images/s, batch latency, output tokens/s."""
+    """One engine path at one batch size and output length: images/s, batch latency, output tokens/s."""
 
     path: str
     batch_size: int
@@ -228,22 +249,23 @@ class EngineMetrics:
     completion_tokens_mean: float
     finished_by_length_fraction: float
     images: int = field(default=0)
+    max_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def compute_engine_metrics(batches: Sequence[BatchRecord]) -> EngineMetrics:
-    """Throughput and latency of timed batches of one path and batch size (a batch's latency is every one of
-    its requests' latency, since a static batch ends together).
+    """Throughput and latency of timed batches of one path, batch size and output length (a batch's latency is
+    every one of its requests' latency, since a static batch ends together).
 
     >>> b = [BatchRecord("hf", 4, i, s, 280, t, 2) for i, (s, t) in enumerate([(1.0, 40), (3.0, 60)])]
     >>> m = compute_engine_metrics(b)
     >>> m.images_per_s, m.latency_s, m.tokens_per_s, m.completion_tokens_mean, m.finished_by_length_fraction
     (2.0, 2.0, 25.0, 12.5, 0.5)
     """
-    if not batches or len({(b.path, b.batch_size) for b in batches}) != 1:
-        raise ValueError("compute_engine_metrics takes the batches of one path and one batch size")
+    if not batches or len({(b.path, b.batch_size, b.max_tokens) for b in batches}) != 1:
+        raise ValueError("compute_engine_metrics takes the batches of one path, batch size and output length")
     seconds = sum(b.seconds for b in batches)
     images = sum(b.batch_size for b in batches)
     latencies = [b.seconds for b in batches]
@@ -259,4 +281,5 @@ def compute_engine_metrics(batches: Sequence[BatchRecord]) -> EngineMetrics:
         completion_tokens_mean=sum(b.completion_tokens for b in batches) / images,
         finished_by_length_fraction=sum(b.finished_by_length for b in batches) / images,
         images=images,
+        max_tokens=batches[0].max_tokens,
     )

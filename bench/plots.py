@@ -194,28 +194,69 @@ def cost_latency_plot(
     return _save(fig, path)
 
 
-def price_bars_plot(
-    names: Sequence[str],
-    bars: dict[str, Sequence[float]],
-    reference_usd: float,
-    path: Path,
-) -> Path:
-    """Grouped bars of USD per 1,000 images per instance type (e.g. cost at 100%, at the target utilization,
-    suggested list price), with the reference price as a line."""
-    fig, ax = plt.subplots(figsize=(max(6.5, 1.6 * len(names) + 3), 4.8))
-    width = 0.8 / max(1, len(bars))
-    for i, (label, values) in enumerate(bars.items()):
-        xs = [j + (i - (len(bars) - 1) / 2) * width for j in range(len(names))]
-        drawn = ax.bar(xs, values, width=width, label=label)
-        ax.bar_label(drawn, fmt="$%.3f", fontsize=7)
-    ax.axhline(reference_usd, label=f"reference ${reference_usd:.3f} / 1k", **REFERENCE_STYLE)
-    ax.set_xticks(range(len(names)), names, rotation=15, ha="right", fontsize=8)
-    ax.set_title("Price per 1,000 images by instance type")
-    ax.set_xlabel("instance type (run)")
-    ax.set_ylabel("USD per 1,000 images")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+def offer_bars_plot(panels: dict[str, dict[str, dict[float, float | None]]], reference_usd: float, path: Path) -> Path:
+    """Per panel (a measured figure), grouped bars of USD per 1,000 images for each offer (an instance and its
+    pricing) at each utilization, on a log scale, with the reference price as a line."""
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.6 * len(panels)), squeeze=False)
+    for ax, (title, offers) in zip(axes[:, 0], panels.items()):
+        names = list(offers)
+        utilizations = sorted({u for costs in offers.values() for u in costs})
+        width = 0.8 / max(1, len(utilizations))
+        for i, u in enumerate(utilizations):
+            xs = [j + (i - (len(utilizations) - 1) / 2) * width for j in range(len(names))]
+            values = [_nan(offers[name].get(u)) for name in names]
+            drawn = ax.bar(xs, values, width=width, label=f"{u:.0%} utilization")
+            ax.bar_label(drawn, labels=[f"{v:.2g}" for v in values], fontsize=6)
+        ax.axhline(reference_usd, label=f"reference ${reference_usd:.3f} / 1k", **REFERENCE_STYLE)
+        _log_dollars(ax)
+        ax.set_xticks(range(len(names)), names, rotation=12, ha="right", fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("USD per 1,000 images (log)")
+        ax.legend(fontsize=7, ncol=5, loc="lower center", bbox_to_anchor=(0.5, 1.08), frameon=False)
     return _save(fig, path)
+
+
+def break_even_plot(lines: dict[str, float], offers: dict[str, float], reference_usd: float, path: Path) -> Path:
+    """USD per 1,000 images against a GPU's hourly price (log-log), one line per measured throughput at a
+    utilization (given as its images/s x utilization), the reference price as a line and each offer's price a
+    GPU-hour as a mark: where a line crosses the reference (a dot) is its break-even hourly price."""
+    fig, ax = plt.subplots(figsize=(9, 5))
+    crossings = [reference_usd * effective * 3.6 for effective in lines.values()]
+    low, high = min([*offers.values(), 1.0]) / 2, max([*offers.values(), *crossings]) * 2
+    xs = [low * (high / low) ** (i / 100) for i in range(101)]
+    for (name, effective), crossing in zip(lines.items(), crossings):
+        (line,) = ax.plot(xs, [x / (effective * 3.6) for x in xs], label=name)
+        ax.plot([crossing], [reference_usd], marker="o", color=line.get_color())
+        ax.annotate(
+            f"${crossing:,.0f}/h",
+            (crossing, reference_usd),
+            textcoords="offset points",
+            xytext=(-10, 6),
+            fontsize=6,
+            color=line.get_color(),
+            rotation=60,
+        )
+    ax.axhline(reference_usd, label=f"reference ${reference_usd:.3f} / 1k", **REFERENCE_STYLE)
+    for name, usd in offers.items():
+        ax.axvline(usd, color="grey", linewidth=0.6, linestyle=":")
+        ax.annotate(name, (usd, 0.02), xycoords=("data", "axes fraction"), rotation=90, fontsize=6)
+    ax.set_xscale("log")
+    ax.set_xlim(low, high)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"${v:,.0f}" if v >= 1 else f"${v:.2g}"))
+    _log_dollars(ax)
+    ax.set_title("Cost per 1,000 images against the GPU's hourly price (dots: break-even with the reference)")
+    ax.set_xlabel("USD per GPU-hour (log; dotted: the price table's offers)")
+    ax.set_ylabel("USD per 1,000 images (log)")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _log_dollars(ax: plt.Axes) -> None:
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"${v:.3g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.grid(alpha=0.3, which="both")
 
 
 def engine_plot(series: dict[str, Sequence[tuple[int, float]]], path: Path) -> Path:

@@ -1,6 +1,6 @@
 """Preprocessing benchmark: images per second per core of our image paths against the Hugging Face processor.
 
-    python -m bench preprocess --out out/preprocess [--model DIR] [--images 32] [--seconds 3]
+    python -m bench preprocess --out out/preprocess [--model DIR] [--images 32] [--duration 3]
 
 Three paths take the same 640x480 JPEGs (synthetic photographs from ``bench.workload``), in the same run,
 single-threaded (torch limited to one thread; PIL decodes and resizes on one), so the rates are per core:
@@ -15,7 +15,8 @@ single-threaded (torch limited to one thread; PIL decodes and resizes on one), s
 Large allocations are kept off ``mmap`` first (:func:`steady_allocator`): otherwise glibc's allocator state
 decides, from run to run, whether the processor's float arrays (about 4 MB an image) come back as fresh pages,
 about 1,000 page faults an image that can slow the processor by a third and flatter any ratio against it. The
-paths alternate in rounds until each has run ``seconds``; ``summary.json``
+paths alternate in rounds until each has run ``--duration`` CPU seconds (a progress bar follows the slowest);
+``summary.json``
 holds each path's ``images_per_s_per_core`` and ``speedup_vs_hf``, and for ``ours_fast`` its deviation from
 ``ours_exact`` over every pixel of every image: ``pixel_mean_abs_diff`` and ``pixel_max_abs_diff``, in 0..255
 levels. Without ``--model`` the tiny model's processor is used: it carries the real checkpoint's image settings.
@@ -35,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from bench.provenance import provenance
 from bench.records import write_json
@@ -46,12 +48,12 @@ from serve.kosmos2.images import prepare_image
 
 @dataclass(frozen=True)
 class PreprocessBenchConfig:
-    """Which images and for how long: ``images`` distinct JPEGs at ``resolution``, ``seconds`` per path."""
+    """Which images and for how long: ``images`` distinct JPEGs at ``resolution``, ``duration_s`` per path."""
 
     model: str | None = None
     images: int = 32
     resolution: str = "640x480"
-    seconds: float = 3.0
+    duration_s: float = 3.0
     seed: int = 0
 
 
@@ -92,7 +94,7 @@ def pixel_deviation(reference: Sequence[np.ndarray], other: Sequence[np.ndarray]
     return {"pixel_mean_abs_diff": float(diffs.mean()), "pixel_max_abs_diff": float(diffs.max())}
 
 
-def run_preprocess_bench(config: PreprocessBenchConfig, out_dir: Path) -> dict[str, Any]:
+def run_preprocess_bench(config: PreprocessBenchConfig, out_dir: Path, progress: bool = True) -> dict[str, Any]:
     """Time the three paths on one thread and compare the fast path's pixels with the exact path's; writes
     ``summary.json`` to ``out_dir`` and returns it."""
     out_dir = Path(out_dir)
@@ -122,10 +124,14 @@ def run_preprocess_bench(config: PreprocessBenchConfig, out_dir: Path) -> dict[s
             work(images[0])  # first-call costs (imports, tables) stay out of the timing
         seconds = dict.fromkeys(paths, 0.0)
         counts = dict.fromkeys(paths, 0)
-        while min(seconds.values()) < config.seconds:
+        bar = tqdm(total=config.duration_s, unit="s", desc="timed CPU seconds", disable=not progress)
+        while min(seconds.values()) < config.duration_s:
             for name, work in paths.items():
                 seconds[name] += measure(work, images)
                 counts[name] += len(images)
+            bar.n = round(min(min(seconds.values()), config.duration_s), 2)
+            bar.refresh()
+        bar.close()
     finally:
         torch.set_num_threads(threads)
     rates = {name: counts[name] / seconds[name] for name in paths}

@@ -1,9 +1,18 @@
-"""The pricing estimate: one row per bench run (one instance type each), from the runs' ``summary.json``.
+"""The pricing estimate: each measured throughput (a :class:`Figure`) priced on every instance of the GPU it was
+measured on (an :class:`Offer`), at several utilizations (a :class:`PriceRow` each). Pure: summaries in, rows out.
 
-For each run, the point priced is the fastest one whose error rate is at most ``max_error_rate`` and, with an
-SLO, whose p99 latency meets it. Its cost per 1,000 images is computed at 100% utilization and at the target
-utilization, and the suggested list price adds the margin on top of the latter. ``python -m bench price``
-renders the rows (``bench.price_report.write_price_report``). Pure: summaries in, rows out.
+Figures come from the runs' ``summary.json``, labelled by what they measured:
+
+- ``service``: the whole service under load (``python -m bench run``), its fastest point with an error rate of
+  at most ``max_error_rate`` and, with an SLO, a p99 latency within it; priced with its CPU tier;
+- ``engine only, static batch`` and ``engine only, closed loop`` (``python -m bench engine``): the engine alone,
+  the fastest static batch and the fastest closed loop at each output length. No HTTP, no Ray, no image
+  decoding: an upper bound on what a service on that GPU can do, never its price.
+
+The CPU tier of the service is the CPU its processes spend a request (``cpu_per_request.json`` of the
+performance run, the load generator left out) times its images/s: the cores a GPU needs beside it. Where an
+instance's own vCPUs a GPU cover them, the CPU tier costs nothing more; where they do not (or the source does
+not say how many there are), the missing cores are priced at the CPU instance's price a vCPU.
 
     >>> points = [{"label": "c=1", "images_per_s": 2.0, "latency_p99_s": 0.5, "error_rate": 0.0},
     ...           {"label": "c=8", "images_per_s": 9.0, "latency_p99_s": 3.0, "error_rate": 0.0},
@@ -14,35 +23,24 @@ renders the rows (``bench.price_report.write_price_report``). Pure: summaries in
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bench.cost import PriceTable, cost_per_1k_images, list_price, parse_nodes
+from bench.cost import (
+    InstancePrice,
+    PriceTable,
+    break_even_usd_per_hour,
+    cost_per_1k_images,
+    list_price,
+    parse_nodes,
+)
 
-
-@dataclass
-class PriceRow:
-    """The price of one run's instance type at its best admissible point."""
-
-    run: str
-    kind: str
-    point: str
-    nodes: str
-    bench_host: str
-    usd_per_hour: float
-    images_per_s: float
-    latency_p99_s: float | None
-    cost_per_1k_images_usd: float | None
-    utilization: float
-    cost_per_1k_images_usd_at_utilization: float | None
-    margin: float
-    list_price_per_1k_images_usd: float | None
-    reference_usd_per_1k_images: float
-    list_price_vs_reference: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+SERVICE = "service"
+ENGINE_STATIC = "engine only, static batch"
+ENGINE_LOOP = "engine only, closed loop"
+KINDS = (SERVICE, ENGINE_LOOP, ENGINE_STATIC)
 
 
 def best_point(
@@ -59,11 +57,6 @@ def best_point(
     return max(admissible, key=lambda p: p["images_per_s"], default=None)
 
 
-def point_label(point: dict[str, Any]) -> str:
-    """A point's name: its load label, or the engine path and batch size."""
-    return point.get("label") or f"{point['path']} batch {point['batch_size']}"
-
-
 def bench_host(hardware: dict[str, Any]) -> str:
     """The machine the bench ran on, in a few words: its GPUs, else its CPU.
 
@@ -73,42 +66,232 @@ def bench_host(hardware: dict[str, Any]) -> str:
     return ", ".join(hardware.get("gpus") or []) or hardware.get("cpu_model") or "unknown"
 
 
-def price_row(
+@dataclass(frozen=True)
+class Figure:
+    """One measured throughput to price: which run, what it measured, on which GPU, at what output length."""
+
+    run: str
+    kind: str
+    point: str
+    gpu: str
+    images_per_s: float
+    new_tokens: int | None
+    """Exactly this many new tokens a request (ignore_eos); None when answers stopped at their end token."""
+    tokens_per_request: float | None = None
+    latency_p99_s: float | None = None
+    gpus: int = 1
+    cpu_ms_per_request: float | None = None
+    """The service's CPU milliseconds a request (service figures only)."""
+    started_at: str | None = None
+    commit: str | None = None
+
+
+def figures_of(
     run: str,
     summary: dict[str, Any],
-    prices: PriceTable,
-    *,
-    nodes: str | None = None,
-    utilization: float,
-    margin: float,
+    cpu_ms_per_request: float | None = None,
     slo_p99_s: float | None = None,
     max_error_rate: float = 0.01,
-) -> PriceRow:
-    """Price one run; ``nodes`` overrides the node set recorded in its summary."""
-    spec = nodes or ",".join(summary.get("nodes") or [])
-    if not spec:
-        raise ValueError(f"{run}: the run recorded no --nodes; pass --nodes {run}=INSTANCE to price it")
+) -> list[Figure]:
+    """The figures a run's summary holds: the service's best admissible point, or the engine's best static batch
+    and best closed loop at each output length."""
+    config = summary.get("config", {})
+    workload = config.get("workload", {})
+    fixed = bool(config.get("output_lengths") or workload.get("ignore_eos"))
+    common = {"run": run, "started_at": summary.get("started_at"), "commit": summary.get("git_commit")}
+    if summary.get("kind") == "engine":
+        gpu = summary.get("gpu") or bench_host(summary.get("hardware") or {})
+        figures = []
+        for kind, points in ((ENGINE_STATIC, summary["points"]), (ENGINE_LOOP, summary.get("continuous") or [])):
+            lengths = dict.fromkeys(p.get("max_tokens") or workload.get("max_tokens") for p in points)
+            for tokens in lengths:
+                mine = [p for p in points if (p.get("max_tokens") or workload.get("max_tokens")) == tokens]
+                best = max(mine, key=lambda p: p["images_per_s"])
+                label = (
+                    f"{best['path']} batch {best['batch_size']}"
+                    if kind == ENGINE_STATIC
+                    else (f"{best['path']} {best['concurrency']} in flight")
+                )
+                per_request = best.get("completion_tokens_mean") or (
+                    best["tokens_per_s"] / best["images_per_s"] if best.get("images_per_s") else None
+                )
+                figures.append(
+                    Figure(
+                        kind=kind,
+                        point=label,
+                        gpu=gpu,
+                        images_per_s=best["images_per_s"],
+                        new_tokens=tokens if fixed else None,
+                        tokens_per_request=per_request,
+                        latency_p99_s=best.get("latency_p99_s"),
+                        **common,
+                    )
+                )
+        return figures
+    hardware = summary.get("hardware") or {}
     point = best_point(summary["points"], slo_p99_s, max_error_rate)
-    usd_per_hour = prices.usd_per_hour(parse_nodes(spec))
-    images_per_s = point["images_per_s"] if point else 0.0
-    at_full = cost_per_1k_images(usd_per_hour, images_per_s)
-    at_target = cost_per_1k_images(usd_per_hour, images_per_s, utilization)
-    suggested = list_price(at_target, margin) if at_target is not None else None
-    reference = prices.reference_usd_per_1k
+    if point is None:
+        return []
+    return [
+        Figure(
+            kind=SERVICE,
+            point=point.get("label", ""),
+            gpu=bench_host(hardware),
+            images_per_s=point["images_per_s"],
+            new_tokens=workload.get("max_tokens") if fixed else None,
+            tokens_per_request=point.get("completion_tokens_mean"),
+            latency_p99_s=point.get("latency_p99_s"),
+            gpus=max(1, len(hardware.get("gpus") or [])),
+            cpu_ms_per_request=cpu_ms_per_request,
+            **common,
+        )
+    ]
+
+
+@dataclass(frozen=True)
+class Offer:
+    """A price to put a figure on: one GPU's share of a priced instance, or a node set given with ``--nodes``."""
+
+    name: str
+    provider: str
+    instance: str
+    pricing: str
+    region: str
+    date: str
+    source: str
+    usd_per_hour: float
+    """One GPU's share (an instance row), or the whole node set (``--nodes``)."""
+    derived: bool
+    vcpus_per_gpu: float | None = None
+    cpu_tier: bool = True
+    """Whether the service's CPU tier is added (not for a node set given whole)."""
+
+    @classmethod
+    def of(cls, price: InstancePrice) -> Offer:
+        return cls(
+            price.name,
+            price.provider,
+            price.instance or price.name,
+            price.pricing,
+            price.region,
+            f"{price.date} ({price.date_kind})",
+            price.source,
+            price.gpu_usd_per_hour,
+            price.gpu_price_derived,
+            price.vcpus_per_gpu,
+        )
+
+    @classmethod
+    def node_set(cls, spec: str, table: PriceTable) -> Offer:
+        rows = [table.price(node.instance) for node in parse_nodes(spec)]
+        usd = table.usd_per_hour(parse_nodes(spec))
+        return cls(
+            spec,
+            ", ".join(dict.fromkeys(r.provider for r in rows)),
+            spec,
+            ", ".join(dict.fromkeys(r.pricing for r in rows)),
+            ", ".join(dict.fromkeys(r.region for r in rows)),
+            ", ".join(dict.fromkeys(f"{r.date} ({r.date_kind})" for r in rows)),
+            " ".join(dict.fromkeys(r.source for r in rows)),
+            usd,
+            any(node.per_gpu and r.gpu_price_derived for node, r in zip(parse_nodes(spec), rows)),
+            cpu_tier=False,
+        )
+
+
+def accelerator_matches(accelerator: str | None, gpu: str) -> bool:
+    """Whether a price row's GPU model is the GPU a run measured (as a whole word: L4 is not L40S).
+
+    >>> accelerator_matches("H200", "NVIDIA H200"), accelerator_matches("L4", "NVIDIA L40S")
+    (True, False)
+    """
+    return bool(accelerator) and re.search(rf"\b{re.escape(accelerator)}\b", gpu, re.IGNORECASE) is not None
+
+
+def offers_for(gpu: str, table: PriceTable) -> list[Offer]:
+    """Every priced instance of the GPU ``gpu`` names, on-demand first."""
+    rows = [p for p in table.gpu_rows() if accelerator_matches(p.accelerator, gpu)]
+    rows.sort(key=lambda p: (p.pricing != "on-demand", p.provider, p.name))
+    return [Offer.of(p) for p in rows]
+
+
+@dataclass
+class PriceRow:
+    """A figure priced on one offer: costs per 1,000 images at each utilization, the CPU tier, the break-even."""
+
+    figure: Figure
+    offer: Offer
+    cpu_cores_needed: float | None
+    cpu_usd_per_hour: float
+    usd_per_hour: float
+    cost_usd: dict[float, float | None]
+    list_price_usd: dict[float, float | None]
+    vs_reference: dict[float, float | None]
+    break_even_usd_per_gpu_hour: dict[float, float]
+    margin: float
+    reference_usd_per_1k: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A flat record for the CSV: the figure's and the offer's fields, then one column per utilization."""
+        figure = {f"figure_{k}": v for k, v in asdict(self.figure).items()}
+        offer = {f"offer_{k}": v for k, v in asdict(self.offer).items()}
+        flat = {
+            **figure,
+            **offer,
+            "cpu_cores_needed": self.cpu_cores_needed,
+            "cpu_usd_per_hour": self.cpu_usd_per_hour,
+            "usd_per_hour": self.usd_per_hour,
+        }
+        for u in self.cost_usd:
+            key = f"{u:.0%}".replace("%", "pct")
+            flat[f"cost_per_1k_usd_at_{key}"] = self.cost_usd[u]
+            flat[f"list_price_per_1k_usd_at_{key}"] = self.list_price_usd[u]
+            flat[f"cost_vs_reference_at_{key}"] = self.vs_reference[u]
+            flat[f"break_even_usd_per_gpu_hour_at_{key}"] = self.break_even_usd_per_gpu_hour[u]
+        return {**flat, "reference_usd_per_1k_images": self.reference_usd_per_1k, "notes": "; ".join(self.notes)}
+
+
+def price_row(
+    figure: Figure,
+    offer: Offer,
+    utilizations: Sequence[float],
+    margin: float,
+    reference_usd_per_1k: float,
+    cpu_usd_per_vcpu_hour: float | None,
+) -> PriceRow:
+    """Price ``figure`` on ``offer`` at each utilization; the service's CPU tier where its vCPUs fall short."""
+    notes = []
+    gpu_usd = offer.usd_per_hour * (figure.gpus if offer.cpu_tier else 1)
+    cores = figure.cpu_ms_per_request * figure.images_per_s / 1000 / figure.gpus if figure.cpu_ms_per_request else None
+    cpu_usd = 0.0
+    if figure.kind == SERVICE and offer.cpu_tier:
+        if cores is None:
+            notes.append("CPU tier unknown: no CPU a request was measured")
+        else:
+            included = offer.vcpus_per_gpu or 0.0
+            missing = max(0.0, cores - included) * figure.gpus
+            if missing and cpu_usd_per_vcpu_hour is None:
+                notes.append(f"{missing:.1f} vCPUs short and no CPU instance priced")
+            cpu_usd = missing * (cpu_usd_per_vcpu_hour or 0.0)
+            if offer.vcpus_per_gpu is None:
+                notes.append("vCPUs a GPU not stated: the whole CPU tier priced as separate vCPUs")
+    usd = gpu_usd + cpu_usd
+    costs = {u: cost_per_1k_images(usd, figure.images_per_s, u) for u in utilizations}
     return PriceRow(
-        run=run,
-        kind=summary.get("kind", ""),
-        point=point_label(point) if point else "none admissible",
-        nodes=spec,
-        bench_host=bench_host(summary.get("hardware") or {}),
-        usd_per_hour=usd_per_hour,
-        images_per_s=images_per_s,
-        latency_p99_s=point.get("latency_p99_s") if point else None,
-        cost_per_1k_images_usd=at_full,
-        utilization=utilization,
-        cost_per_1k_images_usd_at_utilization=at_target,
+        figure=figure,
+        offer=offer,
+        cpu_cores_needed=cores,
+        cpu_usd_per_hour=cpu_usd,
+        usd_per_hour=usd,
+        cost_usd=costs,
+        list_price_usd={u: list_price(c, margin) if c is not None else None for u, c in costs.items()},
+        vs_reference={u: c / reference_usd_per_1k if c is not None else None for u, c in costs.items()},
+        break_even_usd_per_gpu_hour={
+            u: (break_even_usd_per_hour(reference_usd_per_1k, figure.images_per_s, u) - cpu_usd) / figure.gpus
+            for u in utilizations
+        },
         margin=margin,
-        list_price_per_1k_images_usd=suggested,
-        reference_usd_per_1k_images=reference,
-        list_price_vs_reference=suggested / reference if suggested is not None else None,
+        reference_usd_per_1k=reference_usd_per_1k,
+        notes=notes,
     )

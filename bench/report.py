@@ -16,11 +16,13 @@ from typing import Any
 import pandas as pd
 
 from bench import plots
+from bench.latency import METRICS
 from bench.metrics import time_series
 from bench.records import read_json, read_jsonl, read_requests
 from bench.replicas import ReplicaSample, replica_changes
 from bench.schedule import parse_shape
 from bench.tables import markdown_table, plot_label, provenance_lines
+from bench.vllm_export import FILE_NAME, write_bench_serve
 
 RUN_COLUMNS = {
     "label": "point",
@@ -54,18 +56,27 @@ def console_table(summary: dict[str, Any]) -> str:
     """The short table printed at the end of a run."""
     frame = points_frame(summary)
     columns = [c for c in ("label", "images_per_s", "latency_p50_s", "latency_p99_s", "errors") if c in frame]
-    columns += [c for c in ("cost_per_1k_images_usd",) if c in frame and frame[c].notna().any()]
-    return frame[columns].rename(columns=RUN_COLUMNS).to_string(index=False, float_format=lambda v: f"{v:.4g}")
+    optional = ("median_ttft_ms", "p99_ttft_ms", "median_itl_ms", "request_goodput", "cost_per_1k_images_usd")
+    columns += [c for c in optional if c in frame and frame[c].notna().any()]
+    names = {
+        **RUN_COLUMNS,
+        "median_ttft_ms": "TTFT p50 (ms)",
+        "p99_ttft_ms": "TTFT p99 (ms)",
+        "median_itl_ms": "ITL p50 (ms)",
+        "request_goodput": "goodput/s",
+    }
+    return frame[columns].rename(columns=names).to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
 def write_run_report(out_dir: Path, engine_dir: Path | None = None) -> Path:
-    """``summary.csv``, the plots and ``report.md`` of a load run folder."""
+    """``summary.csv``, ``vllm_bench_serve.jsonl``, the plots and ``report.md`` of a load run folder."""
     out_dir = Path(out_dir)
     summary = read_json(out_dir / "summary.json")
     records = read_requests(out_dir / "requests.jsonl")
     replicas = [ReplicaSample(**row) for row in read_jsonl(out_dir / "replicas.jsonl")]
     frame = points_frame(summary)
     frame.to_csv(out_dir / "summary.csv", index=False)
+    write_bench_serve(out_dir, summary)
     config, points = summary["config"], summary["points"]
     slo = config.get("slo_p99_s")
     made = _run_plots(out_dir, summary, records, replicas)
@@ -88,7 +99,8 @@ def write_run_report(out_dir: Path, engine_dir: Path | None = None) -> Path:
         "",
         *_cost_section(summary),
         *_slo_section(frame, slo),
-        *_streaming_section(frame),
+        *_latency_section(frame),
+        *_goodput_section(frame),
         *_errors_section(frame),
         *_replicas_section(replicas),
         *(_engine_section(summary, read_json(Path(engine_dir) / "summary.json")) if engine_dir else []),
@@ -176,17 +188,47 @@ def _slo_section(frame: pd.DataFrame, slo: float | None) -> list[str]:
     ]
 
 
-def _streaming_section(frame: pd.DataFrame) -> list[str]:
-    if "ttft_p50_s" not in frame or frame["ttft_p50_s"].isna().all():
+def _latency_section(frame: pd.DataFrame) -> list[str]:
+    """Each point's TTFT, TPOT, ITL and end-to-end latency: mean, median, standard deviation, percentiles (ms)."""
+    rows = []
+    for _, point in frame.iterrows():
+        for metric in METRICS:
+            stats = {c.removesuffix(f"_{metric}_ms"): point[c] for c in frame if c.endswith(f"_{metric}_ms")}
+            if stats and pd.notna(stats.get("mean")):
+                rows.append({"point": point["label"], "metric": metric.upper(), **stats})
+    if not rows:
         return []
-    columns = {
-        "label": "point",
-        "ttft_p50_s": "TTFT p50 (s)",
-        "ttft_p99_s": "TTFT p99 (s)",
-        "itl_p50_s": "ITL p50 (s)",
-        "itl_p99_s": "ITL p99 (s)",
-    }
-    return ["## Streaming", "", markdown_table(frame[list(columns)].rename(columns=columns)), ""]
+    return [
+        "## Latency (ms)",
+        "",
+        "As vLLM's `bench serve` defines them, over each point's steady successful requests: TTFT from sending to "
+        "the first chunk with text, TPOT = (E2EL - TTFT) / (output tokens - 1), ITL the gaps between chunks with "
+        "text, E2EL the whole request (TTFT, TPOT and ITL need `--stream`). `std` is the population's. The same "
+        f"figures, under vLLM's field names, are in `{FILE_NAME}`.",
+        "",
+        markdown_table(pd.DataFrame(rows)),
+        "",
+    ]
+
+
+def _goodput_section(frame: pd.DataFrame) -> list[str]:
+    if "request_goodput" not in frame or frame["request_goodput"].isna().all():
+        return []
+    prefix = "goodput_slos_ms."
+    slos = {c.removeprefix(prefix): frame[c].dropna().iloc[0] for c in frame if c.startswith(prefix)}
+    table = frame[["label", "images_per_s", "request_goodput"]].rename(
+        columns={"label": "point", "images_per_s": "completions/s", "request_goodput": "goodput (requests/s)"}
+    )
+    table["share"] = frame["request_goodput"] / frame["images_per_s"]
+    return [
+        "## Goodput: " + ", ".join(f"{name.upper()} <= {limit:g} ms" for name, limit in slos.items()),
+        "",
+        "Completions a second in the steady window that met every SLO at once (vLLM's `--goodput`; an answer of "
+        "one token counts a TPOT of 0).",
+        "",
+        markdown_table(table),
+        "",
+    ]
 
 
 def _errors_section(frame: pd.DataFrame) -> list[str]:

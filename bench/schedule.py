@@ -205,5 +205,5 @@ class LoadConfig:
             if point.mode == "shape" and (self.warmup_requests or self.warmup_s >= point.shape_duration_s):
                 raise ValueError(
                     f"a shape warms up by seconds only, shorter than the shape ({point.shape_duration_s:g} s); "
-                    f"got --warmup-s {self.warmup_s:g} --warmup-requests {self.warmup_requests}"
+                    f"got --warmup {self.warmup_s:g} --warmup-requests {self.warmup_requests}"
                 )

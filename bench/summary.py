@@ -4,7 +4,8 @@
 is plain JSON-ready data (``bench.records.write_json`` writes it). Each point carries at least
 ``images_per_s``, ``requests``, ``errors``, ``latency_p50_s``, ``latency_p90_s``, ``latency_p99_s``,
 ``output_tokens_per_s`` and ``cost_per_1k_images_usd`` (at 100% utilization; ``..._at_utilization`` at the
-run's ``--utilization``), and the point's schedule: mode, concurrency or rate, steady window, sent, skipped.
+run's ``--utilization``), the latency statistics of ``bench.latency`` under vLLM's names (``mean_ttft_ms``,
+``p99_e2el_ms`` ...), and the point's schedule: mode, concurrency or rate, steady window, sent, skipped.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import asdict
 from typing import Any
 
 from bench.cost import NodeSpec, PriceTable, cost_per_1k_images
+from bench.latency import DEFAULT_PERCENTILES
 from bench.load import LoadRun
 from bench.metrics import compute_metrics
 from bench.provenance import provenance
@@ -29,13 +31,17 @@ def service_summary(
     nodes: Sequence[NodeSpec],
     utilization: float,
     slo_p99_s: float | None = None,
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+    goodput_slos_ms: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """The summary of a load run; cost fields are null when no ``nodes`` were given."""
     usd_per_hour = prices.usd_per_hour(nodes) if nodes else None
     points = []
     for point in run.points:
         records = [r for r in run.records if r.point == point.index]
-        metrics = compute_metrics(records, point.window_start_s, point.window_end_s, slo_p99_s)
+        metrics = compute_metrics(
+            records, point.window_start_s, point.window_end_s, slo_p99_s, percentiles, goodput_slos_ms
+        )
         points.append({**asdict(point), **metrics.to_dict(), **costs(usd_per_hour, metrics.images_per_s, utilization)})
     return {
         **provenance(config),

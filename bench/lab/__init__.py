@@ -1,8 +1,9 @@
 """The lab: tools that measure the engine and the service to guide their development, apart from the product's
 ``python -m bench`` commands. Each is its own command line:
 
-- ``perf_run`` (``python -m bench.lab.perf_run``): the performance run, the engine paths side by side, then the
-  service on the same machine, then where the fast engine's time goes; one ``perf.json``;
+- ``perf_run`` (``python -m bench.lab.perf_run``): the performance run, the engine paths side by side (at several
+  output lengths if asked), then the service on the same machine, then where the fast engine's time goes; one
+  ``perf.json`` (``perf_record``);
 - ``engine_profile``: the fast engine's time by phase (vision, admission, decode), its top device kernels and
   the device's idle stretches;
 - ``kernels``: the engine's memory-bound kernels against their alternatives at the real model's shapes;

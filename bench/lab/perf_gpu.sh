@@ -11,6 +11,13 @@
 #   KERNELS=1 PROFILE=1 KERNELS_TIMEOUT=150 PERF_TIMEOUT=300 PERF_ARGS="--engine-only --rates 650" bash bench/lab/perf_gpu.sh
 #   # the service against the fast engine, about 4 minutes:
 #   GPU_TESTS=0 PERF_ARGS="--paths fast --batch-sizes 1,1024 --concurrency 1,1024" bash bench/lab/perf_gpu.sh
+#   # the price of an image by its answer's length (python -m bench price): the engine at 16, 32, 64 and 128 new
+#   # tokens (about 3 minutes), the service at 32 and its busiest point again at 16, 64 and 128 (about 5 more):
+#   GPU_TESTS=0 PERF_TIMEOUT=520 PERF_ARGS="--paths fast --batch-sizes 1,1024 --in-engine 1024 --rates 650 \
+#     --output-lengths 16,32,64,128 --concurrency 1,1024 --service-lengths 16,64,128" bash bench/lab/perf_gpu.sh
+#   # the engine alone at those lengths, about 3 minutes:
+#   GPU_TESTS=0 PERF_ARGS="--engine-only --paths fast --batch-sizes 1,1024 --in-engine 1024 --rates 650 \
+#     --output-lengths 16,32,64,128" bash bench/lab/perf_gpu.sh
 set -uo pipefail
 OUT=${OUT:-out/perf-gpu}; mkdir -p "$OUT"
 if [ -d .whl ]; then

@@ -8,6 +8,8 @@ one JSON with the card's name.
     python -m bench.lab.perf_run --out out/perf --concurrency 1,128,384 --no-profile
                                                                         # GPU, shorter: three loads
     python -m bench.lab.perf_run --out out/perf --engine-only           # GPU: the engine's goals, no service
+    python -m bench.lab.perf_run --out out/perf --paths fast --output-lengths 16,32,64,128 \\
+        --service-lengths 16,64,128 --no-profile                        # GPU: what an image costs by length
 
 The workload is the performance goal's: brief grounded captions of 640x480 JPEGs, exactly 32 new tokens
 (``ignore_eos``). Each step is the ordinary CLI (``python -m bench engine``, ``python -m serve run``,
@@ -15,6 +17,10 @@ The workload is the performance goal's: brief grounded captions of 640x480 JPEGs
 commands that made them. The CPU each process spends a request is counted over the 80% point; then the sweep's
 busiest point runs again while py-spy (a dev dependency) samples the Python stacks of one Generator replica, its
 engine process, one Ingress and one Preprocessor (``py-spy-<role>.txt``, collapsed).
+
+For the price of an image by the length of its answer (``python -m bench price``), ``--output-lengths`` measures
+the engine at each of those exact numbers of new tokens in turn (``engine/``), and ``--service-lengths`` runs the
+service's busiest point again at each of those (``service-<n>tokens/``).
 """
 
 from __future__ import annotations
@@ -29,13 +35,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 from bench.lab.cpu_usage import one_of_each, per_request_ms, snapshot
+from bench.lab.perf_record import GOAL_TOKENS, combine
 from bench.lab.request_log import markdown, read, windows
-from bench.provenance import provenance
 from serve.kosmos2.tiny import write_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +52,7 @@ WORKLOAD = [
     "--formats",
     "jpeg:1",
     "--max-tokens",
-    "32",
+    str(GOAL_TOKENS),
     "--ignore-eos",
 ]
 
@@ -117,6 +122,12 @@ def main() -> None:
     parser.add_argument("--concurrency", help="the service's closed-loop clients (GPU: 1,384,768,1024)")
     parser.add_argument("--in-engine", help="closed loops at the engine: requests kept in it (GPU: 384)")
     parser.add_argument("--rates", help="open loops at the engine: arrivals a second (GPU: 500,650)")
+    parser.add_argument(
+        "--output-lengths", help="measure the engine at each of these exact numbers of new tokens, e.g. 16,32,64,128"
+    )
+    parser.add_argument(
+        "--service-lengths", help="run the service's busiest point again at each of these numbers of new tokens"
+    )
     parser.add_argument("--no-profile", action="store_true", help="skip where the fast engine's time goes")
     parser.add_argument("--engine-only", action="store_true", help="the engine paths and the profile: no service")
     args = parser.parse_args()
@@ -155,9 +166,11 @@ def main() -> None:
         in_engine,
         "--rates",
         rates,
-        "--seconds",
+        "--duration",
         "3" if args.tiny or args.quick else "8",
         *WORKLOAD,
+        *(["--output-lengths", args.output_lengths] if args.output_lengths else []),
+        "--no-progress",
         "--out",
         str(out / "engine"),
     ]
@@ -184,7 +197,8 @@ def main() -> None:
     run(engine, out / "engine.log")
     steps = [engine]
     if not args.engine_only:
-        steps += measure_service(out, model, config, args.port, duration, concurrency, tiny=args.tiny)
+        lengths = [int(n) for n in args.service_lengths.split(",")] if args.service_lengths else []
+        steps += measure_service(out, model, config, args.port, duration, concurrency, lengths, tiny=args.tiny)
     if not args.no_profile:  # last: the goals' figures come first where time is short
         run(profile, out / "profile.log")
         steps.append(profile)
@@ -194,10 +208,18 @@ def main() -> None:
 
 
 def measure_service(
-    out: Path, model: list[str], config: str, port: int, duration: str, concurrency: str, tiny: bool
+    out: Path,
+    model: list[str],
+    config: str,
+    port: int,
+    duration: str,
+    concurrency: str,
+    lengths: list[int],
+    tiny: bool,
 ) -> list[list[str]]:
     """The service on this machine: the closed-loop sweep, the open loop at 80% of its peak with the CPU each
-    process spends a request, and the busiest point again under py-spy; returns the commands run."""
+    process spends a request, the busiest point again under py-spy, then at each of ``lengths`` new tokens;
+    returns the commands run."""
     python = sys.executable
     service = start_service(model, config, port, out / "service.log")
     try:
@@ -207,7 +229,7 @@ def measure_service(
             url,
             "--duration",
             duration,
-            "--warmup-s",
+            "--warmup",
             "3",
             "--grace",
             "20",
@@ -261,6 +283,10 @@ def measure_service(
         steps.append(repeat)
         for sampler in samplers:
             sampler.wait(timeout=60)
+        for tokens in lengths:  # the busiest point at other answer lengths: the price of an image by its length
+            again = [*repeat[:-1], str(out / f"service-{tokens}tokens"), "--max-tokens", str(tokens)]
+            run(again, out / f"service-{tokens}tokens.log")
+            steps.append(again)
     finally:
         # the engine's log lines (steps/s, batch, busy time, admissions), and every request's line with where
         # its time went, summed up by windows of 5 s in request_timings.md
@@ -272,78 +298,6 @@ def measure_service(
         service.send_signal(signal.SIGTERM)
         service.wait(timeout=120)
     return steps
-
-
-def combine(out: Path, commands: list[str], options: dict[str, Any], with_service: bool) -> dict[str, Any]:
-    """One record of the run: the card, each engine path and batch, each service load (``with_service``), and
-    the ratios."""
-    engine = json.loads((out / "engine" / "summary.json").read_text())
-    profile = out / "profile.json"
-    engine_points = [
-        {
-            "path": p["path"],
-            "batch_size": p["batch_size"],
-            "images_per_s": p["images_per_s"],
-            "latency_s": p["latency_s"],
-        }
-        for p in engine["points"]
-    ]
-    paths = dict.fromkeys(p["path"] for p in engine_points)
-    best = {path: max(p["images_per_s"] for p in engine_points if p["path"] == path) for path in paths}
-    single = {p["path"]: p["latency_s"] for p in engine_points if p["batch_size"] == 1}
-    looped = max(p["images_per_s"] for p in engine["continuous"] if p["path"] == "fast")
-    record = {
-        **provenance({key: str(value) for key, value in options.items()}),
-        "gpu": engine.get("gpu"),
-        "workload": "brief grounded caption, 640x480 JPEG, exactly 32 new tokens",
-        "model": "Kosmos-2 architecture; random weights unless the run used the checkpoint",
-        "engine": engine_points,
-        "engine_closed_loops": engine["continuous"],
-        "engine_open_loops": engine["open"],
-        "engine_profile": json.loads(profile.read_text()) if profile.exists() else None,
-        "headline": {
-            "gpu": engine.get("gpu"),
-            "engine_fast_images_per_s": best["fast"],
-            "engine_hf_images_per_s": best.get("hf"),
-            "engine_fast_eager_images_per_s": best.get("fast-eager"),
-            "fast_over_hf": best["fast"] / best["hf"] if "hf" in best else None,
-            "fast_over_eager": best["fast"] / best["fast-eager"] if "fast-eager" in best else None,
-            "engine_fast_closed_loop_images_per_s": looped,
-            "engine_single_image_s": single.get("fast"),
-        },
-        "commands": commands,
-    }
-    if with_service:
-        service, headline = service_record(out, best["fast"], single.get("fast"))
-        record |= service
-        record["headline"] |= headline
-    return record
-
-
-def service_record(out: Path, engine_best: float, engine_single: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The service's part of :func:`combine`, and its headline: its figures against the engine's."""
-    service = json.loads((out / "service" / "summary.json").read_text())
-    steady = json.loads((out / "service-80" / "summary.json").read_text())
-    repeat = json.loads((out / "service-peak" / "summary.json").read_text())["points"][0]
-    keep = ("images_per_s", "latency_p50_s", "latency_p99_s", "requests", "errors")
-    service_points = [{"concurrency": p.get("concurrency"), **{k: p.get(k) for k in keep}} for p in service["points"]]
-    peak = max(p["images_per_s"] for p in service_points)
-    alone = next(p for p in service_points if p["concurrency"] == 1)
-    at80 = {k: steady["points"][0].get(k) for k in (*keep, "rate")}
-    record = {
-        "service": service_points,
-        "service_at_80_percent": at80,
-        "service_busiest_again": {"concurrency": repeat.get("concurrency"), **{k: repeat.get(k) for k in keep}},
-        "cpu_ms_per_request_at_80_percent": json.loads((out / "cpu_per_request.json").read_text()),
-    }
-    headline = {
-        "service_images_per_s": peak,
-        "service_over_engine": peak / engine_best,
-        "p99_at_80_percent_s": at80["latency_p99_s"],
-        "single_request_s": alone["latency_p50_s"],
-        "single_over_engine": alone["latency_p50_s"] / engine_single if engine_single else None,
-    }
-    return record, headline
 
 
 if __name__ == "__main__":

@@ -115,6 +115,8 @@ class StubService:
     async def _route(self, method: str, path: str, body: bytes, writer: asyncio.StreamWriter) -> None:
         if path == "/health":
             return self._send(writer, 200, {"status": "ok"})
+        if path == "/v1/models":
+            return self._send(writer, 200, {"object": "list", "data": [{"id": "stub-model", "object": "model"}]})
         if path == "/api/serve/applications/":
             return self._send(writer, 200, self.applications())
         self.requests += 1
@@ -245,9 +247,12 @@ def test_streaming_measures_time_to_first_token_and_inter_token_latency(stub, wo
     assert all(len(r.chunk_times_s) == CHUNKS and r.completion_tokens == 7 for r in ok)
     point = run.points[0]
     metrics = compute_metrics(records, point.window_start_s, point.window_end_s)
+    stats = metrics.latency_ms
     true_ttft = [DELAYS[r.task] for r in ok]
-    assert percentile(true_ttft, 50) <= metrics.ttft_p50_s < percentile(true_ttft, 50) + TOLERANCE
-    assert CHUNK_GAP <= metrics.itl_p50_s < CHUNK_GAP + TOLERANCE
+    assert percentile(true_ttft, 50) <= stats["median_ttft_ms"] / 1000 < percentile(true_ttft, 50) + TOLERANCE
+    assert CHUNK_GAP <= stats["median_itl_ms"] / 1000 < CHUNK_GAP + TOLERANCE
+    # (CHUNKS - 1) gaps after the first token, over the other six tokens
+    assert stats["median_tpot_ms"] / 1000 >= (CHUNKS - 1) * CHUNK_GAP / 6
 
 
 def test_open_loop_sends_the_poisson_schedule(stub, workload):
@@ -335,7 +340,7 @@ def test_absent_serve_api_records_nothing_and_warns_once(stub, workload, caplog)
 
 def test_run_command_writes_consistent_files(tmp_path):
     out = tmp_path / "run"
-    args = f"run --url URL --out {out} --concurrency 1,2 --duration 1 --warmup-s 0.2 --resolutions 64x48"
+    args = f"run --url URL --out {out} --concurrency 1,2 --duration 1 --warmup 0.2 --resolutions 64x48"
     args += " --tasks caption:3,ground:1 --seed 3 --max-tokens 5 --ignore-eos --pool-size 8 --nodes g5.xlarge"
     args += " --utilization 0.5 --slo-p99 1.0 --no-progress"
     with StubService() as stub:
@@ -374,6 +379,57 @@ def test_run_command_writes_consistent_files(tmp_path):
     assert read_jsonl(out / "replicas.jsonl") == []
 
 
+def test_a_streamed_run_reports_latencies_goodput_and_vllms_result_file(stub, tmp_path):
+    """TTFT, TPOT, ITL and E2EL with mean, median, std and the percentiles asked for, goodput under two SLOs at
+    once, all consistent with the request records, and the same figures under vLLM's field names."""
+    out = tmp_path / "streamed"
+    args = f"run --url {stub.url} --out {out} --concurrency 2 --duration 1 --warmup 0.2 --resolutions 64x48"
+    args += " --tasks caption:1,vqa:1 --max-tokens 7 --pool-size 8 --stream --percentiles 50,90,99.9 --no-progress"
+    ttft_slo = 1000 * (DELAYS["caption"] + DELAYS["vqa"]) / 2  # between the two tasks' first-token delays
+    assert main([*args.split(), "--goodput", f"ttft:{ttft_slo}", "e2el:60000"]) == 0
+    summary = read_json(out / "summary.json")
+    assert summary["config"]["model"] == "stub-model" and summary["config"]["percentiles"] == [50, 90, 99.9]
+    [point] = summary["points"]
+    answered = [r for r in read_requests(out / "requests.jsonl") if r.ok]
+    records = [r for r in answered if not r.warmup]
+    ttft = [1000 * (r.first_token_s - r.start_s) for r in records]
+    assert point["mean_ttft_ms"] == pytest.approx(np.mean(ttft)) and point["std_ttft_ms"] == pytest.approx(np.std(ttft))
+    assert point["p99.9_ttft_ms"] == pytest.approx(np.percentile(ttft, 99.9))
+    tpot = [1000 * (r.end_s - r.first_token_s) / (r.completion_tokens - 1) for r in records]
+    assert point["median_tpot_ms"] == pytest.approx(np.median(tpot))
+    itl = [1000 * (b - a) for r in records for a, b in zip(r.chunk_times_s, r.chunk_times_s[1:])]
+    assert point["p90_itl_ms"] == pytest.approx(np.percentile(itl, 90)) and len(itl) == (CHUNKS - 1) * len(records)
+    assert point["mean_e2el_ms"] == pytest.approx(1000 * np.mean([r.latency_s for r in records]))
+    assert "p99_e2el_ms" not in point  # only the percentiles asked for
+    # the captions answer within the TTFT SLO, the questions do not: goodput is the captions' rate (rates count
+    # what ended in the steady window, warm-up requests included)
+    window = [r for r in answered if point["window_start_s"] <= r.end_s < point["window_end_s"]]
+    captions = sum(r.task == "caption" for r in window)
+    assert 0 < captions < len(window)
+    assert point["request_goodput"] == pytest.approx(captions / point["window_s"])
+    assert point["goodput_slos_ms"] == {"ttft": ttft_slo, "e2el": 60000}
+    [result] = read_jsonl(out / "vllm_bench_serve.jsonl")
+    assert result["backend"] == "openai-chat" and result["model_id"] == "stub-model"
+    assert result["request_rate"] == "inf" and result["max_concurrency"] == 2
+    assert result["completed"] == len(window) and result["duration"] == point["window_s"]
+    assert result["request_throughput"] == pytest.approx(point["images_per_s"])
+    assert result["request_goodput"] == point["request_goodput"]
+    assert result["total_output_tokens"] == 7 * len(window) and result["total_input_tokens"] == 70 * len(window)
+    for key in ("mean_ttft_ms", "median_tpot_ms", "std_itl_ms", "p99.9_e2el_ms"):
+        assert result[key] == point[key]
+    report = (out / "report.md").read_text()
+    assert "## Latency (ms)" in report and "| concurrency=2 | TTFT |" in report and "| concurrency=2 | TPOT |" in report
+    assert f"## Goodput: TTFT <= {ttft_slo:g} ms, E2EL <= 60000 ms" in report
+
+
+def test_goodput_on_first_tokens_needs_streaming(stub, tmp_path, capsys):
+    args = ["run", "--url", stub.url, "--out", str(tmp_path / "x"), "--goodput", "tpot:50", "--no-progress"]
+    assert main(args) == 2
+    assert "need --stream" in capsys.readouterr().err
+    assert main([*args[:-3], "--goodput", "ttfb:50"]) == 2
+    assert "KEY:MILLISECONDS" in capsys.readouterr().err
+
+
 def test_run_command_refuses_an_unknown_instance_before_sending(stub, tmp_path, capsys):
     code = main(["run", "--url", stub.url, "--out", str(tmp_path / "x"), "--nodes", "g9.huge", "--no-progress"])
     assert code == 2
@@ -391,11 +447,15 @@ def test_report_command_remakes_the_report(stub, tmp_path):
     assert (out / "report.md").read_text() == first
 
 
-def test_several_processes_share_each_point(stub, workload):
+def test_several_processes_share_each_point(stub, workload, capsys):
     """Three sending processes: together they keep a closed loop's concurrency in flight (Little's law) and
-    send an open loop's whole rate; their records merge on one clock, numbered per point in sending order."""
+    send an open loop's whole rate; their records merge on one clock, numbered per point in sending order, and
+    this process shows a bar per point counting every request they sent."""
     config = LoadConfig(duration_s=2.0, warmup_s=0.3, grace_s=5.0, seed=5)
     run = asyncio.run(run_load(stub.url, sweep(concurrency=[1, 6], rates=[30.0]), workload, config, processes=3))
+    bars = capsys.readouterr().err
+    for point in run.points:
+        assert f"{point.label}: {point.sent}req" in bars
     for point in run.points:
         records = [r for r in run.records if r.point == point.index]
         assert [r.index for r in records] == list(range(point.sent))

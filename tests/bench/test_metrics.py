@@ -77,19 +77,51 @@ def test_a_run_with_warmup_errors_timeouts_and_cancellations():
     assert m.slo_attainment == pytest.approx(1 / 7)
     assert m.goodput_images_per_s == pytest.approx(2 / 4)
     assert m.slo_met is False
-    assert m.ttft_p50_s is None and m.itl_p50_s is None
+    # not streamed: no TTFT, TPOT or ITL; E2EL is the latency, in milliseconds
+    assert m.latency_ms["mean_ttft_ms"] is m.latency_ms["p99_itl_ms"] is m.latency_ms["median_tpot_ms"] is None
+    assert m.latency_ms["mean_e2el_ms"] == pytest.approx(1000 * m.latency_mean_s)
+    assert m.latency_ms["p90_e2el_ms"] == pytest.approx(1000 * m.latency_p90_s)
+    assert m.request_goodput is None and m.goodput_slos_ms is None
 
 
-def test_streaming_latencies():
+def test_streaming_latencies_as_vllm_defines_them():
     records = [
-        record(0, 0.0, 1.0, chunks=(0.2, 0.3, 0.5, 1.0)),  # TTFT 0.2, gaps 0.1 0.2 0.5
-        record(1, 1.0, 1.6, chunks=(1.4, 1.5)),  # TTFT 0.4, gap 0.1
+        # TTFT 0.2, gaps 0.1 0.2 0.5, 10 tokens: TPOT (1.0 - 0.2) / 9
+        record(0, 0.0, 1.0, tokens=10, chunks=(0.2, 0.3, 0.5, 1.0)),
+        # TTFT 0.4, gap 0.1, 3 tokens: TPOT (0.6 - 0.4) / 2
+        record(1, 1.0, 1.6, tokens=3, chunks=(1.4, 1.5)),
+        # one token: no TPOT
+        record(2, 1.0, 1.3, tokens=1, chunks=(1.3,)),
     ]
-    m = compute_metrics(records, 0.0, 2.0)
-    assert m.ttft_p50_s == pytest.approx(0.3)
-    assert m.ttft_p99_s == pytest.approx(0.2 + 0.99 * 0.2)
-    assert m.itl_p50_s == pytest.approx(0.15)  # gaps 0.1 0.1 0.2 0.5
-    assert m.itl_p99_s == pytest.approx(0.2 + 0.97 * 0.3)
+    m = compute_metrics(records, 0.0, 2.0, percentiles=(50, 99, 99.9))
+    stats = m.latency_ms
+    ttft = np.array([0.2, 0.4, 0.3]) * 1000
+    assert stats["mean_ttft_ms"] == pytest.approx(ttft.mean()) and stats["median_ttft_ms"] == pytest.approx(300)
+    assert stats["std_ttft_ms"] == pytest.approx(ttft.std())  # the population's, as numpy and vLLM
+    assert stats["p99_ttft_ms"] == pytest.approx(np.percentile(ttft, 99))
+    assert stats["p99.9_ttft_ms"] == pytest.approx(np.percentile(ttft, 99.9))
+    tpot = np.array([0.8 / 9, 0.1]) * 1000
+    assert stats["mean_tpot_ms"] == pytest.approx(tpot.mean()) and stats["std_tpot_ms"] == pytest.approx(tpot.std())
+    itl = np.array([0.1, 0.2, 0.5, 0.1]) * 1000
+    assert stats["median_itl_ms"] == pytest.approx(150) and stats["mean_itl_ms"] == pytest.approx(itl.mean())
+    assert stats["p99_itl_ms"] == pytest.approx(np.percentile(itl, 99))
+    assert stats["median_e2el_ms"] == pytest.approx(600) and "p90_e2el_ms" not in stats
+
+
+def test_goodput_counts_the_requests_that_meet_every_slo():
+    records = [
+        record(0, 0.0, 1.0, tokens=10, chunks=(0.2, 1.0)),  # TTFT 200 ms, TPOT 89 ms, E2EL 1000 ms
+        record(1, 0.5, 1.1, tokens=3, chunks=(0.9, 1.1)),  # TTFT 400 ms, TPOT 100 ms, E2EL 600 ms
+        record(2, 1.0, 1.2, tokens=1, chunks=(1.2,)),  # TTFT 200 ms, one token (TPOT 0), E2EL 200 ms
+        record(3, 1.0, 1.9, status=503, error_type="service_unavailable"),
+        record(4, 1.5, 2.5, tokens=2, chunks=(1.6, 2.5)),  # ends after the window
+    ]
+    goodput = lambda slos: compute_metrics(records, 0.0, 2.0, goodput_slos_ms=slos).request_goodput  # noqa: E731
+    assert goodput({"ttft": 300}) == pytest.approx(2 / 2.0)
+    assert goodput({"ttft": 300, "tpot": 50}) == pytest.approx(1 / 2.0)
+    assert goodput({"e2el": 600}) == pytest.approx(2 / 2.0)
+    assert goodput({"ttft": 500, "tpot": 100, "e2el": 1000}) == pytest.approx(3 / 2.0)
+    assert compute_metrics(records, 0.0, 2.0, goodput_slos_ms={"e2el": 1}).goodput_slos_ms == {"e2el": 1}
 
 
 def test_an_empty_window_is_refused():
@@ -140,8 +172,11 @@ def test_engine_metrics():
     assert m.tokens_per_s == pytest.approx(240.0)
     assert m.completion_tokens_mean == pytest.approx(10.0)
     assert m.finished_by_length_fraction == pytest.approx(0.25)
+    assert m.max_tokens == 0  # the batches did not say
     with pytest.raises(ValueError):
         compute_engine_metrics([*batches, BatchRecord("hf", 8, 0, 1.0, 560, 8, 0)])
+    with pytest.raises(ValueError, match="output length"):
+        compute_engine_metrics([*batches, BatchRecord("fast", 8, 0, 1.0, 560, 8, 0, max_tokens=16)])
 
 
 def test_metrics_of_random_runs_are_consistent():

@@ -11,7 +11,7 @@ from bench.__main__ import main
 from bench.cost import load_prices, parse_nodes
 from bench.generator import PointResult
 from bench.load import LoadRun
-from bench.records import RequestRecord, read_json, write_json, write_jsonl
+from bench.records import RequestRecord, write_json, write_jsonl
 from bench.replicas import ReplicaSample
 from bench.report import write_run_report
 from bench.summary import service_summary
@@ -143,40 +143,79 @@ def test_run_report_with_an_engine_baseline(tmp_path):
     assert "max_tokens differs" not in report
 
 
-def test_price_command_combines_runs(tmp_path, capsys):
+def test_price_command_prices_runs_on_their_instances(tmp_path, capsys):
+    """Two service runs priced on the node sets given, and an engine run at two output lengths priced on every
+    H200 of the shipped table: every file written, the figures consistent with the runs and the prices."""
     write_run(tmp_path / "a10", synthetic_run(latency=0.4, per_second=5), "g5.xlarge")
     write_run(tmp_path / "h100", synthetic_run(latency=0.1, per_second=50), "p5.48xlarge/gpu")
-    bare = synthetic_run(latency=0.2, per_second=10)
-    write_run(tmp_path / "l4", bare, "g6.xlarge")
-    summary = read_json(tmp_path / "l4" / "summary.json")
-    write_json(tmp_path / "l4" / "summary.json", {**summary, "nodes": []})
+    engine = tmp_path / "engine"
+    engine.mkdir()
+    points = [
+        {"path": "fast", "batch_size": 256, "max_tokens": n, "images_per_s": r, "completion_tokens_mean": n}
+        for n, r in ((16, 1200.0), (32, 960.0))
+    ]
+    loops = [{"path": "fast", "concurrency": 384, "max_tokens": 32, "images_per_s": 880.0, "tokens_per_s": 28160.0}]
+    config = {"output_lengths": [16, 32], "workload": {"max_tokens": 32}}
+    write_json(
+        engine / "summary.json",
+        {"kind": "engine", "gpu": "NVIDIA H200", "config": config, "points": points, "continuous": loops},
+    )
     out = tmp_path / "pricing"
-    args = ["price", *(str(tmp_path / d) for d in ("a10", "h100", "l4")), "--out", str(out)]
-    args += ["--margin", "0.4", "--utilization", "0.5", "--max-error-rate", "0.2", "--slo-p99", "1.0"]
-    assert main([*args, "--nodes", f"{tmp_path / 'l4'}=g6.xlarge"]) == 0
+    args = ["price", *(str(tmp_path / d) for d in ("a10", "h100", "engine")), "--out", str(out)]
+    args += ["--margin", "0.4", "--utilization", "0.5,1", "--max-error-rate", "0.2", "--slo-p99", "1.0"]
+    args += ["--nodes", f"{tmp_path / 'a10'}=g5.xlarge", "--nodes", f"{tmp_path / 'h100'}=p5.48xlarge/gpu"]
+    assert main([*args, "--cpu-ms-per-request", "10"]) == 0
     with open(out / "pricing.csv") as handle:
-        rows = {r["run"]: r for r in csv.DictReader(handle)}
-    assert set(rows) == {"a10", "h100", "l4"}
+        rows = list(csv.DictReader(handle))
+    a10 = next(r for r in rows if r["figure_run"] == "a10")
     # a10: the second point (0.8 s p99, within the SLO) is faster: 83 successes end in its 10 s window.
-    a10 = rows["a10"]
-    assert a10["point"] == "concurrency=4" and float(a10["images_per_s"]) == pytest.approx(8.3)
-    assert float(a10["cost_per_1k_images_usd"]) == pytest.approx(1.006 / (8.3 * 3.6))
-    assert float(a10["cost_per_1k_images_usd_at_utilization"]) == pytest.approx(2 * 1.006 / (8.3 * 3.6))
-    assert float(a10["list_price_per_1k_images_usd"]) == pytest.approx(2 * 1.006 / (8.3 * 3.6) / 0.6)
-    h100 = rows["h100"]
-    assert h100["nodes"] == "p5.48xlarge/gpu" and float(h100["usd_per_hour"]) == pytest.approx(98.32 / 8)
-    assert rows["l4"]["nodes"] == "g6.xlarge"
-    markdown = (out / "pricing.md").read_text()
-    assert "Reference: $0.626 per 1,000 images" in markdown and "p99 latency within 1 s" in markdown
-    for name in ("pricing", "cost_vs_latency"):
+    assert a10["figure_point"] == "concurrency=4" and float(a10["figure_images_per_s"]) == pytest.approx(8.3)
+    assert float(a10["cost_per_1k_usd_at_100pct"]) == pytest.approx(1.006 / (8.3 * 3.6))
+    assert float(a10["cost_per_1k_usd_at_50pct"]) == pytest.approx(2 * 1.006 / (8.3 * 3.6))
+    assert float(a10["list_price_per_1k_usd_at_50pct"]) == pytest.approx(2 * 1.006 / (8.3 * 3.6) / 0.6)
+    assert float(a10["break_even_usd_per_gpu_hour_at_100pct"]) == pytest.approx(0.626 * 8.3 * 3.6)
+    h100 = next(r for r in rows if r["figure_run"] == "h100")
+    assert h100["offer_name"] == "p5.48xlarge/gpu" and float(h100["usd_per_hour"]) == pytest.approx(55.04 / 8)
+    shipped = load_prices()
+    h200 = [p for p in shipped.gpu_rows() if p.accelerator == "H200"]
+    engine_rows = [r for r in rows if r["figure_run"] == "engine"]
+    assert len(engine_rows) == 3 * len(h200)  # two static lengths and one loop, on every H200 offer
+    for row in engine_rows:
+        price = shipped.price(row["offer_name"])
+        assert float(row["usd_per_hour"]) == pytest.approx(price.gpu_usd_per_hour)
+        assert row["offer_source"] == price.source and row["offer_date"].startswith(price.date)
+        assert float(row["cpu_usd_per_hour"]) == 0  # the engine alone: no CPU tier
+    report = (out / "report.md").read_text()
+    assert "$0.626 per 1,000 images" in report and "2026-11" in report and "set at launch" in report
+    assert "## Service: cost per 1,000 images" in report
+    assert "## Engine only, static batch: cost per 1,000 images" in report and "not the service" in report
+    assert "Output lengths measured: 16, 32 new tokens" in report and "p99 within 1 s" in report
+    for price in h200:
+        assert price.source in report and price.date in report
+    assert "| detailed_caption | not measured |" in report
+    with open(out / "tasks.csv") as handle:
+        tasks = list(csv.DictReader(handle))
+    caption = next(
+        t
+        for t in tasks
+        if (t["task"], t["kind"], t["offer"], t["utilization"])
+        == ("caption", "engine only, static batch", h200[0].name, "1.0")
+    )
+    cost_at = {n: h200[0].gpu_usd_per_hour / (r * 3.6) for n, r in ((16, 1200.0), (32, 960.0))}
+    assert float(caption["cost_per_1k_usd"]) == pytest.approx(0.3 * cost_at[16] + 0.7 * cost_at[32])
+    assert caption["every_length_measured"] == "True"
+    for name in ("pricing", "break_even"):
         with Image.open(out / f"{name}.png") as image:
-            assert image.format == "PNG"
-    assert "a10: g5.xlarge" in capsys.readouterr().out
+            assert image.format == "PNG" and image.size[0] > 800
+    assert "a10 (service, - tokens) on g5.xlarge" in capsys.readouterr().out
 
 
-def test_price_command_needs_a_node_set(tmp_path, capsys):
+def test_price_command_needs_a_price_for_the_gpu(tmp_path, capsys):
     write_run(tmp_path / "x", synthetic_run(latency=0.4, per_second=5), "g5.xlarge")
-    summary = read_json(tmp_path / "x" / "summary.json")
-    write_json(tmp_path / "x" / "summary.json", {**summary, "nodes": []})
-    assert main(["price", str(tmp_path / "x"), "--out", str(tmp_path / "p")]) == 2
-    assert "--nodes" in capsys.readouterr().err
+    args = ["price", str(tmp_path / "x"), "--out", str(tmp_path / "p"), "--max-error-rate", "0.2"]
+    assert main(args) == 2
+    assert "no price for its GPU" in (err := capsys.readouterr().err) and "--nodes" in err
+    assert main([*args[:-2]]) == 2  # one refusal in ten is over the default error rate
+    assert "no point to price" in capsys.readouterr().err
+    assert main([*args, "--utilization", "0,1"]) == 2
+    assert "fractions in (0, 1]" in capsys.readouterr().err

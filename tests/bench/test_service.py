@@ -21,9 +21,9 @@ POINTS = ["concurrency=1", "concurrency=2"]
 @pytest.fixture(scope="module")
 def run_dir(service_url, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "run"
-    args = f"run --url {service_url} --out {out} --concurrency 1,2 --duration 3 --warmup-s 0.5 --grace 20"
+    args = f"run --url {service_url} --out {out} --concurrency 1,2 --duration 3 --warmup 0.5 --grace 20"
     args += f" --resolutions 320x240:3,640x480:1 --pool-size 8 --max-tokens {MAX_TOKENS} --seed 1"
-    args += " --nodes c7i.2xlarge --slo-p99 30 --no-progress"
+    args += " --nodes m7g.large --slo-p99 30 --no-progress"
     assert main(args.split()) == 0
     return out
 
@@ -41,7 +41,7 @@ def test_every_file_is_written(run_dir):
 def test_summary_matches_the_request_records(run_dir, service_url):
     summary = read_json(run_dir / "summary.json")
     assert summary["schema_version"] == 1 and summary["kind"] == "service"
-    assert summary["config"]["url"] == service_url and summary["nodes"] == ["c7i.2xlarge"]
+    assert summary["config"]["url"] == service_url and summary["nodes"] == ["m7g.large"]
     records = read_requests(run_dir / "requests.jsonl")
     points = summary["points"]
     assert [p["label"] for p in points] == POINTS
@@ -90,4 +90,37 @@ def test_csv_and_report_repeat_the_summary(run_dir):
     report = (run_dir / "report.md").read_text()
     for point in points:
         assert f"| {point['label']} | {point['images_per_s']:.4g} |" in report
-    assert "c7i.2xlarge" in report and "![throughput and p99 latency](throughput_latency.png)" in report
+    assert "m7g.large" in report and "![throughput and p99 latency](throughput_latency.png)" in report
+
+
+@pytest.fixture(scope="module")
+def streamed_dir(service_url, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "streamed"
+    args = f"run --url {service_url} --out {out} --concurrency 2 --duration 3 --warmup 0.5 --grace 20 --stream"
+    args += f" --resolutions 320x240 --pool-size 4 --max-tokens {MAX_TOKENS} --seed 1 --percentiles 50,90,99"
+    assert main([*args.split(), "--no-progress", "--goodput", "ttft:60000", "tpot:60000", "e2el:60000"]) == 0
+    return out
+
+
+def test_a_streamed_run_reports_the_latencies_of_vllm_bench_serve(streamed_dir):
+    """TTFT, TPOT, ITL and E2EL with mean, median, std and the percentiles asked for, from the service's own
+    stream, and goodput under three SLOs at once (generous ones: every request meets them)."""
+    [point] = read_json(streamed_dir / "summary.json")["points"]
+    answered = [r for r in read_requests(streamed_dir / "requests.jsonl") if r.ok and not r.warmup]
+    records = [r for r in answered if r.chunk_times_s]  # the tiny model's answers may be empty: no text chunk
+    assert records and all(r.first_token_s == r.chunk_times_s[0] for r in records)
+    for metric in ("ttft", "tpot", "itl", "e2el"):
+        stats = [point[f"{s}_{metric}_ms"] for s in ("mean", "median", "std", "p50", "p90", "p99")]
+        assert None not in stats, metric
+        assert 0 <= point[f"p50_{metric}_ms"] <= point[f"p90_{metric}_ms"] <= point[f"p99_{metric}_ms"]
+    assert point["median_e2el_ms"] == pytest.approx(1000 * percentile([r.latency_s for r in answered], 50))
+    ttft = [1000 * (r.first_token_s - r.start_s) for r in records]
+    assert point["p99_ttft_ms"] == pytest.approx(percentile(ttft, 99), rel=1e-6)
+    assert point["mean_ttft_ms"] <= point["mean_e2el_ms"]
+    assert point["goodput_slos_ms"] == {"ttft": 60000, "tpot": 60000, "e2el": 60000}
+    assert point["request_goodput"] == pytest.approx(point["images_per_s"])
+    [result] = read_jsonl(streamed_dir / "vllm_bench_serve.jsonl")
+    assert result["completed"] == round(point["images_per_s"] * point["window_s"]) > 0
+    assert result["request_goodput"] == point["request_goodput"] and result["p99_itl_ms"] == point["p99_itl_ms"]
+    report = (streamed_dir / "report.md").read_text()
+    assert "## Latency (ms)" in report and "| concurrency=2 | ITL |" in report and "## Goodput:" in report
