@@ -22,7 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     run.add_argument("--port", type=int, help="port (default 8000)")
     run.add_argument("--config", help="YAML: plain ServiceConfig fields, or a Serve config file")
-    run.add_argument("--engine", choices=["fast", "hf"], help="generation engine (default fast)")
+    run.add_argument(
+        "--engine",
+        choices=["fast", "hf", "pixels"],
+        help="generation engine (default fast); pixels: no model, answers that box what differs from the top-left "
+        "pixel (docs/testing.md)",
+    )
     run.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
     run.add_argument("--load-format", choices=["auto", "dummy"], help="dummy: random weights, for benchmarks")
     run.add_argument("--dashboard", action="store_true", help="start Ray's dashboard (Serve's REST API) too")

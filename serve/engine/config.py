@@ -43,7 +43,11 @@ class ModelConfig(Strict):
 class EngineConfig(Strict):
     """Generation: which engine, how many sequences at once, and how long they may be."""
 
-    kind: Literal["fast", "hf"] = Field("fast", description="fast: continuous batching; hf: the reference")
+    kind: Literal["fast", "hf", "pixels"] = Field(
+        "fast",
+        description="fast: continuous batching; hf: the reference; pixels: no model, answers that box the pixels "
+        "unlike the top-left one, a test and benchmarking aid (serve.engine.pixels, docs/testing.md)",
+    )
     max_batch_size: int = Field(
         64,
         ge=1,
