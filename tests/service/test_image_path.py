@@ -30,9 +30,9 @@ pytestmark = pytest.mark.slow
 
 RED = (230, 20, 20)
 SIZE = (320, 240)
-BOX = (40, 30, 130, 120)
-"""The shape of most cases: an ellipse at the top left of a 320x240 picture, away from its centre lines, so that
-a mirror, a turn or a swap of axes moves it off itself."""
+BOX = (40, 20, 200, 90)
+"""The shape of most cases: a flat ellipse at the top left of a 320x240 picture, away from its centre lines and
+its diagonal, so that any mirror, turn or swap of axes moves it off itself."""
 
 
 @dataclass(frozen=True)
