@@ -89,7 +89,7 @@ class EngineConfig(Strict):
         0.25, ge=0, description="fast engine: admit waiting requests once they number this fraction of the running"
     )
     admit_max_steps: int = Field(16, ge=0, description="fast engine: or once they have waited this many decode steps")
-    batch_wait_s: float = Field(0.005, ge=0, description="hf engine: how long to gather a batch")
+    batch_wait_s: float = Field(0.005, ge=0, description="hf and pixels engines: how long to gather a batch")
     process_niceness: int = Field(
         -10,
         ge=-20,

@@ -34,8 +34,9 @@ Of the request's parameters, ``max_new_tokens`` cuts the answer (finish ``length
 with the model), else the end token follows (``stop``); with ``ignore_eos`` the end token is repeated as an
 ordinary token up to exactly ``max_new_tokens`` (it decodes to nothing, so the text is the same). Temperature,
 top-p, seed and the n-gram ban do not apply: an image and a prompt have one answer, as under greedy decoding.
-A streaming request gets its tokens one at a time. Each step answers every waiting request (up to
-``max_batch_size``) with a few array operations each, on the CPU; no weights are needed
+A streaming request gets its tokens one at a time. Like the hf engine, a step gathers the requests that arrive
+within ``batch_wait_s`` of the first (up to ``max_batch_size``), so that requests share the engine as they would
+share a model's batch; it answers them with a few array operations each, on the CPU, and needs no weights
 (``serve.engine.build.load_for_engine``).
 
 Every stretch of words is encoded by the tokenizer at construction, alone and stripped, and follows a space or a
@@ -46,6 +47,7 @@ each decodes as written after a tag, and refuses a tokenizer that would rewrite 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -226,6 +228,10 @@ class PixelEngine(Engine):
         return ids
 
     def step(self) -> float | None:
+        if len(self.waiting) < self.config.max_batch_size:
+            wait = self.waiting[0].arrived + self.config.batch_wait_s - time.monotonic()
+            if wait > 0:
+                return wait  # gather the requests that arrive together into one step, as the hf engine does
         for _ in range(min(len(self.waiting), self.config.max_batch_size)):
             pending = self.waiting.popleft()
             try:

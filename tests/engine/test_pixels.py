@@ -174,6 +174,20 @@ def test_each_request_of_a_batch_is_answered_from_its_own_pixels(engine, pipelin
         assert iou(entity.boxes_px[0], box) > 0.6
 
 
+def test_a_step_gathers_the_requests_that_arrive_within_batch_wait_s(tiny_dir, pipeline):
+    config = EngineConfig(kind="pixels", max_batch_size=3, batch_wait_s=60)
+    engine = build_engine(load_for_engine(ModelConfig(source=str(tiny_dir)), config), config)
+    sinks = [Recorder() for _ in range(4)]
+    request = pipeline.prepare(Query(Task.CAPTION), DISC).request
+    for sink in sinks[:2]:
+        engine.submit(request, sink)
+    assert engine.step() > 59 and [s.result for s in sinks] == [None] * 4  # waiting for more
+    for sink in sinks[2:]:
+        engine.submit(request, sink)
+    assert engine.step() is None  # a full batch goes at once
+    assert [s.result is not None for s in sinks] == [True, True, True, False] and len(engine.waiting) == 1
+
+
 def test_colours_are_named_in_the_images_channel_order(engine, pipeline):
     blue, _ = ask(engine, pipeline, Query(Task.CAPTION), encode(shape_image(320, 240, DISC_BOX, (20, 30, 230))))
     assert blue.text == "An image of a blue shape"

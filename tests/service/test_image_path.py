@@ -98,11 +98,12 @@ CASES: dict[str, Callable[[], Case]] = {
 
 @pytest.fixture(scope="module")
 def pixels_app(deploy_app):
-    """The service with the pixel engine, remote images allowed from this machine; deleted after the module."""
+    """The service with the pixel engine, remote images allowed from this machine; deleted after the module. The
+    engine gathers what arrives within 0.1 s into one step, so that concurrent requests share the engine."""
     url = deploy_app(
         "pixels",
         {
-            "engine": {"kind": "pixels"},
+            "engine": {"kind": "pixels", "max_batch_size": 32, "batch_wait_s": 0.1},
             "preprocessor": {"num_cpus": 0},
             "http": {"allow_remote_images": True, "allow_private_addresses": True, "remote_image_hosts": ["127.0.0.1"]},
         },
