@@ -2,13 +2,14 @@
 
 python -m serve run --model microsoft/kosmos-2-patch14-224 [--host 127.0.0.1] [--port 8000] [--config FILE]
 python -m serve tiny DIR [--real-size]      # the tiny offline model (or the real architecture's config)
-python -m serve demo                        # tiny model, local service, one request per task, then stop
+python -m serve demo [--engine pixels]      # tiny model, local service, one request per task, drawn, then stop
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         "--real-size", action="store_true", help="the real architecture's config and vocabulary, no weights"
     )
 
-    demo = commands.add_parser("demo", help="serve the tiny model locally and send one request per task")
+    demo = commands.add_parser(
+        "demo", help="serve the tiny model locally, send one request per task, draw the answers' boxes"
+    )
     demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument(
+        "--engine", choices=["fast", "hf", "pixels"], help="the config's (fast) or pixels: answers that box a red disc"
+    )
+    demo.add_argument("--out", type=Path, default=Path("out/demo.png"), help="the drawing (%(default)s)")
 
     args = parser.parse_args(argv)
     if args.command == "tiny":
@@ -69,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "demo":
         from serve.app.demo import main as demo_main
 
-        return demo_main(args.port)
+        return demo_main(args.port, args.engine, args.out)
     return 0
 
 
