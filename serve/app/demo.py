@@ -82,8 +82,11 @@ def draw_answers(image: bytes, answers: list[dict], path: Path) -> Path:
             for box in entity["boxes_px"]:
                 scaled = [v * scale for v in box]
                 draw.rectangle(scaled, outline=(0, 200, 0), width=3)
-                draw.text((scaled[0] + 4, scaled[1] + 2), entity["phrase"], fill=(0, 160, 0), font=font)
+                label = (scaled[0] + 5, scaled[1] + 4)
+                draw.rectangle(draw.textbbox(label, entity["phrase"], font=font), fill="white")
+                draw.text(label, entity["phrase"], fill=(0, 160, 0), font=font)
         sheet.paste(panel, (left, top))
+        ImageDraw.Draw(sheet).rectangle((left - 1, top - 1, left + panel.width, top + panel.height), outline="gray")
         label = f"[{answer['task']}] {answer['text'] or ''}".strip()
         lines = [label, *textwrap.wrap(repr(answer["content"]), 52)][:5]
         ImageDraw.Draw(sheet).multiline_text((left, top + shown.height + 4), "\n".join(lines), fill="black", font=font)
@@ -121,7 +124,7 @@ def main(port: int = 8000, engine: str | None = None, out: Path = Path("out/demo
             extra = {"task": task} | ({"region": region} if region else {})
             sent = time.monotonic()
             response = client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": content}], max_tokens=24, extra_body=extra
+                model=model, messages=[{"role": "user", "content": content}], max_tokens=48, extra_body=extra
             )
             message = response.choices[0].message
             print(f"[{task}] {text or ''} ({time.monotonic() - sent:.2f} s)")
