@@ -42,9 +42,11 @@ lint: $(STAMP)
 tiny: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m serve tiny $(TINY)
 
-# The tiny offline model served locally, one request per task with the openai client, then a clean stop.
+# The tiny offline model served locally, one request per task with the openai client, the answers' boxes drawn
+# on the image (out/demo.png), then a clean stop. ENGINE=pixels: the pixel engine, whose answers box a red disc.
+ENGINE ?=
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m serve demo
+	HF_HUB_OFFLINE=1 $(PY) -m serve demo $(if $(ENGINE),--engine $(ENGINE))
 
 # The tiny model served locally, a short closed-loop sweep (concurrency 1 and 4, 5 s each), the usual result
 # files in out/bench, then a clean stop, also on failure or Ctrl-C.

@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine",
         dest="engines",
         type=name_list,
-        help="paths side by side: hf,fast,fast-eager,fast-sdpa,fast-sync,fast-graphs32 (hf)",
+        help="paths side by side: hf,fast,fast-eager,fast-sdpa,fast-sync,fast-graphs32,pixels (hf)",
     )
     engine.add_argument("--batch-sizes", type=int_list, help="comma-separated (1,8,32)")
     engine.add_argument("--iterations", type=int, help="timed batches per point (5)")

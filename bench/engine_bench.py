@@ -67,10 +67,12 @@ PATHS: dict[str, dict[str, str]] = {
     "fast-sdpa": {"kind": "fast", "decode_attention": "sdpa"},
     "fast-sync": {"kind": "fast", "overlap": False},
     "fast-graphs32": {"kind": "fast", "graph_admission_rows": 32},
+    "pixels": {"kind": "pixels"},
 }
 """Engine paths by name: the reference, the fast engine, and the fast engine with its layers uncompiled, with
 SDPA decode attention, with each decode step's tokens taken before the next is launched, or with admissions in
-graphed chunks of 32 requests instead of 256."""
+graphed chunks of 32 requests instead of 256; and the pixel engine, which answers without the model (the
+ceiling of everything around the engine)."""
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,14 @@
 
 python -m serve run --model microsoft/kosmos-2-patch14-224 [--host 127.0.0.1] [--port 8000] [--config FILE]
 python -m serve tiny DIR [--real-size]      # the tiny offline model (or the real architecture's config)
-python -m serve demo                        # tiny model, local service, one request per task, then stop
+python -m serve demo [--engine pixels]      # tiny model, local service, one request per task, drawn, then stop
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     run.add_argument("--port", type=int, help="port (default 8000)")
     run.add_argument("--config", help="YAML: plain ServiceConfig fields, or a Serve config file")
-    run.add_argument("--engine", choices=["fast", "hf"], help="generation engine (default fast)")
+    run.add_argument(
+        "--engine",
+        choices=["fast", "hf", "pixels"],
+        help="generation engine (default fast); pixels: no model, answers that box what differs from the top-left "
+        "pixel (docs/testing.md)",
+    )
     run.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
     run.add_argument("--load-format", choices=["auto", "dummy"], help="dummy: random weights, for benchmarks")
     run.add_argument("--dashboard", action="store_true", help="start Ray's dashboard (Serve's REST API) too")
@@ -33,8 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         "--real-size", action="store_true", help="the real architecture's config and vocabulary, no weights"
     )
 
-    demo = commands.add_parser("demo", help="serve the tiny model locally and send one request per task")
+    demo = commands.add_parser(
+        "demo", help="serve the tiny model locally, send one request per task, draw the answers' boxes"
+    )
     demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument(
+        "--engine", choices=["fast", "hf", "pixels"], help="the config's (fast) or pixels: answers that box a red disc"
+    )
+    demo.add_argument("--out", type=Path, default=Path("out/demo.png"), help="the drawing (%(default)s)")
 
     args = parser.parse_args(argv)
     if args.command == "tiny":
@@ -64,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "demo":
         from serve.app.demo import main as demo_main
 
-        return demo_main(args.port)
+        return demo_main(args.port, args.engine, args.out)
     return 0
 
 

@@ -1,5 +1,6 @@
-"""What several test modules share: test images (smooth, photograph-like pictures in any format), engine requests
-and a recording sink, eval output checks, and Triton kernels run by its interpreter."""
+"""What several test modules share: test images (smooth, photograph-like pictures in any format, one shape on a
+plain background), engine requests and a recording sink, eval output checks, and Triton kernels run by its
+interpreter."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from eval.refexp import wilson_interval
 from serve.app.client import chat_request
@@ -54,6 +56,27 @@ def photo(width: int = 320, height: int = 240, seed: int = 0) -> Image.Image:
     base += disc[..., None] * rng.uniform(-80, 80, size=3)
     base += rng.normal(0, 6, size=base.shape)
     return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+def shape_image(
+    width: int,
+    height: int,
+    box: tuple[int, int, int, int],
+    colour: tuple[int, int, int] = (230, 20, 20),
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> Image.Image:
+    """An RGB ellipse that fills ``box`` (x1, y1, x2, y2: pixel edges, x2 and y2 excluded) on a plain background."""
+    image = Image.new("RGB", (width, height), background)
+    ImageDraw.Draw(image).ellipse((box[0], box[1], box[2] - 1, box[3] - 1), fill=colour)
+    return image
+
+
+def iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two boxes (x1, y1, x2, y2)."""
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

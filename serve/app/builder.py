@@ -44,8 +44,11 @@ def _deployment(cls: type, name: str, resources: DeploymentConfig, access_log: b
 
 
 def _gpu_or_fallback(config: ServiceConfig) -> DeploymentConfig:
-    """The Generator's resources; without GPUs in a running cluster (and fallback on), CPU ones."""
+    """The Generator's resources; without GPUs in a running cluster (and fallback on), CPU ones. The pixel engine
+    runs on the CPU: it takes no GPU."""
     resources = config.generator
+    if config.engine.kind == "pixels":
+        return resources.model_copy(update={"num_gpus": 0.0})
     if resources.num_gpus == 0 or not config.cpu_fallback or not ray.is_initialized():
         return resources
     if ray.cluster_resources().get("GPU", 0) > 0:

@@ -35,7 +35,7 @@ class Generator:
         self.metrics = EngineMetrics()
         self._sampler: asyncio.Task | None = None
         self.answered, self.answered_s = 0, 0.0  # requests answered by generate(), and their seconds in it
-        if self.loop.device == "cpu":
+        if self.loop.device == "cpu" and config.engine.kind != "pixels":  # the pixel engine runs on the CPU
             log.warning("Generator: no GPU visible; generating on the CPU (slow): %s", self.loop.description)
         log.info("Generator ready: %s", self.loop.description)
 

@@ -43,7 +43,11 @@ class ModelConfig(Strict):
 class EngineConfig(Strict):
     """Generation: which engine, how many sequences at once, and how long they may be."""
 
-    kind: Literal["fast", "hf"] = Field("fast", description="fast: continuous batching; hf: the reference")
+    kind: Literal["fast", "hf", "pixels"] = Field(
+        "fast",
+        description="fast: continuous batching; hf: the reference; pixels: no model, answers that box the pixels "
+        "unlike the top-left one, a test and benchmarking aid (serve.engine.pixels, docs/testing.md)",
+    )
     max_batch_size: int = Field(
         64,
         ge=1,
@@ -85,7 +89,7 @@ class EngineConfig(Strict):
         0.25, ge=0, description="fast engine: admit waiting requests once they number this fraction of the running"
     )
     admit_max_steps: int = Field(16, ge=0, description="fast engine: or once they have waited this many decode steps")
-    batch_wait_s: float = Field(0.005, ge=0, description="hf engine: how long to gather a batch")
+    batch_wait_s: float = Field(0.005, ge=0, description="hf and pixels engines: how long to gather a batch")
     process_niceness: int = Field(
         -10,
         ge=-20,

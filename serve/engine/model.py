@@ -3,7 +3,9 @@
 ``load_model("microsoft/kosmos-2-patch14-224")`` reads the checkpoint from a local folder, the Hugging Face
 cache, or the hub, in the dtype and on the device asked for (``auto``: float16 on CUDA, float32 on CPU).
 With ``load_format="dummy"`` the weights are random, drawn on the device, for benchmarking the real
-architecture where the checkpoint cannot be had (``python -m serve tiny DIR --real-size`` writes its config).
+architecture where the checkpoint cannot be had (``python -m serve tiny DIR --real-size`` writes its config);
+with ``load_format="meta"`` the model is its architecture on PyTorch's meta device, no memory and no weights read,
+for an engine that needs only the config and the processor (the pixel engine).
 Either way the loaded model's image-to-text attention is made bidirectional (:func:`make_projection_bidirectional`).
 """
 
@@ -82,14 +84,14 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, target)
     processor = load_processor(model)
     try:
-        if load_format == "dummy":
+        if load_format in ("dummy", "meta"):
             config = AutoConfig.from_pretrained(model)
-            with torch.device(target):
+            with torch.device("meta" if load_format == "meta" else target):
                 network = Kosmos2ForConditionalGeneration._from_config(config, dtype=torch_dtype)
         elif load_format == "auto":
             network = Kosmos2ForConditionalGeneration.from_pretrained(model, dtype=torch_dtype).to(target)
         else:
-            raise ValueError(f"load_format must be auto or dummy, got {load_format!r}")
+            raise ValueError(f"load_format must be auto, dummy or meta, got {load_format!r}")
     except OSError as exc:
         raise _unavailable(model, exc) from None
     network.eval().requires_grad_(False)

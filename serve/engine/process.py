@@ -29,7 +29,7 @@ from collections import defaultdict
 from dataclasses import replace
 from multiprocessing.connection import Connection
 
-from serve.engine.build import build_engine
+from serve.engine.build import build_engine, load_for_engine
 from serve.engine.loop import AsyncEngine, EngineLoop, LoopSink
 from serve.engine.messages import (
     Cancel,
@@ -47,7 +47,6 @@ from serve.engine.messages import (
     receive,
     send,
 )
-from serve.engine.model import load_model
 from serve.engine.requests import GenerationRequest, GenerationResult
 from serve.errors import Unavailable
 
@@ -223,8 +222,7 @@ def main() -> None:
     start: StartEngine = receive(connection)
     prioritize(start.engine.process_niceness)  # before the engine's threads start: they inherit it
     try:
-        model = start.model
-        loaded = load_model(model.source, device=model.device, dtype=model.dtype, load_format=model.load_format)
+        loaded = load_for_engine(start.model, start.engine)
         engine = build_engine(loaded, start.engine)
         engine.warm_up()
     except Exception as exc:

@@ -230,3 +230,5 @@ def test_generator_falls_back_to_the_cpu_without_gpus(service):
     assert _gpu_or_fallback(wants_gpu).num_gpus == 0
     strict = wants_gpu.model_copy(update={"cpu_fallback": False})
     assert _gpu_or_fallback(strict).num_gpus == 1
+    pixels = strict.model_copy(update={"engine": strict.engine.model_copy(update={"kind": "pixels"})})
+    assert _gpu_or_fallback(pixels).num_gpus == 0  # the pixel engine runs on the CPU
