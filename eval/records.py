@@ -21,7 +21,6 @@ boxes, and ``no_object`` is counted beside ``phrase_mismatch``; 3: 95% intervals
 sources, box formats, partition, caveat and whether it stands beside the paper's column)."""
 
 
-
 class RunError(RuntimeError):
     """The output folder holds something this run cannot continue from."""
 

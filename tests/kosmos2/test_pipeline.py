@@ -51,7 +51,7 @@ def test_finish_scales_boxes_to_the_original_image(pipeline, loaded):
 
 
 def test_text_is_checked_before_the_image_is_read(pipeline):
-    with pytest.raises(InvalidRequest, match="exceeds the 160 tokens"):
+    with pytest.raises(InvalidRequest, match="maximum context length is 160 tokens"):
         pipeline.prepare(Query(Task.CAPTION, params=SamplingParams(max_new_tokens=100)), b"not an image")
     with pytest.raises(InvalidRequest, match="takes no text"):
         pipeline.prepare(Query(Task.CAPTION, "a dog"), b"not an image")
