@@ -2,10 +2,11 @@
 
 :meth:`Pipeline.prepare` turns a :class:`Query` (the task, its text or region, the sampling parameters) and an
 encoded image into a :class:`Prepared` request: the engine's input (224x224 uint8 pixels and the prompt's ids)
-and what finishing needs (the prompt and the original image's size). :meth:`Pipeline.finish` turns the engine's
-tokens into the clean answer and its entities, boxes scaled to the original image; :meth:`Pipeline.stream` does
-so piece by piece. The service's Preprocessor, the evaluation's engine predictor and the benchmarks all go
-through here, so that they prepare and read answers alike.
+and what finishing needs (the prompt, the original image's size, the stop strings). :meth:`Pipeline.finish` turns
+the engine's tokens into the clean answer and its entities, boxes scaled to the original image;
+:meth:`Pipeline.decoding` does so as the tokens arrive (``serve.kosmos2.decoding``). The service's Preprocessor,
+the evaluation's engine predictor and the benchmarks all go through here, so that they prepare and read answers
+alike.
 """
 
 from __future__ import annotations
@@ -17,20 +18,22 @@ from transformers import Kosmos2Processor
 
 from serve.engine.base import check_length
 from serve.engine.requests import GenerationRequest, GenerationResult, SamplingParams
+from serve.kosmos2.decoding import Decoding
 from serve.kosmos2.grounding import Box
 from serve.kosmos2.images import ImageLimits, PreparedImage, prepare_image
 from serve.kosmos2.tasks import Prompt, Task, build_prompt
-from serve.kosmos2.text import Answer, AnswerStream, TextCodec
+from serve.kosmos2.text import Answer, TextCodec
 
 
 @dataclass(frozen=True)
 class Query:
-    """What is asked of the model about one image."""
+    """What is asked of the model about one image; ``stop``: strings that end the answer's text before them."""
 
     task: Task
     text: str | None = None
     region: Box | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Prepared:
     width: int
     height: int
     """The original image's size, as displayed (EXIF orientation applied)."""
+    stop: tuple[str, ...] = ()
 
 
 class Pipeline:
@@ -70,13 +74,23 @@ class Pipeline:
         prompt, ids = self.prompt(query)
         if not isinstance(image, PreparedImage):
             image = prepare_image(image, self.limits)
-        return Prepared(GenerationRequest(image.pixels, ids, query.params), prompt, image.width, image.height)
+        request = GenerationRequest(image.pixels, ids, query.params)
+        return Prepared(request, prompt, image.width, image.height, query.stop)
 
     def finish(self, prepared: Prepared, result: GenerationResult) -> Answer:
-        """The answer's clean text and entities."""
+        """The answer's clean text and entities (ending before a stop string)."""
+        if prepared.stop:
+            return self.decoding(prepared).finish(result).answer
         ids = prepared.request.prompt_ids.tolist()
         return self.codec.answer(prepared.prompt, ids, result.token_ids, prepared.width, prepared.height)
 
-    def stream(self, prepared: Prepared) -> AnswerStream:
-        """The answer's text piece by piece as tokens arrive (its pieces joined equal :meth:`finish`'s text)."""
-        return AnswerStream(self.codec, prepared.prompt, prepared.request.prompt_ids.tolist())
+    def decoding(self, prepared: Prepared) -> Decoding:
+        """The answer as tokens arrive: certain text, stop strings, each token's text for log-probabilities."""
+        return Decoding(
+            self.codec,
+            prepared.prompt,
+            prepared.request.prompt_ids.tolist(),
+            (prepared.width, prepared.height),
+            prepared.stop,
+            logprobs=prepared.request.params.logprobs is not None,
+        )

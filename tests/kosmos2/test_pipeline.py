@@ -45,9 +45,9 @@ def test_finish_scales_boxes_to_the_original_image(pipeline, loaded):
     assert snowman.boxes == [(0.390625, 0.046875, 0.984375, 0.828125)]
     assert snowman.boxes_px == [(250.0, 22.5, 630.0, 397.5)]
 
-    stream = pipeline.stream(prepared)
-    pieces = [stream.push([token]) for token in generated]
-    assert "".join(pieces) + stream.finish(answer.text) == answer.text
+    decoding = pipeline.decoding(prepared)
+    pieces = [decoding.opening().text] + [decoding.push([token]).text for token in generated]
+    assert "".join(pieces) + decoding.finish(None).rest.text == answer.text
 
 
 def test_text_is_checked_before_the_image_is_read(pipeline):
