@@ -31,7 +31,10 @@ APP_NAME = "kosmos2"
 def build_app(args: ServiceConfig | dict[str, Any] | None = None) -> Application:
     """Bind the three deployments from a config (or the dict of a Serve config file's ``args``)."""
     config = args if isinstance(args, ServiceConfig) else ServiceConfig.model_validate(args)
-    generator_resources = _gpu_or_fallback(config)
+    return _bind(config, _gpu_or_fallback(config))
+
+
+def _bind(config: ServiceConfig, generator_resources: DeploymentConfig) -> Application:
     generator = _deployment(Generator, "Generator", generator_resources, access_log=False).bind(config)
     preprocessor = _deployment(Preprocessor, "Preprocessor", config.preprocessor, access_log=False)
     ingress = _deployment(HTTPIngress, "Ingress", config.ingress, access_log=True)
@@ -65,7 +68,7 @@ def serve_config(config: ServiceConfig) -> dict[str, Any]:
     from ray.serve._private.build_app import build_app as build
     from ray.serve.deployment import deployment_to_schema
 
-    built = build(build_app(config), name=APP_NAME)
+    built = build(_bind(config, config.generator), name=APP_NAME)  # the options asked for, not this machine's
     by_name = {d.name: deployment_to_schema(d).model_dump(exclude_unset=True) for d in built.deployments}
     deployments = [{k: v for k, v in by_name[name].items() if k != "logging_config"} for name in DEPLOYMENTS]
     args = config.model_dump(mode="json", exclude_defaults=True, exclude={*DEPLOYMENTS.values()})
