@@ -117,7 +117,9 @@ def job_from_request(request: ChatCompletionRequest, config: ServiceConfig, requ
         logprobs=(request.top_logprobs or 0) if request.logprobs else None,
     )
     region = tuple(request.region) if request.region is not None else None
-    return Job(request_id, images[0].image_url.url, Query(task, text, region, params, request.stop_strings))
+    asked = request.max_completion_tokens is not None or request.max_tokens is not None
+    query = Query(task, text, region, params, request.stop_strings, fit_to_context=not asked)
+    return Job(request_id, images[0].image_url.url, query)
 
 
 def _parts(message: Message) -> list[ImagePart | TextPart]:

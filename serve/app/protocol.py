@@ -150,6 +150,7 @@ class ChatCompletionRequest(BaseModel):
             ("web_search_options", self.web_search_options is not None, "Kosmos-2 does not search the web"),
             ("moderation", self.moderation is not None, "this server runs no moderation"),
             ("top_logprobs", self.top_logprobs is not None and not self.logprobs, "needs logprobs: true"),
+            ("stream_options", self.stream_options is not None and not self.stream, "only with stream: true"),
         ):
             if asked:
                 raise InvalidRequest(f"{field}: {why}", param=field, code="unsupported_parameter")

@@ -11,7 +11,7 @@ alike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from transformers import Kosmos2Processor
@@ -27,13 +27,16 @@ from serve.kosmos2.text import Answer, TextCodec
 
 @dataclass(frozen=True)
 class Query:
-    """What is asked of the model about one image; ``stop``: strings that end the answer's text before them."""
+    """What is asked of the model about one image; ``stop``: strings that end the answer's text before them;
+    ``fit_to_context``: ``params.max_new_tokens`` is a default, not asked for, and shrinks to the room the
+    prompt leaves in a sequence rather than refuse a long prompt."""
 
     task: Task
     text: str | None = None
     region: Box | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
+    fit_to_context: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,21 +63,26 @@ class Pipeline:
         self.limits = limits
         self.max_seq_len = max_seq_len
 
-    def prompt(self, query: Query) -> tuple[Prompt, np.ndarray]:
-        """The query's prompt and its token ids; raises ``InvalidRequest`` when the input does not fit the task."""
+    def prompt(self, query: Query) -> tuple[Prompt, np.ndarray, SamplingParams]:
+        """The query's prompt, its token ids and the sampling parameters it runs with; raises ``InvalidRequest``
+        when the input does not fit the task, ``ContextLengthExceeded`` when it does not fit a sequence."""
         prompt = build_prompt(query.task, query.text, query.region)
         ids = self.codec.encode(prompt.text)
+        params = query.params
         if self.max_seq_len is not None:
-            check_length(len(ids), query.params.max_new_tokens, self.max_seq_len)
-        return prompt, ids
+            room = self.max_seq_len - len(ids)
+            if query.fit_to_context and 0 < room < params.max_new_tokens:
+                params = replace(params, max_new_tokens=room)
+            check_length(len(ids), params.max_new_tokens, self.max_seq_len)
+        return prompt, ids, params
 
     def prepare(self, query: Query, image: bytes | PreparedImage) -> Prepared:
         """The engine's request for ``query`` about ``image`` (encoded bytes, or pixels already prepared);
         raises ``InvalidRequest``, ``InvalidImage`` or ``PayloadTooLarge``."""
-        prompt, ids = self.prompt(query)
+        prompt, ids, params = self.prompt(query)
         if not isinstance(image, PreparedImage):
             image = prepare_image(image, self.limits)
-        request = GenerationRequest(image.pixels, ids, query.params)
+        request = GenerationRequest(image.pixels, ids, params)
         return Prepared(request, prompt, image.width, image.height, query.stop)
 
     def finish(self, prepared: Prepared, result: GenerationResult) -> Answer:

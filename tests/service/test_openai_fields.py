@@ -85,6 +85,11 @@ def test_a_field_that_cannot_be_honoured_is_refused_by_name(service_url, field, 
     assert error["param"] == field and field in error["message"] and error["type"] == "invalid_request_error"
 
 
+def test_stream_options_without_a_stream_is_refused(service_url):
+    response = post(service_url, {**question(), "stream_options": {"include_usage": True}})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "stream_options"
+
+
 NEUTRAL = {
     "frequency_penalty": 0,
     "presence_penalty": 0,
