@@ -12,7 +12,12 @@
     python -m bench demo --out out/bench     # make bench: the tiny model served here, a short run, a clean stop
 
 Every command writes its files under ``--out`` (see ``bench/__init__.py`` for the layout) and prints a short
-table. ``python -m bench COMMAND --help`` lists each command's options with their defaults.
+table. ``python -m bench COMMAND --help`` lists each command's options with their defaults. The command is also
+installed as ``kosmos2-bench``.
+
+The service's API key, if it needs one, is read from the environment variable KOSMOS_API_KEY (never from the
+command line). Exit codes: 0 done; 1 a failure (the service never became ready, or failed the run); 2 a usage
+error (bad options or values, a file named that is not there).
 """
 
 from __future__ import annotations
@@ -22,16 +27,23 @@ import sys
 
 from bench.cli import build_parser
 from bench.commands import COMMANDS
+from serve.app.client import APIError
+
+USAGE_ERROR, FAILURE = 2, 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, TimeoutError, FileNotFoundError) as exc:
-        print(f"python -m bench {args.command}: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError) as exc:  # a bad value, or a file named that is not there
+        print(f"{parser.prog} {args.command}: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except (TimeoutError, ConnectionError, APIError) as exc:  # the service or the machine failed the run
+        print(f"{parser.prog} {args.command}: {exc}", file=sys.stderr)
+        return FAILURE
 
 
 if __name__ == "__main__":

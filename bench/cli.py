@@ -6,7 +6,9 @@ The parser of ``python -m bench``: its commands, their options and defaults (``b
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import asdict, fields
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -100,11 +102,27 @@ def add_pricing_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+API_KEY_ENV = "KOSMOS_API_KEY"
+"""Where ``run`` reads the service's API key (the command line never carries it)."""
+
+
+def package_version() -> str:
+    try:
+        return version("kosmos2-serve")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    name = Path(sys.argv[0]).name
+    prog = "python -m bench" if name in ("__main__.py", "-c", "") else name
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="measure the running service under load")
+    run = commands.add_parser(
+        "run", help="measure the running service under load", epilog=f"The API key, if needed: ${API_KEY_ENV}."
+    )
     run.add_argument("--url", required=True, help="the service, e.g. http://127.0.0.1:8000")
     run.add_argument("--out", type=Path, required=True, help="output folder")
     mode = run.add_mutually_exclusive_group()
@@ -165,7 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="SLOs in milliseconds a request must all meet to count as good, as vLLM's --goodput: "
         "ttft:500 tpot:50 e2el:2000 (ttft and tpot need --stream)",
     )
-    load.add_argument("--api-key-env", help="environment variable holding the service's API key")
     load.add_argument("--serve-api", help="Ray dashboard URL to poll replica counts from, e.g. http://127.0.0.1:8265")
     load.add_argument(
         "--serve-api-token-file",

@@ -8,7 +8,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.cli import DEFAULT_CONCURRENCY, build_parser, given_fields, int_list, workload_config
+from bench.cli import API_KEY_ENV, DEFAULT_CONCURRENCY, build_parser, given_fields, int_list, workload_config
 from bench.cost import DEFAULT_PRICES, load_prices, parse_nodes
 
 
@@ -39,9 +39,7 @@ def command_run(args: argparse.Namespace) -> int:
     goodput = parse_goodput(args.goodput or [])
     if {"ttft", "tpot"} & set(goodput) and not load_config.stream:
         raise ValueError("--goodput ttft and tpot need --stream: a whole answer has no first token time")
-    if args.api_key_env and args.api_key_env not in os.environ:
-        raise ValueError(f"--api-key-env names {args.api_key_env}, which is not set")
-    api_key = os.environ[args.api_key_env] if args.api_key_env else None
+    api_key = os.environ.get(API_KEY_ENV) or None
     token = serve_api_token(args.serve_api_token_file) if args.serve_api else None
     run = asyncio.run(
         run_load(

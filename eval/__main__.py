@@ -9,10 +9,15 @@
     python -m eval audit-tokens 'refcocog/refs(umd).p' finetune_refcoco_val.json
 
 ``run`` writes OUT/predictions.jsonl, summary.json, report.md and examples.png, and resumes from a partial
-OUT/predictions.jsonl, scoring the stored answers against the annotations given now. It exits 1 when some
-expressions failed (rerun to retry them) and 2 on a fatal error. ``audit-tokens`` counts the expressions that
-transformers' clean-up of tokenization spaces would change. docs/evaluation.md has the recipe for the paper's
-table.
+OUT/predictions.jsonl, scoring the stored answers against the annotations given now. ``audit-tokens`` counts the
+expressions that transformers' clean-up of tokenization spaces would change. docs/evaluation.md has the recipe
+for the paper's table. The command is also installed as ``kosmos2-eval``.
+
+The service's API key, if it needs one, is read from the environment variable KOSMOS_API_KEY (never from the
+command line, where shell history and ``ps`` would show it).
+
+Exit codes: 0 done; 1 a failure (some expressions failed: rerun to retry them; or the service refused or
+failed); 2 a usage error (bad options, or data, images or an output folder that do not go together).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import argparse
 import asyncio
 import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 from eval.audit import audit, render
@@ -33,11 +40,25 @@ from eval.synth import write_synthetic
 from eval.tables import load_table
 from serve.app.client import APIError
 
+API_KEY_ENV = "KOSMOS_API_KEY"
+USAGE_ERROR, FAILURE = 2, 1
+
+
+def package_version() -> str:
+    try:
+        return version("kosmos2-serve")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown"
+
 
 def build_parser() -> argparse.ArgumentParser:
+    name = Path(sys.argv[0]).name
     parser = argparse.ArgumentParser(
-        prog="python -m eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m eval" if name in ("__main__.py", "-c", "") else name,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="evaluate a predictor on referring expressions")
@@ -77,11 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--examples", type=int, default=16, help="panels in examples.png")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    api = run.add_argument_group("--predictor api")
+    api = run.add_argument_group("--predictor api", f"the API key, if the service needs one: ${API_KEY_ENV}")
     api.add_argument("--url", help="the service, e.g. http://127.0.0.1:8000")
     api.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
     api.add_argument("--max-retries", type=int, default=5, help="tries after a transient failure (default 5)")
-    api.add_argument("--api-key", default=os.environ.get("KOSMOS_API_KEY"), help="default: $KOSMOS_API_KEY")
     api.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
 
     engine = run.add_argument_group("--predictor engine")
@@ -128,7 +148,7 @@ def build_predictor(args: argparse.Namespace) -> Predictor:
     if args.predictor == "api":
         return APIPredictor(
             args.url,
-            api_key=args.api_key,
+            api_key=os.environ.get(API_KEY_ENV) or None,
             concurrency=args.concurrency,
             max_retries=args.max_retries,
             max_tokens=args.max_tokens,
@@ -167,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"kept out of the paper's table: {caveat}")
     if not summary["complete"]:
         print(f"{summary['errors']} expressions failed (see 'error' in predictions.jsonl); rerun to retry them")
-        return 1
+        return FAILURE
     return 0
 
 
@@ -190,9 +210,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path}\nrun: python -m eval run --annotations {path} --images {path.parent / 'images'} ...")
             return 0
         return run(args)
-    except (DatasetError, RunError, APIError, FileNotFoundError, TimeoutError) as exc:
+    except (DatasetError, RunError, FileNotFoundError) as exc:  # what the command line named does not work
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return USAGE_ERROR
+    except (APIError, TimeoutError, ConnectionError) as exc:  # the service or the machine failed the run
+        print(f"error: {exc}", file=sys.stderr)
+        return FAILURE
 
 
 if __name__ == "__main__":

@@ -39,6 +39,12 @@ class InvalidRequest(ServiceError):
     type = "invalid_request_error"
 
 
+class ContextLengthExceeded(InvalidRequest):
+    """The prompt, or the prompt with the tokens asked for, does not fit in a sequence (400, as OpenAI answers)."""
+
+    default_code = "context_length_exceeded"
+
+
 class InvalidImage(InvalidRequest):
     """The image cannot be read, or breaks the configured limits (400)."""
 

@@ -29,9 +29,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     no_model = pytest.mark.skip(reason="needs the real checkpoint: pass --real-model PATH")
     for item in items:
-        if "gpu" in item.keywords and not torch.cuda.is_available():
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():  # the marker, not a test id "gpu"
             item.add_marker(no_gpu)
-        if "real_model" in item.keywords and not real_model:
+        if item.get_closest_marker("real_model") and not real_model:
             item.add_marker(no_model)
 
 

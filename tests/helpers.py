@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from eval.refexp import wilson_interval
 from serve.app.client import chat_request
 from serve.app.config import LimitsConfig
-from serve.engine.requests import GenerationRequest, SamplingParams
+from serve.engine.requests import GenerationRequest, SamplingParams, TokenLogprobs
 from serve.kosmos2.images import prepare_image
 from serve.kosmos2.tasks import Task, build_prompt
 
@@ -119,16 +119,19 @@ def requests_for(codec, params: list[SamplingParams]) -> list[GenerationRequest]
 
 
 class Recorder:
-    """A streaming sink that records every token it is given."""
+    """A streaming sink that records every token it is given, and their log-probabilities when given."""
 
     streaming = True
 
     def __init__(self) -> None:
         self.seen: list[int] = []
+        self.logprobs = TokenLogprobs()
         self.result = None
 
-    def tokens(self, token_ids):
+    def tokens(self, token_ids, logprobs=None):
         self.seen.extend(token_ids)
+        if logprobs is not None:
+            self.logprobs.extend(logprobs)
 
     def finish(self, result):
         self.result = result

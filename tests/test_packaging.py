@@ -138,3 +138,25 @@ def test_a_built_wheel_carries_the_configs(tmp_path):
         str(site / "serve/configs/prices.yaml"),
         str(site / "serve/configs/local.yaml"),
     )
+
+
+CONSOLE_SCRIPTS = {"kosmos2-serve": "serve.__main__:main", "kosmos2-bench": "bench.__main__:main"}
+CONSOLE_SCRIPTS["kosmos2-eval"] = "eval.__main__:main"
+
+
+def test_the_three_command_lines_are_console_scripts():
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert declared == CONSOLE_SCRIPTS
+    installed = {e.name: e.value for e in importlib.metadata.entry_points(group="console_scripts")}
+    assert {name: installed.get(name) for name in CONSOLE_SCRIPTS} == CONSOLE_SCRIPTS
+
+
+@pytest.mark.parametrize("script", sorted(CONSOLE_SCRIPTS))
+def test_each_command_line_tells_its_version_and_exits_2_on_bad_usage(script):
+    path = Path(sys.executable).parent / script
+    assert path.is_file(), f"{script} is not installed beside {sys.executable}: reinstall the project"
+    shown = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0
+    assert shown.stdout.strip() == f"{script} {importlib.metadata.version('kosmos2-serve')}"
+    wrong = subprocess.run([str(path), "run", "--no-such-option"], capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and f"usage: {script}" in wrong.stderr and "error:" in wrong.stderr

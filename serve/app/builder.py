@@ -1,10 +1,12 @@
-"""The one builder: a ``ServiceConfig`` in, the bound Serve application out.
+"""The one builder: a ``ServiceConfig`` in, the bound Serve application out; and its Serve config file.
 
-    serve run configs/local.yaml                     # Serve's CLI, args from the file
+    serve run configs/local.yaml                     # Serve's CLI: args and deployments: from the file
     python -m serve run --model ./tiny-kosmos2       # ours: starts Ray and Serve, prints the URL
+    python -m serve build --config configs/gpu.yaml  # the Serve config of a ServiceConfig, as serve build writes
 
-Three deployments, each with its resources, queue bounds and autoscaling from the config:
-``Ingress`` (HTTP) -> ``Preprocessor`` (CPU replicas) -> ``Generator`` (GPU replicas).
+Three deployments, each with its resources, replicas and queue bounds from the config:
+``Ingress`` (HTTP) -> ``Preprocessor`` (CPU replicas) -> ``Generator`` (GPU replicas). Deployed from a Serve
+config file, Serve applies the file's ``deployments:`` entries over the options set here.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import ray
 from ray import serve
 from ray.serve import Application
 
-from serve.app.config import DeploymentConfig, ServiceConfig
+from serve.app.config import DEPLOYMENTS, DeploymentConfig, ServiceConfig
 from serve.app.generator import Generator
 from serve.app.ingress import HTTPIngress
 from serve.app.preprocessor import Preprocessor
@@ -29,7 +31,10 @@ APP_NAME = "kosmos2"
 def build_app(args: ServiceConfig | dict[str, Any] | None = None) -> Application:
     """Bind the three deployments from a config (or the dict of a Serve config file's ``args``)."""
     config = args if isinstance(args, ServiceConfig) else ServiceConfig.model_validate(args)
-    generator_resources = _gpu_or_fallback(config)
+    return _bind(config, _gpu_or_fallback(config))
+
+
+def _bind(config: ServiceConfig, generator_resources: DeploymentConfig) -> Application:
     generator = _deployment(Generator, "Generator", generator_resources, access_log=False).bind(config)
     preprocessor = _deployment(Preprocessor, "Preprocessor", config.preprocessor, access_log=False)
     ingress = _deployment(HTTPIngress, "Ingress", config.ingress, access_log=True)
@@ -54,4 +59,30 @@ def _gpu_or_fallback(config: ServiceConfig) -> DeploymentConfig:
     if ray.cluster_resources().get("GPU", 0) > 0:
         return resources
     log.warning("the Ray cluster has no GPU: the Generator will run on the CPU (cpu_fallback is on)")
-    return resources.model_copy(update={"num_gpus": 0.0})
+    actor = resources.ray_actor_options.model_copy(update={"num_gpus": 0.0})
+    return resources.model_copy(update={"ray_actor_options": actor})
+
+
+def serve_config(config: ServiceConfig) -> dict[str, Any]:
+    """The Serve config file that deploys ``config``: the application's ``args`` (what is not a deployment option,
+    less the defaults but for the model's source), and each deployment's options in ``deployments:`` exactly as
+    ``serve build`` writes them (Serve's own conversion of the bound deployments, through the same private
+    functions of the pinned Ray; their log settings are the code's, not options)."""
+    from ray.serve._private.build_app import build_app as build
+    from ray.serve.deployment import deployment_to_schema
+
+    built = build(_bind(config, config.generator), name=APP_NAME)  # the options asked for, not this machine's
+    by_name = {d.name: deployment_to_schema(d).model_dump(exclude_unset=True) for d in built.deployments}
+    deployments = [{k: v for k, v in by_name[name].items() if k != "logging_config"} for name in DEPLOYMENTS]
+    args = config.model_dump(mode="json", exclude_defaults=True, exclude={*DEPLOYMENTS.values()})
+    args["model"] = {"source": config.model.source, **args.get("model", {})}
+    http = args.pop("http", {})
+    host, port = http.pop("host", config.http.host), http.pop("port", config.http.port)
+    if http:
+        args["http"] = http
+    application = {"name": APP_NAME, "route_prefix": "/", "import_path": f"{__name__}:build_app", "args": args}
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": host, "port": port},
+        "applications": [{**application, "deployments": deployments}],
+    }

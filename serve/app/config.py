@@ -1,9 +1,12 @@
 """The one typed configuration of the service, checked when it is built.
 
 Every knob lives here, with its default: the model, the engine, request limits, HTTP, and each deployment's
-resources, queue bounds and autoscaling. ``serve.app.builder.build_app`` turns a ``ServiceConfig`` into the bound
-Serve application; a Serve config file passes the same fields as the application's ``args``
-(``configs/local.yaml``). Unknown or ill-typed fields are refused with a message naming the field.
+options (resources, replicas and autoscaling, queue bounds) in Serve's own names. ``serve.app.builder.build_app``
+turns a ``ServiceConfig`` into the bound Serve application. A Serve config file (``configs/local.yaml``) holds
+the deployments' options in its ``deployments:`` section, as ``serve build`` writes it, so that ``serve deploy``
+of a changed one (an autoscaling target, a replica count) is a lightweight update that keeps the replicas; the
+application's ``args`` hold the rest, whose change rebuilds the application and restarts every replica.
+Unknown or ill-typed fields are refused with a message naming the field.
 
     >>> ServiceConfig().served_model_name
     'kosmos-2-patch14-224'
@@ -30,38 +33,32 @@ class ConfigError(ValueError):
     """A configuration that cannot work; the message names the field and what is wrong."""
 
 
-class AutoscalingConfig(Strict):
-    """Serve's autoscaling for one deployment (``min_replicas == max_replicas`` fixes the count)."""
-
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    initial_replicas: int | None = Field(None, ge=0)
-    target_ongoing_requests: float = Field(2.0, gt=0)
-    upscale_delay_s: float = Field(5.0, ge=0)
-    downscale_delay_s: float = Field(30.0, ge=0)
-    look_back_period_s: float = Field(30.0, gt=10, description="longer than Serve's 10 s metrics interval")
-
-    @model_validator(mode="after")
-    def _ordered(self) -> AutoscalingConfig:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
-        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
-            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
-        return self
-
-    def serve_options(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True)
-
-
-class DeploymentConfig(Strict):
-    """Resources and queue bounds of one deployment's replicas."""
+class ActorOptions(Strict):
+    """Ray's resources for each replica of a deployment (Serve's ``ray_actor_options``)."""
 
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    memory: int | None = Field(None, ge=0, description="bytes reserved for each replica, for placement")
+    resources: dict[str, float] | None = Field(None, description="custom Ray resources, for placement")
+    accelerator_type: str | None = None
+
+
+class DeploymentConfig(Strict):
+    """One deployment's options in Serve's own names: a ``deployments:`` entry of a Serve config, less its name.
+
+    Replicas: a fixed ``num_replicas``, or ``autoscaling_config`` with any field of Serve's ``AutoscalingConfig``
+    (checked by Serve's own model); neither: one replica."""
+
+    num_replicas: int | None = Field(None, ge=0)
+    autoscaling_config: dict[str, Any] | None = None
     max_ongoing_requests: int = Field(64, ge=1)
     max_queued_requests: int = Field(-1, ge=-1, description="-1: unbounded")
-    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources, for placement")
-    autoscaling: AutoscalingConfig = AutoscalingConfig()
+    ray_actor_options: ActorOptions = ActorOptions()
+    health_check_period_s: float | None = Field(None, gt=0)
+    health_check_timeout_s: float | None = Field(None, gt=0)
+    graceful_shutdown_wait_loop_s: float | None = Field(None, ge=0)
+    graceful_shutdown_timeout_s: float | None = Field(None, ge=0)
+    max_replicas_per_node: int | None = Field(None, ge=1)
 
     @field_validator("max_queued_requests")
     @classmethod
@@ -70,24 +67,52 @@ class DeploymentConfig(Strict):
             raise ValueError("must be -1 (no limit) or at least 1")
         return value
 
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _serves_autoscaling(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            from ray.serve.config import AutoscalingConfig  # Serve's own checks, every field it has
+
+            unknown = sorted(set(value) - set(AutoscalingConfig.model_fields))
+            if unknown:  # Serve would ignore them, silently
+                raise ValueError(f"{', '.join(unknown)}: not fields of Serve's AutoscalingConfig")
+            try:
+                AutoscalingConfig.model_validate(value)
+            except ValidationError as exc:
+                raise ValueError(_describe(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_count(self) -> DeploymentConfig:
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("give num_replicas or autoscaling_config, not both")
+        return self
+
+    @property
+    def num_cpus(self) -> float:
+        return self.ray_actor_options.num_cpus
+
+    @property
+    def num_gpus(self) -> float:
+        return self.ray_actor_options.num_gpus
+
+    @property
+    def replica_range(self) -> tuple[int, int]:
+        """The fewest and most replicas it may run."""
+        if self.autoscaling_config is None:
+            count = 1 if self.num_replicas is None else self.num_replicas
+            return count, count
+        from ray.serve.config import AutoscalingConfig
+
+        scaling = AutoscalingConfig.model_validate(self.autoscaling_config)
+        return scaling.min_replicas, scaling.max_replicas
+
     def serve_options(self) -> dict[str, Any]:
-        """The keyword arguments of ``serve.deployment`` for these settings."""
-        scaling = self.autoscaling
-        replicas: dict[str, Any] = (
-            {"num_replicas": scaling.min_replicas}
-            if scaling.min_replicas == scaling.max_replicas
-            else {"autoscaling_config": scaling.serve_options()}
-        )
-        return {
-            "ray_actor_options": {
-                "num_cpus": self.num_cpus,
-                "num_gpus": self.num_gpus,
-                "resources": dict(self.resources),
-            },
-            "max_ongoing_requests": self.max_ongoing_requests,
-            "max_queued_requests": self.max_queued_requests,
-            **replicas,
-        }
+        """The keyword arguments of ``serve.deployment`` for these options."""
+        options = self.model_dump(exclude_none=True)
+        if self.num_replicas is None and self.autoscaling_config is None:
+            options["num_replicas"] = 1
+        return options
 
 
 class LimitsConfig(Strict):
@@ -123,8 +148,13 @@ class HTTPConfig(Strict):
     api_keys_file: str | None = Field(None, description="one key a line")
 
 
-def _default_generator() -> DeploymentConfig:
-    return DeploymentConfig(num_cpus=1, num_gpus=1, max_ongoing_requests=512)
+DEPLOYMENTS = {"Ingress": "ingress", "Preprocessor": "preprocessor", "Generator": "generator"}
+"""The application's deployments by name, and the ``ServiceConfig`` field that holds each one's options."""
+
+
+def _deployment(num_cpus: float, max_ongoing_requests: int, num_gpus: float = 0.0) -> DeploymentConfig:
+    options = ActorOptions(num_cpus=num_cpus, num_gpus=num_gpus)
+    return DeploymentConfig(max_ongoing_requests=max_ongoing_requests, ray_actor_options=options)
 
 
 class ServiceConfig(Strict):
@@ -134,13 +164,35 @@ class ServiceConfig(Strict):
     engine: EngineConfig = EngineConfig()
     limits: LimitsConfig = LimitsConfig()
     http: HTTPConfig = HTTPConfig()
-    ingress: DeploymentConfig = DeploymentConfig(num_cpus=0.5, max_ongoing_requests=512)
+    ingress: DeploymentConfig = _deployment(0.5, 512)
     preprocessor: DeploymentConfig = Field(
-        DeploymentConfig(num_cpus=1, max_ongoing_requests=256),
+        _deployment(1, 256),
         description="holds each request through its generation (it calls the Generator): size its queue for that",
     )
-    generator: DeploymentConfig = Field(default_factory=_default_generator)
-    cpu_fallback: bool = Field(True, description="run the Generator on CPUs when the running cluster has no GPU")
+    generator: DeploymentConfig = _deployment(1, 512, num_gpus=1)
+    cpu_fallback: bool = Field(
+        True,
+        description="run the Generator on CPUs when the running cluster has no GPU (on the options built here; "
+        "Serve applies a Serve config's deployments: section as written)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _over_the_defaults(cls, data: Any) -> Any:
+        """A deployment's options given in part override its defaults field by field, as Serve applies a
+        ``deployments:`` entry over the options in code (``ray_actor_options`` as a whole, and
+        ``autoscaling_config`` in place of ``num_replicas``)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for section in DEPLOYMENTS.values():
+            given = data.get(section)
+            if isinstance(given, dict):
+                merged = {**cls.model_fields[section].default.model_dump(exclude_none=True), **given}
+                if "autoscaling_config" in given and "num_replicas" not in given:
+                    merged.pop("num_replicas", None)
+                data[section] = merged
+        return data
 
     @model_validator(mode="after")
     def _admission_before_queueing(self) -> ServiceConfig:
@@ -180,13 +232,26 @@ def _describe(exc: ValidationError) -> str:
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> ServiceConfig:
-    """A config from a YAML file (plain fields, or a Serve config file's first application ``args``)."""
+    """A config from a YAML file: plain ``ServiceConfig`` fields, or a Serve config file (its first application's
+    ``args``, its ``deployments:`` entries and the host and port of its ``http_options``). ``overrides`` are
+    ``section__field`` values, None ones skipped."""
     data: dict[str, Any] = {}
     if path is not None:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
         data = loaded
-        if "applications" in loaded:  # a Serve config file: our fields are the app's args
-            data = dict(loaded["applications"][0].get("args") or {})
+        if "applications" in loaded:  # a Serve config file
+            app = loaded["applications"][0]
+            data = dict(app.get("args") or {})
+            for entry in app.get("deployments") or []:
+                options = dict(entry)
+                name = options.pop("name", None)
+                if name not in DEPLOYMENTS:
+                    raise ConfigError(f"deployments: no deployment {name!r}; the application's are {list(DEPLOYMENTS)}")
+                if DEPLOYMENTS[name] in data:
+                    raise ConfigError(
+                        f"{name}'s options are both in args and in deployments:; keep them in deployments:"
+                    )
+                data[DEPLOYMENTS[name]] = options
             http = {k: v for k, v in (loaded.get("http_options") or {}).items() if k in ("host", "port")}
             data["http"] = {**http, **data.get("http", {})}
     for dotted, value in overrides.items():

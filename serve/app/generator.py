@@ -19,7 +19,7 @@ from serve.app.config import ServiceConfig
 from serve.app.metrics import EngineMetrics
 from serve.engine.messages import StartEngine
 from serve.engine.process import EngineProcess
-from serve.engine.requests import GenerationRequest, GenerationResult
+from serve.engine.requests import Generated, GenerationRequest, GenerationResult
 
 log = logging.getLogger("ray.serve")
 
@@ -82,8 +82,8 @@ class Generator:
         self.answered, self.answered_s = self.answered + 1, self.answered_s + time.perf_counter() - began
         return result
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[list[int] | GenerationResult]:
-        """Lists of new token ids as they come, then the result."""
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Generated | GenerationResult]:
+        """New tokens as they come (with their log-probabilities, if asked), then the result."""
         self._sample_metrics()
         async for item in self.loop.stream(request):
             yield item

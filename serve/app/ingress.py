@@ -4,8 +4,9 @@ It authenticates, reads and validates the body (size first), turns the request i
 a Preprocessor replica, which owns it to the answer (``Preprocessor.complete``, which calls the Generator):
 one call per request from here, and only small records reach this process. A streaming request goes to
 ``Preprocessor.stream``, whose first event says whether it passed its checks before the stream opens (so bad
-input still gets a plain error); its text is then relayed as server-sent events. Every error, from here or
-from a replica, leaves through ``serve.errors.error_response``; every request leaves one structured log line.
+input still gets a plain error); its text is then relayed as server-sent events (``serve.app.streaming``).
+Bodies are read and answers written by ``serve.app.responses``. Every error, from here or from a replica,
+leaves through ``serve.errors.error_response``; every request leaves one structured log line and its metrics.
 """
 
 from __future__ import annotations
@@ -15,42 +16,25 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
-from ray import exceptions as ray_errors
 from ray import serve
-from ray.serve import exceptions as serve_errors
 from starlette.exceptions import HTTPException
 
 from serve.app.config import ServiceConfig
-from serve.app.messages import Finished, TextPiece, job_from_request
+from serve.app.messages import Finished, Started, job_from_request
 from serve.app.metrics import RequestMetrics
-from serve.app.protocol import (
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    Choice,
-    ChunkChoice,
-    Delta,
-    EntityOut,
-    ModelCard,
-    ModelList,
-    ResponseMessage,
-    Usage,
-    completion_id,
-    sse,
-)
+from serve.app.protocol import ChatCompletionRequest, ModelCard, ModelList, completion_id
+from serve.app.responses import completion, parse_body, translate
+from serve.app.streaming import sse_chunks
 from serve.errors import (
     InvalidRequest,
     NotFound,
     PayloadTooLarge,
     ServiceError,
-    Timeout,
     Unauthorized,
     Unavailable,
     error_response,
@@ -105,53 +89,6 @@ def _error(exc: BaseException) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def translate(exc: BaseException) -> BaseException:
-    """Our error for an exception raised here or in a replica (Ray wraps those)."""
-    while isinstance(exc, ray_errors.RayTaskError) and exc.cause is not None:  # nested: raised two hops away
-        exc = exc.cause
-    if isinstance(exc, ServiceError):
-        return exc
-    if isinstance(exc, serve_errors.BackPressureError):
-        return Unavailable("the service is at capacity; retry shortly", code="overloaded", retry_after=1)
-    if isinstance(exc, ray_errors.RayError | serve_errors.RayServeException):  # a replica, node or object lost
-        return Unavailable("a replica serving this request was lost; retry", code="replica_lost", retry_after=1)
-    if isinstance(exc, asyncio.TimeoutError):
-        return Timeout("the request took longer than this server allows")
-    if isinstance(exc, ValueError):
-        return InvalidRequest(str(exc))
-    return exc
-
-
-def parse_body(body: bytes) -> ChatCompletionRequest:
-    """The request model, or an ``InvalidRequest`` naming the first offending parameter."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("the body is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("the body must be a JSON object")
-    try:
-        return ChatCompletionRequest.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise InvalidRequest(f"{where}: {first['msg']}", param=str(first["loc"][0]) if first["loc"] else None) from None
-
-
-def entities_out(finished: Finished) -> list[EntityOut]:
-    return [
-        EntityOut(phrase=e.phrase, span=e.span, boxes=e.boxes, boxes_px=e.boxes_px) for e in finished.answer.entities
-    ]
-
-
-def usage_of(finished: Finished) -> Usage:
-    return Usage(
-        prompt_tokens=finished.prompt_tokens,
-        completion_tokens=finished.completion_tokens,
-        total_tokens=finished.prompt_tokens + finished.completion_tokens,
-    )
-
-
 class Ingress:
     """Routes; holds no model. Bound with handles to the two other deployments (the Generator's for health)."""
 
@@ -181,8 +118,21 @@ class Ingress:
             self._authorize(request)
         except ServiceError as exc:
             return _error(exc)
-        card = ModelCard(id=self.config.served_model_name, created=self.created)
-        return JSONResponse(ModelList(data=[card]).model_dump())
+        return JSONResponse(ModelList(data=[self._card()]).model_dump())
+
+    @api.get("/v1/models/{model:path}")
+    async def model(self, model: str, request: Request) -> Response:
+        """The served model's card; any other id is a 404 ``model_not_found``."""
+        try:
+            self._authorize(request)
+            if model != self.config.served_model_name:
+                raise NotFound(f"the model {model!r} does not exist", param="model")
+        except ServiceError as exc:
+            return _error(exc)
+        return JSONResponse(self._card().model_dump())
+
+    def _card(self) -> ModelCard:
+        return ModelCard(id=self.config.served_model_name, created=self.created)
 
     @api.post("/v1/chat/completions", openapi_extra=_request_body_schema())
     async def chat_completions(self, request: Request) -> Response:
@@ -210,17 +160,14 @@ class Ingress:
             self._authorize(request)
             parsed = parse_body(await self._read_body(request))
             job = job_from_request(parsed, self.config, request_id)
-            record.update(task=job.query.task.value, stream=parsed.stream)
+            record.update(task=job.query.task.value, stream=parsed.stream, user=parsed.safety_identifier or parsed.user)
+            if parsed.metadata:
+                record["metadata"] = parsed.metadata
             timeout = self.config.limits.request_timeout_s
-            if parsed.stream:
-                include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
-                events = self.preprocessor.options(stream=True).stream.remote(job)
-                first = await asyncio.wait_for(events.__anext__(), timeout)
-                if isinstance(first, ServiceError):  # refused before the stream opens: a plain JSON error
-                    raise first
-                chunks = self._stream(events, request_id, include_usage, started + timeout, record, started)
-                return StreamingResponse(chunks, media_type="text/event-stream")
+            handed_over = time.monotonic()
             job = replace(job, sent_at=time.time())
+            if parsed.stream:
+                return await self._stream(job, parsed, record, started, handed_over)
             finished = await asyncio.wait_for(self.preprocessor.complete.remote(job), timeout)
             if isinstance(finished, ServiceError):
                 raise finished
@@ -228,65 +175,35 @@ class Ingress:
             response = _error(self._translate(exc))
             self._log(record, response.status_code, started)
             return response
-        completion = ChatCompletion(
-            id=request_id,
-            model=self.config.served_model_name,
-            choices=[
-                Choice(
-                    message=ResponseMessage(content=finished.answer.text, entities=entities_out(finished)),
-                    finish_reason=finished.finish_reason,
-                )
-            ],
-            usage=usage_of(finished),
-        )
-        record.update(prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens)
-        for name in ("queued_s", "prepare_s", "generate_s"):
-            record[name] = round(getattr(finished, name), 4)
-        self._log(record, 200, started)
-        return JSONResponse(completion.model_dump())
+        self._log(record, 200, started, finished)
+        return JSONResponse(completion(finished, request_id, self.config.served_model_name).model_dump())
 
     async def _stream(
-        self, events, request_id: str, include_usage: bool, deadline: float, record: dict[str, Any], started: float
-    ) -> AsyncIterator[str]:
-        """Server-sent chunks; the last content chunk carries the entities and the finish reason."""
-        created, model = int(time.time()), self.config.served_model_name
+        self, job, parsed: ChatCompletionRequest, record: dict[str, Any], started: float, handed_over: float
+    ) -> Response:
+        """Open the stream once the Preprocessor has accepted the request (else raise its error)."""
+        timeout = self.config.limits.request_timeout_s
+        events = self.preprocessor.options(stream=True).stream.remote(job)
+        first = await asyncio.wait_for(events.__anext__(), timeout)
+        if isinstance(first, ServiceError):  # refused before the stream opens: a plain JSON error
+            raise first
+        assert isinstance(first, Started)
 
-        def chunk(delta: Delta, finish: str | None = None) -> str:
-            choice = ChunkChoice(delta=delta, finish_reason=finish)
-            return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice]))
+        def close(status: int, finished: Finished | None) -> None:
+            if finished is not None and finished.first_token_s is not None:
+                record["ttft_s"] = round(handed_over - started + finished.first_token_s, 4)
+            self._log(record, status, started, finished)
 
-        status, done = 200, False
-        try:
-            yield chunk(Delta(role="assistant", content=""))
-            held: str | None = None  # each piece waits for the next event, so that the last one can carry entities
-            iterator = events.__aiter__()
-            while True:
-                event = await asyncio.wait_for(iterator.__anext__(), max(deadline - time.monotonic(), 0.001))
-                if isinstance(event, TextPiece):
-                    if held is not None:
-                        yield chunk(Delta(content=held))
-                    held = event.text
-                    continue
-                assert isinstance(event, Finished)
-                yield chunk(Delta(content=held or "", entities=entities_out(event)), event.finish_reason)
-                if include_usage:
-                    usage = ChatCompletionChunk(
-                        id=request_id, created=created, model=model, choices=[], usage=usage_of(event)
-                    )
-                    yield sse(usage)
-                record.update(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens)
-                done = True
-                break
-        except Exception as exc:  # the stream is open: the error becomes an event
-            status, body, _ = error_response(self._translate(exc))
-            done = True
-            yield sse(body)
-        finally:
-            if not done:  # the client went away: stop the generation too
-                events.cancel()
-                status = 499
-            self._log(record, status, started)
-        yield sse("[DONE]")
+        chunks = sse_chunks(
+            events,
+            request_id=job.request_id,
+            model=self.config.served_model_name,
+            include_usage=bool(parsed.stream_options and parsed.stream_options.include_usage),
+            deadline=started + timeout,
+            translate=self._translate,
+            close=close,
+        )
+        return StreamingResponse(chunks, media_type="text/event-stream")
 
     @staticmethod
     def _translate(exc: BaseException) -> BaseException:
@@ -319,9 +236,13 @@ class Ingress:
                 raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes")
         return bytes(body)
 
-    def _log(self, record: dict[str, Any], status: int, started: float) -> None:
+    def _log(self, record: dict[str, Any], status: int, started: float, finished: Finished | None = None) -> None:
+        if finished is not None:
+            record.update(prompt_tokens=finished.prompt_tokens, completion_tokens=finished.completion_tokens)
+            for name in ("queued_s", "prepare_s", "generate_s"):
+                record[name] = round(getattr(finished, name), 4)
         record.update(status=status, latency_s=round(time.monotonic() - started, 4))
-        log.info(json.dumps({"event": "request", **record}))
+        log.info(json.dumps({"event": "request", **{k: v for k, v in record.items() if v is not None}}))
         self.metrics.observe(record)
 
 

@@ -55,14 +55,12 @@ def start(
 def serve_environment(config: ServiceConfig) -> dict[str, str]:
     """Serve's switches for ``config.http.proxy``, for the processes of a Ray about to start on this machine.
 
-    HAProxy's files and metrics port are this instance's own, so that several can run on one machine.
+    HAProxy's files, metrics and stats ports are this instance's own, so that several can run on one machine.
     """
     if config.http.proxy == "serve":
         return {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0"}
     state = tempfile.mkdtemp(prefix=HAPROXY_PREFIX)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        metrics_port = probe.getsockname()[1]
+    metrics_port, stats_port = _free_port(), _free_port()
     return {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
@@ -75,7 +73,14 @@ def serve_environment(config: ServiceConfig) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": state,
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{state}/server-state",
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats_port),
     }
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def stop() -> None:

@@ -1,9 +1,23 @@
-"""The service's own Prometheus metrics, beside Serve's (exported by Ray's metrics agent).
+"""The service's own Prometheus metrics, beside Serve's (exported by Ray's metrics agent, which names them
+``ray_<name>``; ``deploy/grafana/kosmos2.json`` charts them).
 
-Ingress: ``kosmos_requests_total`` {task, status, stream}, ``kosmos_request_latency_seconds`` {task},
-``kosmos_tokens_total`` {kind: prompt|completion}. Generator: ``kosmos_engine_waiting`` (queue depth),
-``kosmos_engine_running`` (sequences in the batch), ``kosmos_engine_steps_total`` and
-``kosmos_engine_generated_tokens_total``. Serve adds its own tags (deployment, replica, application).
+Ingress, one observation per answered request (status 200):
+
+- ``kosmos_requests_total`` {task, status, stream}: every request, answered or refused;
+- ``kosmos_request_latency_seconds`` {task}: from the request's arrival to the full answer;
+- ``kosmos_request_queued_seconds`` {task}: from the Ingress's hand-over to the Preprocessor's start (Serve's
+  routing and the Preprocessor replicas' queues);
+- ``kosmos_request_prepare_seconds`` {task}: the Preprocessor's work before generation (image fetch, decode,
+  resize, prompt);
+- ``kosmos_time_to_first_token_seconds`` {task}: streamed requests, from the arrival to the first generated
+  token reaching the Preprocessor;
+- ``kosmos_generation_tokens_per_second`` {task}: completion tokens over the seconds awaiting the Generator
+  (its queue, prefill and decoding);
+- ``kosmos_tokens_total`` {kind: prompt|completion}.
+
+Generator: ``kosmos_engine_waiting`` (queue depth), ``kosmos_engine_running`` (sequences in the batch),
+``kosmos_engine_steps_total`` and ``kosmos_engine_generated_tokens_total``. Serve adds its own tags
+(deployment, replica, application).
 """
 
 from __future__ import annotations
@@ -15,6 +29,8 @@ from ray.serve.metrics import Counter, Gauge, Histogram
 from serve.engine.messages import EngineStats
 
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0]
+STAGE_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+RATE_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
 
 
 class RequestMetrics:
@@ -32,15 +48,37 @@ class RequestMetrics:
             boundaries=LATENCY_BUCKETS,
             tag_keys=("task",),
         )
+        self.stages = {
+            name: Histogram(metric, description=description, boundaries=STAGE_BUCKETS, tag_keys=("task",))
+            for name, metric, description in (
+                ("queued_s", "kosmos_request_queued_seconds", "From the Ingress's hand-over to the Preprocessor"),
+                ("prepare_s", "kosmos_request_prepare_seconds", "The Preprocessor's work before generation"),
+                ("ttft_s", "kosmos_time_to_first_token_seconds", "Streamed requests: arrival to the first token"),
+            )
+        }
+        self.rate = Histogram(
+            "kosmos_generation_tokens_per_second",
+            description="Completion tokens over the seconds awaiting the Generator",
+            boundaries=RATE_BUCKETS,
+            tag_keys=("task",),
+        )
         self.tokens = Counter("kosmos_tokens_total", description="Tokens in answered requests", tag_keys=("kind",))
 
     def observe(self, record: dict[str, Any]) -> None:
         task = record.get("task") or "none"
         self.requests.inc(tags={"task": task, "status": str(record["status"]), "stream": str(record["stream"])})
-        if record["status"] == 200:
-            self.latency.observe(record["latency_s"], tags={"task": task})
-            self.tokens.inc(record.get("prompt_tokens", 0), tags={"kind": "prompt"})
-            self.tokens.inc(record.get("completion_tokens", 0), tags={"kind": "completion"})
+        if record["status"] != 200:
+            return
+        tags = {"task": task}
+        self.latency.observe(record["latency_s"], tags=tags)
+        for name, histogram in self.stages.items():
+            if record.get(name) is not None:
+                histogram.observe(record[name], tags=tags)
+        completion, generate_s = record.get("completion_tokens", 0), record.get("generate_s", 0)
+        if completion and generate_s:
+            self.rate.observe(completion / generate_s, tags=tags)
+        self.tokens.inc(record.get("prompt_tokens", 0), tags={"kind": "prompt"})
+        self.tokens.inc(completion, tags={"kind": "completion"})
 
 
 class EngineMetrics:

@@ -4,7 +4,9 @@
 Ingress to the answer. ``prepare`` builds the task's prompt and its token ids, then fetches the image (a base64
 data URI, or a remote URL where the config allows it), and checks and resizes it (``serve.kosmos2.pipeline``).
 ``complete`` sends the prepared request to a Generator replica and turns the tokens into the answer text and
-entities. ``stream`` does the same around the Generator's token stream, yielding text as it becomes certain.
+entities. ``stream`` does the same around the Generator's token stream, yielding text as soon as it is certain
+(``serve.kosmos2.decoding``). A request with stop strings is streamed from the Generator either way, so that its
+generation is cancelled as soon as a stop string appears rather than run to ``max_tokens``.
 The pixels thus cross one hop, to the Generator, whichever transport Serve uses between deployments (its gRPC
 transport resolves a response chained through the Ingress in the Ingress, by value). Bad input comes back as a
 ``ServiceError`` value (so replicas do not log it as a crash).
@@ -17,7 +19,6 @@ import base64
 import binascii
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
 
 from serve.app.config import ServiceConfig
 from serve.app.messages import Finished, Job, Started, TextPiece
@@ -25,6 +26,7 @@ from serve.app.remote_images import fetch_image
 from serve.engine.model import load_processor
 from serve.engine.requests import GenerationResult
 from serve.errors import InvalidImage, InvalidRequest, PayloadTooLarge, ServiceError
+from serve.kosmos2.decoding import Decoding, Outcome, Release
 from serve.kosmos2.images import compile_resize
 from serve.kosmos2.pipeline import Pipeline, Prepared
 
@@ -76,37 +78,82 @@ class Preprocessor:
 
     async def complete(self, job: Job) -> Finished | ServiceError:
         """The whole request: prepare, generate on a Generator replica, then the answer (or the error)."""
-        queued_s = max(time.time() - job.sent_at, 0.0) if job.sent_at else 0.0
-        began = time.perf_counter()
+        queued_s, began = _queued(job), time.perf_counter()
         prepared = await self.prepare(job)
         if isinstance(prepared, ServiceError):
             return prepared
         sent = time.perf_counter()
-        result = await self.generator.generate.remote(prepared.request)
-        timings = {"queued_s": queued_s, "prepare_s": sent - began, "generate_s": time.perf_counter() - sent}
-        return replace(self._finish(result, prepared), **timings)
-
-    def _finish(self, result: GenerationResult, prepared: Prepared) -> Finished:
-        """The answer's clean text and entities."""
-        answer = self.pipeline.finish(prepared, result)
-        return Finished(answer, result.finish_reason, result.prompt_tokens, result.completion_tokens)
+        decoding = self.pipeline.decoding(prepared)
+        if prepared.stop:
+            async for item in self._generate(prepared, decoding):
+                outcome = item
+        else:
+            outcome = decoding.finish(await self.generator.generate.remote(prepared.request))
+        return _finished(outcome, prepared, queued_s, sent - began, time.perf_counter() - sent)
 
     async def stream(self, job: Job) -> AsyncIterator[Started | ServiceError | TextPiece | Finished]:
         """Prepare, then stream: ``Started`` (or the error, alone), text pieces, the finished answer."""
+        queued_s, began = _queued(job), time.perf_counter()
         prepared = await self.prepare(job)
         if isinstance(prepared, ServiceError):
             yield prepared
             return
-        yield Started()
-        pieces = self.pipeline.stream(prepared)
-        async for item in self.generator.options(stream=True).stream.remote(prepared.request):
+        sent = time.perf_counter()
+        yield Started(queued_s, sent - began)
+        decoding = self.pipeline.decoding(prepared)
+        opening = decoding.opening()  # an echo task's prompt words: certain before any token
+        if opening.text:
+            yield _piece(opening)
+        first_token_s = None
+        async for item in self._generate(prepared, decoding):
+            if first_token_s is None:
+                first_token_s = queued_s + time.perf_counter() - began
+            release = item.rest if isinstance(item, Outcome) else item
+            if release.text or release.tokens:
+                yield _piece(release)
+        yield _finished(item, prepared, queued_s, sent - began, time.perf_counter() - sent, first_token_s)
+
+    async def _generate(self, prepared: Prepared, decoding: Decoding) -> AsyncIterator[Release | Outcome]:
+        """Stream the tokens from a Generator into ``decoding``: what each makes certain, then the outcome. The
+        generation is cancelled once a stop string has ended the text."""
+        responses = self.generator.options(stream=True).stream.remote(prepared.request)
+        async for item in responses:
             if isinstance(item, GenerationResult):
-                finished = self._finish(item, prepared)
-                rest = pieces.finish(finished.answer.text)
-                if rest:
-                    yield TextPiece(rest)
-                yield finished
+                yield decoding.finish(item)
                 return
-            text = pieces.push(item)
-            if text:
-                yield TextPiece(text)
+            yield decoding.push(item.token_ids, item.logprobs)
+            if decoding.stopped:
+                responses.cancel()
+                yield decoding.finish(None)
+                return
+        raise RuntimeError("the Generator's stream ended without a result")
+
+
+def _queued(job: Job) -> float:
+    """Seconds from the Ingress's hand-over to now (clocks of a cluster's machines agree closely enough)."""
+    return max(time.time() - job.sent_at, 0.0) if job.sent_at else 0.0
+
+
+def _piece(release: Release) -> TextPiece:
+    return TextPiece(release.text, tuple(release.tokens))
+
+
+def _finished(
+    outcome: Outcome,
+    prepared: Prepared,
+    queued_s: float,
+    prepare_s: float,
+    generate_s: float,
+    first_token_s: float | None = None,
+) -> Finished:
+    return Finished(
+        outcome.answer,
+        outcome.finish_reason,
+        len(prepared.request.prompt_ids),
+        outcome.completion_tokens,
+        outcome.tokens,
+        queued_s,
+        prepare_s,
+        generate_s,
+        first_token_s,
+    )

@@ -19,7 +19,7 @@ import numpy as np
 from serve.engine.config import EngineConfig
 from serve.engine.model import LoadedModel, ModelGeometry
 from serve.engine.requests import Collector, GenerationRequest, GenerationResult, Sink
-from serve.errors import InvalidRequest
+from serve.errors import ContextLengthExceeded, InvalidRequest
 
 
 @dataclass
@@ -33,18 +33,38 @@ class Pending:
 
 
 def check_length(prompt_tokens: int, max_new_tokens: int, max_seq_len: int) -> None:
-    """Refuse a request whose prompt and answer cannot fit in a sequence."""
-    if prompt_tokens + max_new_tokens > max_seq_len:
-        raise InvalidRequest(
-            f"the prompt ({prompt_tokens} tokens, 64 of them the image) plus max_tokens ({max_new_tokens}) "
-            f"exceeds the {max_seq_len} tokens a sequence may hold; ask for at most "
-            f"{max(max_seq_len - prompt_tokens, 0)} tokens",
-            param="max_tokens",
-        )
+    """Refuse a request whose prompt and answer cannot fit in a sequence: ``context_length_exceeded``, naming
+    ``messages`` when the prompt alone leaves no room for a token, else ``max_tokens``.
+
+    >>> check_length(300, 10, 256)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    serve.errors.ContextLengthExceeded: This model's maximum context length is 256 tokens. However, you ...
+    """
+    if prompt_tokens + max_new_tokens <= max_seq_len:
+        return
+    prompt_fits = prompt_tokens < max_seq_len
+    raise ContextLengthExceeded(
+        f"This model's maximum context length is {max_seq_len} tokens. However, you requested "
+        f"{prompt_tokens + max_new_tokens} tokens ({prompt_tokens} in the messages, 64 of them the image, "
+        f"{max_new_tokens} in the completion). "
+        + (
+            f"Please reduce max_tokens to at most {max_seq_len - prompt_tokens}."
+            if prompt_fits
+            else "Please reduce the length of the messages."
+        ),
+        param="max_tokens" if prompt_fits else "messages",
+    )
 
 
 class Engine(ABC):
-    """Requests in, tokens out: the queue and checks both engine paths share."""
+    """Requests in, tokens out: the queue and checks every engine shares.
+
+    An engine sets ``supports_logprobs`` when it reports :class:`~serve.engine.requests.TokenLogprobs` for
+    requests that ask (``SamplingParams.logprobs``); otherwise :meth:`check` refuses those requests.
+    """
+
+    supports_logprobs = False
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
         self.loaded = loaded
@@ -66,6 +86,8 @@ class Engine(ABC):
         if request.prompt_ids.ndim != 1 or len(request.prompt_ids) < end:
             raise InvalidRequest("the prompt has no room for the image tokens")
         check_length(len(request.prompt_ids), request.params.max_new_tokens, self.config.max_seq_len)
+        if request.params.logprobs is not None and not self.supports_logprobs:
+            raise InvalidRequest(f"the {type(self).__name__} does not compute log-probabilities", param="logprobs")
 
     def submit(self, request: GenerationRequest, sink: Sink) -> int:
         """Queue a request; returns its id (for :meth:`cancel`). Raises :class:`InvalidRequest`."""

@@ -10,7 +10,7 @@ went away) cancels its request in the engine, which frees its cache slot at once
 
     loop = EngineLoop(engine)
     result = await loop.generate(request)
-    async for item in loop.stream(request): ...   # lists of new token ids, then the GenerationResult
+    async for item in loop.stream(request): ...   # Generated (new token ids), then the GenerationResult
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 
 from serve.engine.base import Engine
 from serve.engine.messages import EngineStats
-from serve.engine.requests import GenerationRequest, GenerationResult, Sink
+from serve.engine.requests import Generated, GenerationRequest, GenerationResult, Sink, TokenLogprobs
 from serve.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,10 @@ class LoopSink:
     def __init__(self, loop: asyncio.AbstractEventLoop, streaming: bool) -> None:
         self.loop = loop
         self.streaming = streaming
-        self.events: asyncio.Queue[list[int] | GenerationResult | BaseException] = asyncio.Queue()
+        self.events: asyncio.Queue[Generated | GenerationResult | BaseException] = asyncio.Queue()
 
-    def tokens(self, token_ids: list[int]) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, token_ids)
+    def tokens(self, token_ids: list[int], logprobs: TokenLogprobs | None = None) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, Generated(token_ids, logprobs))
 
     def finish(self, result: GenerationResult) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, result)
@@ -78,8 +78,8 @@ class AsyncEngine(ABC):
                 return item
         raise RuntimeError("the engine ended a request without a result")
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[list[int] | GenerationResult]:
-        """Yield lists of new token ids as they are generated, then the result."""
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Generated | GenerationResult]:
+        """Yield new tokens as they are generated, then the result."""
         async for item in self._events(request, streaming=True):
             yield item
 
@@ -187,8 +187,8 @@ class _Counting:
         self.streaming = sink.streaming
         self.submitted = time.perf_counter()
 
-    def tokens(self, token_ids: list[int]) -> None:
-        self.sink.tokens(token_ids)
+    def tokens(self, token_ids: list[int], logprobs: TokenLogprobs | None = None) -> None:
+        self.sink.tokens(token_ids, logprobs)
 
     def finish(self, result: GenerationResult) -> None:
         self.engine_ids.pop(self.ticket, None)

@@ -16,7 +16,7 @@ from multiprocessing.connection import Connection
 from typing import Any, ClassVar
 
 from serve.engine.config import EngineConfig, ModelConfig
-from serve.engine.requests import GenerationRequest, GenerationResult, Sink
+from serve.engine.requests import GenerationRequest, GenerationResult, Sink, TokenLogprobs
 
 OUT_OF_BAND_BYTES = 16384
 """Arrays at least this large travel as raw buffers beside the pickle; smaller ones inside it."""
@@ -63,14 +63,15 @@ class Cancel:
 
 @dataclass(frozen=True)
 class Tokens:
-    """Child -> parent: new tokens of a streaming request."""
+    """Child -> parent: new tokens of a streaming request (and their log-probabilities, if it asked)."""
 
     ticket: int
     token_ids: list[int]
+    logprobs: TokenLogprobs | None = None
     ends: ClassVar[bool] = False
 
     def deliver(self, sink: Sink) -> None:
-        sink.tokens(self.token_ids)
+        sink.tokens(self.token_ids, self.logprobs)
 
 
 @dataclass(frozen=True)

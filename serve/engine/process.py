@@ -47,7 +47,7 @@ from serve.engine.messages import (
     receive,
     send,
 )
-from serve.engine.requests import GenerationRequest, GenerationResult
+from serve.engine.requests import GenerationRequest, GenerationResult, TokenLogprobs
 from serve.errors import Unavailable
 
 log = logging.getLogger("ray.serve")
@@ -183,8 +183,8 @@ class _Forward:
     def __init__(self, ticket: int, streaming: bool, outbox: queue.SimpleQueue) -> None:
         self.ticket, self.streaming, self.outbox = ticket, streaming, outbox
 
-    def tokens(self, token_ids: list[int]) -> None:
-        self.outbox.put(Tokens(self.ticket, token_ids))
+    def tokens(self, token_ids: list[int], logprobs: TokenLogprobs | None = None) -> None:
+        self.outbox.put(Tokens(self.ticket, token_ids, logprobs))
 
     def finish(self, result: GenerationResult) -> None:
         self.outbox.put(Finished(self.ticket, result))

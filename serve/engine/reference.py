@@ -17,8 +17,8 @@ from transformers import DynamicCache
 
 from serve.engine.base import Engine
 from serve.engine.model import LoadedModel, ModelGeometry
-from serve.engine.requests import FinishReason, GenerationRequest, GenerationResult, Sink
-from serve.engine.sampling import TokenChooser, choose_tokens
+from serve.engine.requests import FinishReason, GenerationRequest, GenerationResult, Sink, TokenLogprobs
+from serve.engine.sampling import TokenChooser, choose_tokens, split_logprobs, token_logprobs
 
 
 def normalize_pixels(pixels: torch.Tensor, geometry: ModelGeometry, dtype: torch.dtype) -> torch.Tensor:
@@ -43,6 +43,8 @@ def encode_pixels(loaded: LoadedModel, geometry: ModelGeometry, pixels: torch.Te
 
 class HFEngine(Engine):
     """The reference path: static batches through the Hugging Face modules, with correct position ids."""
+
+    supports_logprobs = True
 
     def step(self) -> float | None:
         if len(self.waiting) < self.config.max_batch_size:
@@ -80,9 +82,11 @@ class HFEngine(Engine):
         choosers = [TokenChooser(r.params, r.prompt_ids) for r in requests]
         generated: list[list[int]] = [[] for _ in requests]
         finish: list[FinishReason | None] = [None] * len(requests)
+        logprobs = [TokenLogprobs() if r.params.logprobs is not None else None for r in requests]
         logits = out.logits[:, -1]
         while True:
             tokens = choose_tokens(logits, choosers)
+            entries = self._logprobs(logits, tokens, requests, [f is None for f in finish])
             for i, token in enumerate(tokens):
                 if finish[i] is not None:
                     continue
@@ -91,8 +95,11 @@ class HFEngine(Engine):
                     finish[i] = "stop"
                     continue
                 generated[i].append(token)
+                entry = entries.get(i)
+                if entry is not None:
+                    logprobs[i].extend(entry)
                 if sinks[i].streaming:
-                    sinks[i].tokens([token])
+                    sinks[i].tokens([token], entry)
                 if len(generated[i]) >= requests[i].params.max_new_tokens:
                     finish[i] = "length"
             if all(reason is not None for reason in finish):
@@ -110,9 +117,22 @@ class HFEngine(Engine):
             )
             logits = out.logits[:, -1]
         return [
-            GenerationResult(ids, reason, len(r.prompt_ids), len(ids) + (reason == "stop"))
-            for ids, reason, r in zip(generated, finish, requests)
+            GenerationResult(ids, reason, len(r.prompt_ids), len(ids) + (reason == "stop"), entries)
+            for ids, reason, r, entries in zip(generated, finish, requests, logprobs)
         ]
+
+    @staticmethod
+    def _logprobs(
+        logits: torch.Tensor, tokens: list[int], requests: Sequence[GenerationRequest], running: list[bool]
+    ) -> dict[int, TokenLogprobs]:
+        """This step's log-probabilities of the running rows that asked for them, by row."""
+        rows = [i for i, r in enumerate(requests) if running[i] and r.params.logprobs is not None]
+        if not rows:
+            return {}
+        counts = [requests[i].params.logprobs for i in rows]
+        index = torch.tensor(rows, device=logits.device)
+        chosen = torch.tensor([tokens[i] for i in rows], device=logits.device)
+        return dict(zip(rows, split_logprobs(*token_logprobs(logits[index], chosen, counts), counts)))
 
     def _left_pad(self, requests: Sequence[GenerationRequest]) -> tuple[torch.Tensor, ...]:
         width = max(len(r.prompt_ids) for r in requests)

@@ -3,6 +3,11 @@
 A :class:`GenerationRequest` is one image (224x224x3 uint8, as the Kosmos-2 processor resizes it), its prompt's
 token ids and its :class:`SamplingParams`; a :class:`GenerationResult` holds the generated ids and why generation
 stopped. An engine delivers each request's tokens and end to a :class:`Sink`.
+
+A request whose ``SamplingParams.logprobs`` is set also gets :class:`TokenLogprobs`: each generated token's
+log-probability and the most likely tokens at its step, with the tokens as they stream (``Sink.tokens``) and in
+the result. An engine that cannot compute them leaves ``Engine.supports_logprobs`` false, and such requests are
+refused when submitted.
 """
 
 from __future__ import annotations
@@ -14,11 +19,15 @@ import numpy as np
 
 FinishReason = Literal["stop", "length"]
 
+MAX_TOP_LOGPROBS = 20
+"""The most alternatives a request may ask for at each step (OpenAI's bound on ``top_logprobs``)."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens for one request. ``temperature`` 0 means greedy; ``ignore_eos`` makes the end token
-    an ordinary one, so that exactly ``max_new_tokens`` come out (for benchmarks)."""
+    an ordinary one, so that exactly ``max_new_tokens`` come out (for benchmarks). ``logprobs``: None for no
+    log-probabilities, else how many of the most likely tokens to report beside each chosen one (0 to 20)."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -26,6 +35,7 @@ class SamplingParams:
     seed: int | None = None
     no_repeat_ngram_size: int = 0
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -36,6 +46,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.no_repeat_ngram_size < 0:
             raise ValueError(f"no_repeat_ngram_size must be at least 0, got {self.no_repeat_ngram_size}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be None or in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -53,24 +65,59 @@ class GenerationRequest:
 
 
 @dataclass
+class TokenLogprobs:
+    """Log-probabilities of generated tokens under the model: the log-softmax of the logits, before temperature,
+    top-p and n-gram bans. Entry ``i`` is the ``i``-th token's: ``chosen[i]`` its own, ``top_ids[i]`` and
+    ``top_logprobs[i]`` the most likely tokens at its step, most likely first (as many as the request asked)."""
+
+    chosen: list[float] = field(default_factory=list)
+    top_ids: list[list[int]] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def extend(self, other: TokenLogprobs) -> None:
+        self.chosen += other.chosen
+        self.top_ids += other.top_ids
+        self.top_logprobs += other.top_logprobs
+
+    def slice(self, start: int, stop: int | None = None) -> TokenLogprobs:
+        part = slice(start, stop)
+        return TokenLogprobs(self.chosen[part], self.top_ids[part], self.top_logprobs[part])
+
+
+@dataclass
 class GenerationResult:
     """Generated ids (without the end token), why generation stopped, and token counts.
 
-    ``completion_tokens`` counts every token the model produced, the end token included.
+    ``completion_tokens`` counts every token the model produced, the end token included. ``logprobs`` holds one
+    entry per id of ``token_ids`` when the request asked for them, else None.
     """
 
     token_ids: list[int]
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    logprobs: TokenLogprobs | None = None
+
+
+@dataclass
+class Generated:
+    """New tokens of a streaming request (what ``serve.engine.loop``'s ``stream`` yields before the result), with
+    their log-probabilities when the request asked for them."""
+
+    token_ids: list[int]
+    logprobs: TokenLogprobs | None = None
 
 
 class Sink(Protocol):
-    """Where an engine delivers one request's tokens (when ``streaming``) and its end."""
+    """Where an engine delivers one request's tokens (when ``streaming``) and its end. ``logprobs``, given for
+    requests that asked, holds one entry per token."""
 
     streaming: bool
 
-    def tokens(self, token_ids: list[int]) -> None: ...
+    def tokens(self, token_ids: list[int], logprobs: TokenLogprobs | None = None) -> None: ...
 
     def finish(self, result: GenerationResult) -> None: ...
 
@@ -86,7 +133,7 @@ class Collector:
         self.result: GenerationResult | None = None
         self.error: BaseException | None = None
 
-    def tokens(self, token_ids: list[int]) -> None:
+    def tokens(self, token_ids: list[int], logprobs: TokenLogprobs | None = None) -> None:
         pass
 
     def finish(self, result: GenerationResult) -> None:

@@ -1,7 +1,8 @@
 """The choice of each next token under a request's own parameters, shared by every engine.
 
 Every request gets exactly its own parameters inside a batch: greedy or temperature/top-p sampling, a seed,
-a token limit and a no-repeat n-gram size. Sampling draws one uniform number per step from the request's own
+a token limit and a no-repeat n-gram size. Rows that ask for log-probabilities get them from
+:func:`token_logprobs` (the other rows cost nothing). Sampling draws one uniform number per step from the request's own
 seeded generator and inverts the nucleus distribution with it, so a seeded request gives the same tokens
 whatever else shares its batch. Greedy rows without an n-gram ban take a vectorized path with no Python per
 row.
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from serve.engine.requests import SamplingParams
+from serve.engine.requests import SamplingParams, TokenLogprobs
 
 
 class TokenChooser:
@@ -103,3 +104,33 @@ def sample_nucleus(logits: torch.Tensor, top_p: torch.Tensor, uniform: torch.Ten
     target = uniform[:, None] * cumulative[:, -1:]
     index = torch.searchsorted(cumulative, target, right=True).clamp(max=probs.shape[-1] - 1)
     return order.gather(-1, index).squeeze(-1)
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, counts: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities for rows of ``logits`` (rows x vocabulary, as the model gave them) whose chosen tokens are
+    ``tokens``: each chosen token's, and the ``max(counts)`` most likely tokens' ids and log-probabilities (most
+    likely first), all on the logits' device. :func:`split_logprobs` takes them apart on the host.
+
+    >>> logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    >>> chosen, ids, values = token_logprobs(logits, torch.tensor([1]), [2])
+    >>> round(chosen.exp().item(), 4), ids.tolist(), [round(v, 4) for v in values.exp()[0].tolist()]
+    (0.3, [[0, 1]], [0.5, 0.3])
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(-1, tokens[:, None].long())[:, 0]
+    values, ids = logprobs.topk(max(counts, default=0), dim=-1)
+    return chosen, ids, values
+
+
+def split_logprobs(
+    chosen: torch.Tensor, ids: torch.Tensor, values: torch.Tensor, counts: Sequence[int]
+) -> list[TokenLogprobs]:
+    """One single-token :class:`TokenLogprobs` per row of :func:`token_logprobs`' output, row ``i`` keeping its
+    ``counts[i]`` most likely tokens (one copy to the host for all rows)."""
+    chosen_list, ids_list, values_list = chosen.tolist(), ids.tolist(), values.tolist()
+    return [
+        TokenLogprobs([chosen_list[row]], [ids_list[row][:count]], [values_list[row][:count]])
+        for row, count in enumerate(counts)
+    ]

@@ -86,6 +86,15 @@ class TextCodec:
             clean, entities = drop_prefix(clean, entities, self.prompt_length(prompt_ids))
         return Answer(clean, [ground(e, width, height) for e in entities])
 
+    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token's own text, as it reads alone: a word piece with its leading space, a tag as written."""
+        return [self._token_text(token) for token in token_ids]
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 (one codec per process, the vocabulary bounds it)
+    def _token_text(self, token: int) -> str:
+        piece = self.tokenizer.convert_ids_to_tokens(int(token))
+        return piece.replace("\u2581", " ") if piece is not None else ""
+
     def prompt_length(self, prompt_ids: Sequence[int]) -> int:
         """Characters of the prompt's own clean text (what a non-echo answer leaves out)."""
         return len(TAG_PATTERN.sub("", self.decode_after_image(prompt_ids, [])).strip())
@@ -101,8 +110,9 @@ def ground(entity: Entity, width: int, height: int) -> GroundedEntity:
 class AnswerStream:
     """Incremental clean text of an answer: each ``push`` returns the new text that is now certain.
 
-    Text stays held back while it could still change: trailing spaces (the final text is stripped) and
-    anything after an unclosed ``<`` (a tag could still close). The pieces joined equal ``Answer.text``.
+    Text stays held back while it could still change: trailing spaces (the final text is stripped), anything
+    after an unclosed ``<`` (a tag could still close) and a trailing U+FFFD (a character whose bytes span
+    tokens). ``holding`` says whether the last push held any back. The pieces joined equal ``Answer.text``.
     """
 
     def __init__(self, codec: TextCodec, prompt: Prompt, prompt_ids: Sequence[int]) -> None:
@@ -111,18 +121,23 @@ class AnswerStream:
         self.generated: list[int] = []
         self.skip = 0 if prompt.echo else codec.prompt_length(prompt_ids)
         self.sent = 0
+        self.holding = False
 
     def push(self, tokens: Sequence[int]) -> str:
         self.generated.extend(tokens)
         raw = self.codec.decode_after_image(self.prompt_ids, self.generated)
-        opening = raw.rfind("<")
-        if opening > raw.rfind(">"):
+        opening = raw.find("<", raw.rfind(">") + 1)  # the first "<" that no ">" closes yet: a tag may start there
+        unclosed = opening >= 0
+        if unclosed:
             raw = raw[:opening]
-        stable = _answer_text(TAG_PATTERN.sub("", raw), self.skip).rstrip()
+        text = _answer_text(TAG_PATTERN.sub("", raw), self.skip)
+        stable = text.rstrip().removesuffix("\ufffd")
+        self.holding = unclosed or len(stable) < len(text)
         return self._take(stable)
 
     def finish(self, final_text: str) -> str:
         """The rest of the answer, given the final clean text."""
+        self.holding = False
         return self._take(final_text)
 
     def _take(self, text: str) -> str:

@@ -103,3 +103,25 @@ def test_graphed_engine_equals_reference(cuda_loaded, codec, attention, compiled
     assert warm <= fast.graphs.captured.keys()  # captured before any request
     assert fast.generate(workload) == expected
     assert fast.graphs.pad_admissions and {kind for kind, _, _ in fast.graphs.captured} == {"admit", "decode"}
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_graphed_engine_reports_the_references_logprobs(cuda_loaded, codec, overlap):
+    """Log-probabilities read from the graphs' outputs, for the rows that ask, beside rows that do not."""
+    params = [
+        SamplingParams(max_new_tokens=4 + 5 * (i % 7), logprobs=(i % 3) * 2 if i % 2 else None) for i in range(10)
+    ]
+    workload = requests_for(codec, params)
+    reference = HFEngine(cuda_loaded, EngineConfig(kind="hf", max_batch_size=1))
+    expected = [reference.generate([r])[0] for r in workload]
+    fast = FastEngine(cuda_loaded, EngineConfig(max_batch_size=4, max_seq_len=160, overlap=overlap))
+    fast.warm_up()
+    for got, want in zip(fast.generate(workload), expected):
+        assert got.token_ids == want.token_ids
+        if want.logprobs is None:
+            assert got.logprobs is None
+            continue
+        torch.testing.assert_close(
+            torch.tensor(got.logprobs.chosen), torch.tensor(want.logprobs.chosen), atol=1e-4, rtol=0
+        )
+        assert got.logprobs.top_ids == want.logprobs.top_ids

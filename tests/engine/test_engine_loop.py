@@ -63,7 +63,7 @@ def test_stream_yields_tokens_then_the_result(engine_loop, work):
 
     items = asyncio.run(main())
     assert isinstance(items[-1], GenerationResult) and items[-1] == expected[3]
-    assert [t for chunk in items[:-1] for t in chunk] == expected[3].token_ids
+    assert [t for chunk in items[:-1] for t in chunk.token_ids] == expected[3].token_ids
 
 
 def test_cancelled_callers_free_their_slots(engine_loop, work):
@@ -103,11 +103,11 @@ def test_a_failed_step_fails_the_requests_in_the_engine_and_the_next_ones_run(lo
     engine = FastEngine(loaded, EngineConfig(max_batch_size=4, max_seq_len=160))
     accept, calls = engine.scheduler.accept, []
 
-    def flaky(slots, tokens):
+    def flaky(slots, tokens, logprobs=None):
         calls.append(len(slots))
         if len(calls) == 3:
             raise RuntimeError("a defect in the book-keeping")
-        accept(slots, tokens)
+        accept(slots, tokens, logprobs)
 
     engine.scheduler.accept = flaky
     loop = EngineLoop(engine)
@@ -177,7 +177,7 @@ def test_tokens_equal_the_reference(engine_process, work):
     results, streamed = asyncio.run(main())
     assert results == expected
     assert streamed[-1] == expected[2] and isinstance(streamed[-1], GenerationResult)
-    assert [token for chunk in streamed[:-1] for token in chunk] == expected[2].token_ids
+    assert [token for chunk in streamed[:-1] for token in chunk.token_ids] == expected[2].token_ids
     assert engine_process.description.startswith("fast engine on cpu")
 
 
@@ -201,7 +201,8 @@ def test_errors_keep_their_fields_and_the_engine_goes_on(engine_process, work):
         return caught.value, await engine_process.generate(requests[0])
 
     error, result = asyncio.run(main())
-    assert error.param == "max_tokens" and "exceeds the 256 tokens" in str(error)
+    assert (error.param, error.code) == ("max_tokens", "context_length_exceeded")
+    assert "maximum context length is 256 tokens" in str(error)
     assert result == expected[0] and engine_process.alive
 
 

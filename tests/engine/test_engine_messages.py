@@ -11,7 +11,7 @@ import numpy as np
 
 from serve.engine.config import EngineConfig, ModelConfig
 from serve.engine.messages import EngineStats, Events, Failed, Finished, StartEngine, Submit, Tokens, receive, send
-from serve.engine.requests import GenerationRequest, GenerationResult, SamplingParams
+from serve.engine.requests import GenerationRequest, GenerationResult, SamplingParams, TokenLogprobs
 from serve.errors import InvalidRequest
 
 
@@ -65,14 +65,16 @@ def test_every_message_is_a_record_that_survives_the_trip():
     events = Events(
         [
             Tokens(1, [5, 6]),
+            Tokens(3, [7], TokenLogprobs([-0.25], [[7, 9]], [[-0.25, -1.5]])),
             Finished(1, GenerationResult([5, 6], "stop", 70, 3)),
+            Finished(3, GenerationResult([7], "length", 70, 1, TokenLogprobs([-0.25], [[7, 9]], [[-0.25, -1.5]]))),
             Failed(2, InvalidRequest("too long", param="max_tokens")),
         ],
         stats,
     )
     got = roundtrip(events)
-    assert got.stats == stats and [type(e) for e in got.events] == [Tokens, Finished, Failed]
-    assert got.events[:2] == events.events[:2]
-    error = got.events[2].error
+    assert got.stats == stats and [type(e) for e in got.events] == [Tokens, Tokens, Finished, Finished, Failed]
+    assert got.events[:4] == events.events[:4]
+    error = got.events[4].error
     assert isinstance(error, InvalidRequest) and (error.message, error.param) == ("too long", "max_tokens")
-    assert [e.ends for e in got.events] == [False, True, True]
+    assert [e.ends for e in got.events] == [False, False, True, True, True]

@@ -223,7 +223,7 @@ def test_api_key_from_the_environment_and_fatal_401(synthetic, stub, tmp_path, m
     service, url = stub
     service.api_key = "sekret"
     monkeypatch.setenv("KOSMOS_API_KEY", "wrong")
-    assert main(command(synthetic, url, tmp_path / "a")) == 2
+    assert main(command(synthetic, url, tmp_path / "a")) == 1  # a failure, not a usage error
     assert "401" in capsys.readouterr().err
     monkeypatch.setenv("KOSMOS_API_KEY", "sekret")
     assert main(command(synthetic, url, tmp_path / "b", "--limit", "6")) == 0

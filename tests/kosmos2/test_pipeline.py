@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from serve.engine.requests import GenerationResult, SamplingParams
-from serve.errors import InvalidImage, InvalidRequest
+from serve.errors import ContextLengthExceeded, InvalidImage, InvalidRequest
 from serve.kosmos2.images import PreparedImage
 from serve.kosmos2.pipeline import Pipeline, Query
-from serve.kosmos2.tasks import Task
+from serve.kosmos2.tasks import Task, build_prompt
 from tests.helpers import LIMITS, encode, photo
 
 SNOWMAN = (
@@ -45,13 +47,13 @@ def test_finish_scales_boxes_to_the_original_image(pipeline, loaded):
     assert snowman.boxes == [(0.390625, 0.046875, 0.984375, 0.828125)]
     assert snowman.boxes_px == [(250.0, 22.5, 630.0, 397.5)]
 
-    stream = pipeline.stream(prepared)
-    pieces = [stream.push([token]) for token in generated]
-    assert "".join(pieces) + stream.finish(answer.text) == answer.text
+    decoding = pipeline.decoding(prepared)
+    pieces = [decoding.opening().text] + [decoding.push([token]).text for token in generated]
+    assert "".join(pieces) + decoding.finish(None).rest.text == answer.text
 
 
 def test_text_is_checked_before_the_image_is_read(pipeline):
-    with pytest.raises(InvalidRequest, match="exceeds the 160 tokens"):
+    with pytest.raises(InvalidRequest, match="maximum context length is 160 tokens"):
         pipeline.prepare(Query(Task.CAPTION, params=SamplingParams(max_new_tokens=100)), b"not an image")
     with pytest.raises(InvalidRequest, match="takes no text"):
         pipeline.prepare(Query(Task.CAPTION, "a dog"), b"not an image")
@@ -66,3 +68,19 @@ def test_engine_round_trip_equals_the_reference_on_the_same_request(pipeline, hf
     (result,) = hf_engine.generate([prepared.request])
     answer = pipeline.finish(prepared, result)
     assert answer == codec.answer(prepared.prompt, prepared.request.prompt_ids.tolist(), result.token_ids, 320, 240)
+
+
+def test_a_default_token_limit_shrinks_to_the_room_a_long_prompt_leaves(pipeline):
+    image = PreparedImage(np.zeros((224, 224, 3), dtype=np.uint8), 64, 64)
+    question = "is the small red circle on the left of the big blue square near the tall green tree " * 2
+    asked = Query(Task.VQA, question, params=SamplingParams(max_new_tokens=64))
+    ids = pipeline.codec.encode(build_prompt(Task.VQA, question).text)
+    assert 160 - 64 < len(ids) < 160  # the prompt fits, with the 64 tokens it does not
+    with pytest.raises(ContextLengthExceeded) as info:
+        pipeline.prepare(asked, image)
+    assert info.value.param == "max_tokens"
+    defaulted = pipeline.prepare(replace(asked, fit_to_context=True), image)
+    assert defaulted.request.params.max_new_tokens == 160 - len(ids)
+    with pytest.raises(ContextLengthExceeded) as info:  # a prompt past the sequence is refused all the same
+        pipeline.prepare(Query(Task.VQA, question * 3, fit_to_context=True), image)
+    assert info.value.param == "messages"

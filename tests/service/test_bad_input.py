@@ -65,8 +65,19 @@ CASES = {
     "no-image": (with_messages([{"role": "user", "content": "describe"}]), 400, "messages"),
     "two-images": (with_messages([{"role": "user", "content": [image_part(), image_part()]}]), 400, "messages"),
     "two-user-messages": (with_messages([{"role": "user", "content": [image_part()]}] * 2), 400, "messages"),
-    "system-message": (
-        with_messages([{"role": "system", "content": "be brief"}, {"role": "user", "content": [image_part()]}]),
+    "image-in-system-message": (
+        with_messages([{"role": "system", "content": [image_part()]}, {"role": "user", "content": [image_part()]}]),
+        400,
+        "messages",
+    ),
+    "assistant-turn": (
+        with_messages(
+            [
+                {"role": "user", "content": [image_part()]},
+                {"role": "assistant", "content": "a cat"},
+                {"role": "user", "content": [image_part()]},
+            ]
+        ),
         400,
         "messages",
     ),
@@ -82,7 +93,7 @@ CASES = {
         400,
         "messages",
     ),
-    "text-too-long": (body_with(task="vqa", text="why " * 2000), 413, "messages"),
+    "text-too-long": (body_with(task="vqa", text="why " * 2000), 400, "messages"),  # context_length_exceeded
     "markup-only-text": (body_with(task="vqa", text="<phrase></phrase><grounding>"), 400, "messages"),
     # image references
     "url-not-data": (with_url("ftp://example.com/a.png"), 400, "image_url"),

@@ -2,7 +2,8 @@
 
 ``cluster.yaml`` (the AWS cluster) against the cluster launcher's JSON schema and the checks ``ray up`` runs
 before it calls AWS, plus the node groups the service needs. Each Serve config (``configs/*.yaml``) against
-Ray Serve's ``ServeDeploySchema``, the options ``serve.deployment`` accepts, and our ``ServiceConfig``.
+Ray Serve's ``ServeDeploySchema``, the options ``serve.deployment`` accepts, and our ``ServiceConfig``; its
+``deployments:`` section as ``serve build`` writes it, with every deployment option there and none in ``args``.
 """
 
 from __future__ import annotations
@@ -22,13 +23,17 @@ import ray.autoscaler
 import yaml
 from ray import serve
 from ray.autoscaler._private.util import prepare_config, validate_config
-from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
+from ray.serve.config import AutoscalingConfig
+from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
 
-from serve.app.config import ServiceConfig, load_config
+from serve.app.builder import serve_config
+from serve.app.config import DEPLOYMENTS, ConfigError, DeploymentConfig, ServiceConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster.yaml"
-SERVE_CONFIGS = {name: ROOT / "configs" / f"{name}.yaml" for name in ("autoscale-local", "cluster", "gpu", "local")}
+SERVE_CONFIGS = {
+    name: ROOT / "configs" / f"{name}.yaml" for name in ("autoscale-local", "cluster", "gpu", "local", "perf")
+}
 RAY_SCHEMA = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
 CHECKOUT = "~/kosmos2-serve"
 
@@ -176,10 +181,10 @@ def test_the_cluster_can_hold_the_serve_config(cluster: dict[str, Any]) -> None:
     for spec in (spec for spec in groups if gpus(spec) > 0):  # a Generator replica fits any GPU node
         assert generator.num_gpus <= gpus(spec) and generator.num_cpus <= spec["resources"]["CPU"]
     gpu_capacity = sum(spec["max_workers"] * gpus(spec) for spec in groups)
-    assert generator.autoscaling.max_replicas * generator.num_gpus <= gpu_capacity
+    assert generator.replica_range[1] * generator.num_gpus <= gpu_capacity
     cpu_capacity = sum(spec["max_workers"] * spec["resources"]["CPU"] for spec in groups if gpus(spec) == 0)
-    assert preprocessor.autoscaling.max_replicas * preprocessor.num_cpus <= cpu_capacity
-    assert ingress.autoscaling.max_replicas * ingress.num_cpus <= head["resources"]["CPU"]
+    assert preprocessor.replica_range[1] * preprocessor.num_cpus <= cpu_capacity
+    assert ingress.replica_range[1] * ingress.num_cpus <= head["resources"]["CPU"]
 
 
 # Serve configs: Ray Serve's checks and ours
@@ -207,6 +212,66 @@ def test_serve_schema_accepts_the_serve_config(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(SERVE_CONFIGS))
+def test_deployment_options_are_in_the_deployments_section(name: str) -> None:
+    """Each deployment has its entry, in Serve's own fields (none misspelt: Serve would ignore it), with every
+    autoscaling field one of Serve's; ``args`` hold no deployment option (its change would restart replicas)."""
+    (app,) = load_yaml(SERVE_CONFIGS[name])["applications"]
+    assert not set(app["args"]) & set(DEPLOYMENTS.values()), "deployment options belong in deployments:"
+    assert [entry["name"] for entry in app["deployments"]] == list(DEPLOYMENTS)
+    for entry in app["deployments"]:
+        assert set(entry) <= set(DeploymentSchema.model_fields), set(entry) - set(DeploymentSchema.model_fields)
+        DeploymentSchema.model_validate(entry)
+        assert set(entry.get("autoscaling_config") or {}) <= set(AutoscalingConfig.model_fields)
+        assert "num_replicas" in entry or "autoscaling_config" in entry, "say how many replicas"
+
+
+@pytest.mark.parametrize("name", sorted(SERVE_CONFIGS))
+def test_the_file_is_what_serve_build_writes_for_it(name: str, tmp_path) -> None:
+    """``serve.app.builder.serve_config`` (Serve's own conversion of the bound deployments, as ``serve build``)
+    of the config a file describes describes the same config, deployment for deployment."""
+    config = load_config(SERVE_CONFIGS[name])
+    written = serve_config(config)
+    ServeDeploySchema.model_validate(written)
+    (tmp_path / "built.yaml").write_text(yaml.safe_dump(written))
+    assert load_config(tmp_path / "built.yaml") == config
+    (app,) = load_yaml(SERVE_CONFIGS[name])["applications"]
+    (built,) = written["applications"]
+    for entry, made in zip(app["deployments"], built["deployments"], strict=True):
+        assert entry["name"] == made["name"]
+        options = [{k: v for k, v in d.items() if k != "name"} for d in (entry, made)]
+        assert DeploymentConfig.model_validate(options[0]) == DeploymentConfig.model_validate(options[1])
+
+
+def test_a_deployments_entry_overrides_the_defaults_as_serve_does() -> None:
+    """Serve applies an entry field by field over the code's options, ``ray_actor_options`` as a whole."""
+    config = ServiceConfig.model_validate({"generator": {"max_ongoing_requests": 7}})
+    assert (config.generator.max_ongoing_requests, config.generator.num_gpus) == (7, 1)
+    config = ServiceConfig.model_validate({"generator": {"ray_actor_options": {"num_cpus": 2}}})
+    assert (config.generator.num_cpus, config.generator.num_gpus) == (2, 0)
+    scaled = ServiceConfig.model_validate({"preprocessor": {"autoscaling_config": {"max_replicas": 3}}})
+    assert scaled.preprocessor.replica_range == (1, 3) and scaled.preprocessor.num_replicas is None
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"name": "Genrator", "num_replicas": 1}, "no deployment 'Genrator'"),
+        ({"name": "Generator", "num_replica": 2}, "num_replica"),
+        ({"name": "Generator", "autoscaling_config": {"max_replica": 2}}, "max_replica"),
+        ({"name": "Generator", "autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}, "min_replicas"),
+        ({"name": "Generator", "num_replicas": 2, "autoscaling_config": {"max_replicas": 2}}, "not both"),
+        ({"name": "Generator", "ray_actor_options": {"num_gpu": 1}}, "num_gpu"),
+    ],
+)
+def test_a_broken_deployments_entry_is_named(tmp_path, entry: dict[str, Any], message: str) -> None:
+    raw = load_yaml(SERVE_CONFIGS["cluster"])
+    raw["applications"][0]["deployments"][2] = entry
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=message):
+        load_config(tmp_path / "broken.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(SERVE_CONFIGS))
 def test_args_are_a_service_config_that_serve_accepts(name: str) -> None:
     raw = load_yaml(SERVE_CONFIGS[name])
     config = load_config(SERVE_CONFIGS[name])
@@ -224,10 +289,10 @@ def test_cluster_serve_config_values() -> None:
     assert (config.model.source, config.model.dtype) == ("microsoft/kosmos-2-patch14-224", "float16")
     assert (config.engine.kind, config.engine.max_batch_size) == ("fast", 256)
     assert config.cpu_fallback is False, "GPU nodes arrive through the autoscaler, after the deploy"
-    assert (config.generator.num_gpus, config.generator.autoscaling.min_replicas) == (1, 1)
-    assert config.generator.autoscaling.max_replicas == 8
+    assert (config.generator.num_gpus, config.generator.replica_range) == (1, (1, 8))
     assert config.preprocessor.num_gpus == 0 and config.preprocessor.num_cpus == 1
-    assert (config.preprocessor.autoscaling.min_replicas, config.preprocessor.autoscaling.max_replicas) == (2, 32)
+    assert config.preprocessor.replica_range == (2, 32)
+    assert config.preprocessor.ray_actor_options.resources == {"preprocess": 1}
     for bounded in (config.ingress, config.generator):
         assert bounded.max_queued_requests > 0, "overload must be answered with a 503, not queued without end"
 
@@ -242,12 +307,12 @@ def test_serve_accepts_the_cluster_config_without_deprecation_warnings() -> None
     ("section", "change"),
     [
         ("generator", {"max_queued_requests": 0}),  # Serve: -1 or a positive number
-        ("generator", {"num_gpus": -1}),
-        ("preprocessor", {"autoscaling": {"min_replicas": 4, "max_replicas": 2}}),
+        ("generator", {"ray_actor_options": {"num_gpus": -1}}),
+        ("preprocessor", {"autoscaling_config": {"min_replicas": 4, "max_replicas": 2}}),
     ],
 )
-def test_the_checks_reject_broken_args(section: str, change: dict[str, Any]) -> None:
-    args = copy.deepcopy(load_yaml(SERVE_CONFIGS["cluster"])["applications"][0]["args"])
-    args[section] = {**args[section], **change}
+def test_the_checks_reject_broken_options(section: str, change: dict[str, Any]) -> None:
+    config = load_config(SERVE_CONFIGS["cluster"]).model_dump()
+    config[section] = {**config[section], **change}
     with pytest.raises(ValueError):  # ours (ConfigError) or Serve's
-        serve_accepts(ServiceConfig.model_validate(args))
+        serve_accepts(ServiceConfig.model_validate(config))

@@ -12,7 +12,8 @@ def test_haproxy_mode_gets_files_and_port_of_its_own():
     assert first["RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE"] == "1"  # each request's log line written at once
     for key in ("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH"):
         assert first[key] != second[key]  # two instances on one machine do not share HAProxy's files
-    assert int(first["RAY_SERVE_HAPROXY_METRICS_PORT"]) > 0
+    for key in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT"):  # ports of its own, not 8404
+        assert int(first[key]) > 0
 
 
 def test_serve_mode_turns_both_off():

@@ -16,7 +16,7 @@ from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 
 from serve.app.builder import APP_NAME, build_app
-from serve.app.config import load_config
+from serve.app.config import ServiceConfig, load_config
 from tests.conftest import ROOT, free_port
 from tests.helpers import body, storm
 
@@ -33,13 +33,11 @@ def cluster(tiny_dir):
     ray.init(address=cluster.address)
     port = free_port()
     config = load_config(ROOT / "configs/local.yaml", model__source=str(tiny_dir), http__port=port)
-    config = config.model_copy(
-        update={
-            "ingress": config.ingress.model_copy(update={"resources": {"head": 0.1}}),  # as on a real cluster
-            "preprocessor": config.preprocessor.model_copy(update={"resources": {"preprocess": 1}}),
-            "generator": config.generator.model_copy(update={"num_gpus": 1.0}),
-        }
-    )
+    data = config.model_dump()
+    data["ingress"]["ray_actor_options"]["resources"] = {"head": 0.1}  # as on a real cluster
+    data["preprocessor"]["ray_actor_options"]["resources"] = {"preprocess": 1}
+    data["generator"]["ray_actor_options"]["num_gpus"] = 1.0
+    config = ServiceConfig.model_validate(data)
     # One proxy, on the head, as in configs/*.yaml: with a proxy on every node all would bind 127.0.0.1:port here,
     # and the one that won could be on the node the test removes, dropping its connections.
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from serve.app.client import APIError, KosmosClient, chat_request
+from serve.app.config import ServiceConfig
 from serve.app.protocol import ChatCompletion, ChatCompletionChunk
 from serve.engine.requests import GenerationRequest, SamplingParams
 from serve.kosmos2.images import prepare_image
@@ -226,7 +227,9 @@ def test_generator_falls_back_to_the_cpu_without_gpus(service):
     """This cluster has no GPU: a Generator asking for one runs on CPUs (with a warning), unless told not to."""
     from serve.app.builder import _gpu_or_fallback
 
-    wants_gpu = service.model_copy(update={"generator": service.generator.model_copy(update={"num_gpus": 1.0})})
+    generator = service.model_dump()["generator"]
+    generator["ray_actor_options"]["num_gpus"] = 1.0
+    wants_gpu = ServiceConfig.model_validate({**service.model_dump(), "generator": generator})
     assert _gpu_or_fallback(wants_gpu).num_gpus == 0
     strict = wants_gpu.model_copy(update={"cpu_fallback": False})
     assert _gpu_or_fallback(strict).num_gpus == 1

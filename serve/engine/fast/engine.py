@@ -23,6 +23,9 @@ are those tokens, still on the device), so the host's book-keeping runs while th
 SGLang's overlap scheduler; a sequence ending at its end token then costs one more step, and one ending by
 length none.
 
+Requests that ask for log-probabilities get them computed on the device for their rows alone, beside the chosen
+tokens, and taken to the host with them (:class:`StepLogprobs`); a step without such requests computes none.
+
 On the tiny model in float32 on the CPU its greedy tokens equal :class:`serve.engine.HFEngine`'s
 (``tests/engine/test_fast_engine.py``).
 """
@@ -48,9 +51,25 @@ from serve.engine.fast.scheduler import Scheduler
 from serve.engine.fast.transfer import Staged, Transfer
 from serve.engine.kernels.attention import triton_available
 from serve.engine.model import LoadedModel
-from serve.engine.sampling import choose_special
+from serve.engine.requests import TokenLogprobs
+from serve.engine.sampling import choose_special, split_logprobs, token_logprobs
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepLogprobs:
+    """A step's log-probabilities for the slots that asked for them (:func:`token_logprobs`' output: rows in the
+    order of ``slots``), on the device until :meth:`by_slot` takes them to the host."""
+
+    slots: list[int]
+    counts: list[int]
+    chosen: torch.Tensor
+    ids: torch.Tensor
+    values: torch.Tensor
+
+    def by_slot(self) -> dict[int, TokenLogprobs]:
+        return dict(zip(self.slots, split_logprobs(self.chosen, self.ids, self.values, self.counts)))
 
 
 @dataclass
@@ -62,10 +81,13 @@ class InFlight:
     """The sequences in ``slots`` at launch: a slot freed (or reused) since then is skipped."""
     tokens: torch.Tensor
     """Each row's chosen token, on the device; row ``i`` is slot ``i``."""
+    logprobs: StepLogprobs | None = None
 
 
 class FastEngine(Engine):
     """Continuous batching with a static KV cache of ``max_batch_size`` slots of ``max_seq_len`` tokens."""
+
+    supports_logprobs = True
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
         self.transfer = Transfer(config.max_batch_size, loaded.device)  # before Engine sets device_wait_s
@@ -157,7 +179,7 @@ class FastEngine(Engine):
         self.admissions, self.admitted = self.admissions + 1, self.admitted + count
         batch = [self.waiting.popleft() for _ in range(count)]
         slots = self.scheduler.take_slots(count)
-        chosen: list[tuple[list[int], int, torch.Tensor]] = []  # each chunk's slots, offset and first tokens
+        chosen: list[tuple[list[int], int, torch.Tensor, StepLogprobs | None]] = []  # each chunk's first tokens
         for start in range(0, count, size):
             part, part_slots = batch[start : start + size], slots[start : start + size]
             try:
@@ -170,9 +192,11 @@ class FastEngine(Engine):
                 continue
             for pending, slot in zip(part, part_slots):
                 self.scheduler.start(pending, slot)
-            chosen.append((part_slots, start, self.transfer.fetch(self._choose(logits, part_slots), start)))
-        for part_slots, start, tokens in chosen:
-            self.scheduler.accept(np.asarray(part_slots), self.transfer.wait(tokens, start))
+            tokens, logprobs = self._choose(logits, part_slots)
+            chosen.append((part_slots, start, self.transfer.fetch(tokens, start), logprobs))
+        for part_slots, start, tokens, logprobs in chosen:
+            host_tokens = self.transfer.wait(tokens, start)
+            self.scheduler.accept(np.asarray(part_slots), host_tokens, logprobs.by_slot() if logprobs else None)
         self.admission_s += time.perf_counter() - began
 
     def _stage(self, batch: list[Pending], offset: int) -> Staged:
@@ -208,8 +232,8 @@ class FastEngine(Engine):
         launched = self.scheduler.sequence_ids[active].copy()  # before the settle, which may end some of them
         self._settle()
         if logits is not None:  # chosen after the settle: sampling and n-gram bans read the tokens it took
-            tokens = self.transfer.fetch(self._choose(logits, range(len(logits))))
-            self.in_flight = InFlight(active, launched, tokens)
+            tokens, logprobs = self._choose(logits, range(len(logits)))
+            self.in_flight = InFlight(active, launched, self.transfer.fetch(tokens), logprobs)
             if not self.config.overlap:
                 self._settle()
 
@@ -234,11 +258,11 @@ class FastEngine(Engine):
             return
         tokens = self.transfer.wait(step.tokens)
         slots = step.slots[self.scheduler.sequence_ids[step.slots] == step.ids]
-        self.scheduler.accept(slots, tokens[slots])
+        self.scheduler.accept(slots, tokens[slots], step.logprobs.by_slot() if step.logprobs else None)
 
-    def _choose(self, logits: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
-        """Next token per row of ``logits``, on the device; ``rows[i]`` is the slot of row ``i`` (argmax
-        unless special)."""
+    def _choose(self, logits: torch.Tensor, rows: Sequence[int]) -> tuple[torch.Tensor, StepLogprobs | None]:
+        """Next token per row of ``logits``, on the device, and the log-probabilities of the rows that asked;
+        ``rows[i]`` is the slot of row ``i`` (argmax unless special)."""
         tokens = logits.argmax(dim=-1)
         special = self.scheduler.special
         picked = [i for i, slot in enumerate(rows) if slot in special] if special else []
@@ -246,4 +270,12 @@ class FastEngine(Engine):
             index = torch.tensor(picked, device=logits.device)
             choosers = [self.scheduler.running[rows[i]].chooser for i in picked]
             tokens[index] = choose_special(logits[index].float(), choosers)
-        return tokens
+        wanted = self.scheduler.logprob_counts
+        if not wanted:
+            return tokens, None
+        slots = [slot for slot in wanted if slot in rows]
+        if not slots:
+            return tokens, None
+        counts = [wanted[slot] for slot in slots]
+        index = torch.tensor([rows.index(slot) for slot in slots], device=logits.device)
+        return tokens, StepLogprobs(slots, counts, *token_logprobs(logits[index], tokens[index], counts))

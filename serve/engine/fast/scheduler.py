@@ -12,7 +12,8 @@ fill the free slots, else once they number a fraction of the running sequences o
 
 The book is kept in numpy arrays, one entry a slot (each slot's last token and length, its tokens so far, its
 limit, whether its end token ends it), so a step's tokens are recorded for every sequence at once; Python runs
-per sequence only for sequences that stream, sample or ban n-grams, and for those that end.
+per sequence only for sequences that stream, sample, ban n-grams or asked for log-probabilities, and for those
+that end.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 from serve.engine.base import Pending
 from serve.engine.config import EngineConfig
 from serve.engine.model import ModelGeometry
-from serve.engine.requests import GenerationRequest, GenerationResult, Sink
+from serve.engine.requests import GenerationRequest, GenerationResult, Sink, TokenLogprobs
 from serve.engine.sampling import TokenChooser
 
 
@@ -37,6 +38,8 @@ class Running:
     request: GenerationRequest
     sink: Sink
     chooser: TokenChooser
+    logprobs: TokenLogprobs | None = None
+    """Its tokens' log-probabilities so far, when it asked for them."""
 
 
 class Scheduler:
@@ -61,6 +64,8 @@ class Scheduler:
         self.special: set[int] = set()
         """Slots whose tokens are sampled or ban n-grams: chosen one by one."""
         self.streaming: set[int] = set()
+        self.logprob_counts: dict[int, int] = {}
+        """Slots whose request asked for log-probabilities, and how many alternatives a step."""
         self.held_steps = 0  # decode steps run while requests waited
 
     def admission_size(self, waiting: int) -> int:
@@ -90,8 +95,13 @@ class Scheduler:
     def start(self, pending: Pending, slot: int) -> None:
         """Book ``slot`` for the admitted request."""
         request = pending.request
+        wanted = request.params.logprobs
         self.running[slot] = Running(
-            pending.id, request, pending.sink, TokenChooser(request.params, request.prompt_ids)
+            pending.id,
+            request,
+            pending.sink,
+            TokenChooser(request.params, request.prompt_ids),
+            TokenLogprobs() if wanted is not None else None,
         )
         self.sequence_ids[slot] = pending.id
         self.lengths[slot] = len(request.prompt_ids)
@@ -102,6 +112,8 @@ class Scheduler:
             self.special.add(slot)
         if pending.sink.streaming:
             self.streaming.add(slot)
+        if wanted is not None:
+            self.logprob_counts[slot] = wanted
 
     def decoding(self, in_flight: bool) -> np.ndarray:
         """The slots the next decode step runs: every running one, less those that the step in flight (if
@@ -111,19 +123,26 @@ class Scheduler:
             active = active[self.counts[active] + 1 < self.limits[active]]
         return active
 
-    def accept(self, slots: np.ndarray, tokens: np.ndarray) -> None:
-        """Record one new token per slot (``tokens[i]`` for ``slots[i]``), stream it, and end sequences."""
+    def accept(self, slots: np.ndarray, tokens: np.ndarray, logprobs: dict[int, TokenLogprobs] | None = None) -> None:
+        """Record one new token per slot (``tokens[i]`` for ``slots[i]``) and its log-probabilities (``logprobs``,
+        by slot, for the slots that asked), stream it, and end sequences."""
         ended = (tokens == self.eos_id) & self.stops[slots]
         kept = slots[~ended]
         self.generated[kept, self.counts[kept]] = tokens[~ended]
         self.counts[kept] += 1
         self.last_token[slots] = tokens
-        if self.special or self.streaming:
+        if self.special or self.streaming or logprobs:
+            logprobs = logprobs or {}
             for slot, token, end in zip(slots.tolist(), tokens.tolist(), ended.tolist()):
                 if slot in self.special:
                     self.running[slot].chooser.append(token)
-                if slot in self.streaming and not end:
-                    self.running[slot].sink.tokens([token])
+                if end:
+                    continue
+                entry = logprobs.get(slot)
+                if entry is not None:
+                    self.running[slot].logprobs.extend(entry)
+                if slot in self.streaming:
+                    self.running[slot].sink.tokens([token], entry)
         for slot in slots[ended].tolist():
             self.finish(slot, "stop")
         for slot in kept[self.counts[kept] >= self.limits[kept]].tolist():
@@ -134,7 +153,11 @@ class Scheduler:
         sequence = self.running[slot]
         count = int(self.counts[slot])
         result = GenerationResult(
-            self.generated[slot, :count].tolist(), reason, len(sequence.request.prompt_ids), count + (reason == "stop")
+            self.generated[slot, :count].tolist(),
+            reason,
+            len(sequence.request.prompt_ids),
+            count + (reason == "stop"),
+            sequence.logprobs,
         )
         self.release(slot)
         sequence.sink.finish(result)
@@ -146,6 +169,7 @@ class Scheduler:
         self.lengths[slot] = 0
         self.special.discard(slot)
         self.streaming.discard(slot)
+        self.logprob_counts.pop(slot, None)
         heapq.heappush(self.free, slot)
 
     def cancel(self, request_ids: set[int]) -> None:
