@@ -52,13 +52,12 @@ def _gpu_or_fallback(config: ServiceConfig) -> DeploymentConfig:
     """The Generator's resources; without GPUs in a running cluster (and fallback on), CPU ones. The pixel engine
     runs on the CPU: it takes no GPU."""
     resources = config.generator
-    if config.engine.kind == "pixels":
-        return resources.model_copy(update={"num_gpus": 0.0})
-    if resources.num_gpus == 0 or not config.cpu_fallback or not ray.is_initialized():
+    if resources.num_gpus == 0:
         return resources
-    if ray.cluster_resources().get("GPU", 0) > 0:
-        return resources
-    log.warning("the Ray cluster has no GPU: the Generator will run on the CPU (cpu_fallback is on)")
+    if config.engine.kind != "pixels":
+        if not config.cpu_fallback or not ray.is_initialized() or ray.cluster_resources().get("GPU", 0) > 0:
+            return resources
+        log.warning("the Ray cluster has no GPU: the Generator will run on the CPU (cpu_fallback is on)")
     actor = resources.ray_actor_options.model_copy(update={"num_gpus": 0.0})
     return resources.model_copy(update={"ray_actor_options": actor})
 

@@ -104,7 +104,7 @@ def pixels_app(deploy_app):
         "pixels",
         {
             "engine": {"kind": "pixels", "max_batch_size": 32, "batch_wait_s": 0.1},
-            "preprocessor": {"num_cpus": 0},
+            "preprocessor": {"ray_actor_options": {"num_cpus": 0}},
             "http": {"allow_remote_images": True, "allow_private_addresses": True, "remote_image_hosts": ["127.0.0.1"]},
         },
     )
@@ -159,7 +159,11 @@ def test_the_caption_boxes_the_shape(client, name):
 def test_the_fast_jpeg_path_boxes_the_shape(deploy_app):
     url = deploy_app(
         "pixels-fast-jpeg",
-        {"engine": {"kind": "pixels"}, "preprocessor": {"num_cpus": 0}, "limits": {"fast_jpeg": True}},
+        {
+            "engine": {"kind": "pixels"},
+            "preprocessor": {"ray_actor_options": {"num_cpus": 0}},
+            "limits": {"fast_jpeg": True},
+        },
     )
     try:
         client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
