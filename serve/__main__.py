@@ -4,6 +4,8 @@ kosmos2-serve run --model microsoft/kosmos-2-patch14-224 [--host 127.0.0.1] [--p
 kosmos2-serve build [--config FILE] [-o FILE]   # the Serve config file (args and deployments:), as serve build
 kosmos2-serve tiny DIR [--real-size]            # the tiny offline model (or the real architecture's config)
 kosmos2-serve demo [--engine pixels]            # tiny model, local service, one request per task, drawn, then stop
+kosmos2-serve batch -i requests.jsonl -o results.jsonl   # OpenAI's batch file format, on Ray Data
+kosmos2-serve batch --images DIR -o OUT --task caption   # a folder, glob or table of images to Parquet
 
 API keys are read from the environment only (KOSMOS_API_KEYS, comma-separated), never from the command line.
 Exit codes: 0 done, 1 a failure (a model that cannot be found, a service that cannot start), 2 a usage error
@@ -16,6 +18,9 @@ import argparse
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from serve.batch.cli import add_parser as add_batch_parser
+from serve.batch.cli import main as batch_main
 
 USAGE_ERROR = 2
 FAILURE = 1
@@ -63,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine", choices=["fast", "hf", "pixels"], help="the config's (fast) or pixels: answers that box a red disc"
     )
     demo.add_argument("--out", type=Path, default=Path("out/demo.png"), help="the drawing (%(default)s)")
+    add_batch_parser(commands)
     return parser
 
 
@@ -93,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         from serve.app.demo import main as demo_main
 
         return demo_main(args.port, args.engine, args.out)
+    if args.command == "batch":
+        return batch_main(args, parser)
     from serve.app.config import ConfigError, load_config
 
     try:

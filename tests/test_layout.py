@@ -17,6 +17,7 @@ LAYERS = {
     "serve.engine": {"serve.errors", "serve.engine"},
     "serve.kosmos2": {"serve.errors", "serve.engine", "serve.kosmos2"},
     "serve.app": {"serve.errors", "serve.engine", "serve.kosmos2", "serve.app"},
+    "serve.batch": {"serve.errors", "serve.engine", "serve.kosmos2", "serve.app", "serve.batch"},
 }
 """What each layer of ``serve`` may import from the project: only the layers below it, and itself."""
 
