@@ -48,7 +48,7 @@ class LineError(Exception):
 def parse_line(line: bytes) -> tuple[str, Any]:
     """The ``custom_id`` and ``body`` of an input line; raises :class:`LineError` naming what is wrong."""
     try:
-        data = json.loads(line)
+        data = json.loads(line.decode())
     except UnicodeDecodeError:
         raise LineError("invalid_json", "the line is not UTF-8 text") from None
     except ValueError as exc:

@@ -163,6 +163,7 @@ def merge_lines(folder: str, output: str) -> int:
         for start in range(0, len(paths), MERGE_FAN_IN):
             merged.append(f"{root}/.merge-{uuid.uuid4().hex}")
             _write_rows(fs, merged[-1], _merged(fs, paths[start : start + MERGE_FAN_IN]))
+            _delete_merges(fs, paths[start : start + MERGE_FAN_IN])
         paths = merged
     out_fs, out_path = filesystem(output)
     temporary = f"{out_path}.tmp-{uuid.uuid4().hex}"
@@ -172,7 +173,15 @@ def merge_lines(folder: str, output: str) -> int:
             stream.write(line.encode() + b"\n")
             written += 1
     out_fs.move(temporary, out_path)
+    _delete_merges(fs, paths)
     return written
+
+
+def _delete_merges(fs: pafs.FileSystem, paths: list[str]) -> None:
+    """Delete the merge rounds' own files among ``paths`` (never a part)."""
+    for path in paths:
+        if path.rsplit("/", 1)[1].startswith(".merge-"):
+            fs.delete_file(path)
 
 
 def _merged(fs: pafs.FileSystem, paths: list[str]) -> Iterator[tuple[int, str]]:
