@@ -1,6 +1,7 @@
 """Command line of the service.
 
 python -m serve run --model microsoft/kosmos-2-patch14-224 [--host 127.0.0.1] [--port 8000] [--config FILE]
+                    [--num-cpus N] [--drain-timeout SECONDS]
 python -m serve tiny DIR [--real-size]      # the tiny offline model (or the real architecture's config)
 python -m serve demo                        # tiny model, local service, one request per task, then stop
 """
@@ -26,6 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
     run.add_argument("--load-format", choices=["auto", "dummy"], help="dummy: random weights, for benchmarks")
     run.add_argument("--dashboard", action="store_true", help="start Ray's dashboard (Serve's REST API) too")
+    run.add_argument(
+        "--num-cpus", type=int, help="CPUs of the Ray this starts (default: the machine's); requests are fitted to it"
+    )
+    run.add_argument(
+        "--drain-timeout",
+        type=float,
+        help="on SIGTERM or Ctrl-C, how long requests in flight may take to finish (default 30 s)",
+    )
 
     tiny = commands.add_parser("tiny", help="write the tiny offline Kosmos-2 (model and processor) to DIR")
     tiny.add_argument("directory")
@@ -60,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         except ModelUnavailable as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        run_until_signalled(config, dashboard=args.dashboard)
+        return run_until_signalled(
+            config, dashboard=args.dashboard, num_cpus=args.num_cpus, drain_timeout_s=args.drain_timeout
+        )
     elif args.command == "demo":
         from serve.app.demo import main as demo_main
 
