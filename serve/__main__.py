@@ -9,6 +9,7 @@ python -m serve demo                        # tiny model, local service, one req
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(write_tiny(args.directory, real_size=args.real_size))
     elif args.command == "run":
+        for sig in (signal.SIGINT, signal.SIGTERM):  # nothing is started yet: a stop is an exit
+            signal.signal(sig, lambda signum, frame: sys.exit(0))
         from serve.app.config import load_config
         from serve.app.launch import run_until_signalled
         from serve.engine.model import ModelUnavailable, load_processor

@@ -1,5 +1,6 @@
-"""One instance of the service on this machine: its state folder, the lock that says it is alive, and its
-processes, so that a stop leaves nothing behind and a start cleans up after an instance that was killed.
+"""One instance of the service on this machine: its state folder, the lock that says it is alive, its
+processes, so that a stop leaves nothing behind and a start cleans up after an instance that was killed, and
+the checks of its addresses and ports.
 
 The state folder is named for the port the instance serves (``<tmp>/kosmos2-8000``: short, as HAProxy's unix
 sockets live below it and their paths may not exceed 97 bytes). It holds:
@@ -21,11 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import ipaddress
 import os
 import shutil
 import signal
+import socket
 import tempfile
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
@@ -171,8 +173,31 @@ def _naming(folder: Path, exclude: set[int]) -> list[psutil.Process]:
     return found
 
 
-def wait_until_gone(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
-    """Wait up to ``timeout`` for ``processes`` to exit; returns those still alive."""
-    deadline = time.monotonic() + timeout
-    _, alive = psutil.wait_procs(processes, timeout=max(deadline - time.monotonic(), 0))
-    return alive
+def can_listen(host: str, port: int) -> bool:
+    """Whether a server could listen on ``host:port`` now (past the TIME_WAIT of closed connections)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+            probe.listen()
+        except OSError:
+            return False
+        return True
+
+
+def free_port(host: str) -> int:
+    """A port nothing listens on at ``host`` now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: what it resolves to
+        try:
+            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+        except OSError:
+            return False

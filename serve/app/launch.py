@@ -25,10 +25,8 @@ An instance of its own (``docs/reliability.md``, "Start and stop"):
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -40,7 +38,15 @@ import psutil
 
 from serve.app.config import ServiceConfig
 from serve.app.fitting import DoesNotFit, fit
-from serve.app.instance import INSTANCE_DIR_ENV, Instance, InstanceBusy, end_processes
+from serve.app.instance import (
+    INSTANCE_DIR_ENV,
+    Instance,
+    InstanceBusy,
+    can_listen,
+    end_processes,
+    free_port,
+    is_loopback,
+)
 
 DRAIN_TIMEOUT_S = 30.0
 """How long a stop waits for the requests in flight (``python -m serve run --drain-timeout``)."""
@@ -57,18 +63,30 @@ class StartFailed(RuntimeError):
     """The service cannot start as configured; the message says why and what to change."""
 
 
-class StopRequested(BaseException):
-    """SIGINT or SIGTERM arrived while the service was starting."""
+class StopRequested(Exception):
+    """A stop was asked for while the service was starting."""
+
+
+def _check(stopping: threading.Event) -> None:
+    if stopping.is_set():
+        raise StopRequested
 
 
 def start(
-    config: ServiceConfig, *, dashboard: bool = False, num_cpus: int | None = None, show_logs: bool = False
+    config: ServiceConfig,
+    *,
+    dashboard: bool = False,
+    num_cpus: int | None = None,
+    show_logs: bool = False,
+    stopping: threading.Event | None = None,
 ) -> str:
     """Start (or join) Ray, Serve on ``config.http``, and the app; return its base URL once ``/health`` answers
-    200. Raises ``StartFailed`` or ``InstanceBusy``, having stopped whatever it had started.
+    200. Raises ``StartFailed`` or ``InstanceBusy``, or ``StopRequested`` once ``stopping`` is set (checked
+    between steps and while waiting), having stopped whatever it had started.
 
     Ray is imported here, after the environment is set: Serve also reads it where handles are made.
     """
+    stopping = stopping or threading.Event()
     global _instance
     import ray
 
@@ -82,6 +100,8 @@ def start(
             _instance, ended = Instance.claim(config.http.host, config.http.port)
             if ended:
                 print(f"note: ended {ended} processes left by an instance on this port that was killed", flush=True)
+            if not can_listen(config.http.host, config.http.port):
+                raise StartFailed(f"{config.http.host}:{config.http.port} is in use by another program")
             _set_environment(serve_environment(config, _instance.folder))
             config = _start_ray(config, _instance, dashboard=dashboard, num_cpus=num_cpus, show_logs=show_logs)
         elif not ray.is_initialized():
@@ -90,11 +110,13 @@ def start(
 
         from serve.app.builder import APP_NAME, build_app
 
+        _check(stopping)
         serve.start(http_options={"host": config.http.host, "port": config.http.port})
+        _check(stopping)
         target = serve.RunTarget(build_app(config), name=APP_NAME, route_prefix="/")
         serve.run_many([target], wait_for_applications_running=False)
         url = f"http://{_address(config.http.host)}:{config.http.port}"
-        _wait_until_ready(url, APP_NAME, own=own)
+        _wait_until_ready(url, APP_NAME, own=own, stopping=stopping)
         return url
     except BaseException:
         stop()
@@ -104,17 +126,21 @@ def start(
 def _start_ray(
     config: ServiceConfig, instance: Instance, *, dashboard: bool, num_cpus: int | None, show_logs: bool
 ) -> ServiceConfig:
-    """Start this instance's Ray and return ``config`` fitted to it. Ray replaces the process's SIGTERM handler
-    with one that exits at once; the caller's is put back."""
+    """Start this instance's Ray and return ``config`` fitted to it.
+
+    The process keeps its own SIGTERM handler: ``ray.init`` would install one that raises ``SystemExit``
+    wherever the main thread is, and its core's crash handler reports a SIGTERM before passing it on (it is
+    replaced once Ray has started)."""
     import ray
     from ray._private import ray_constants
+    from ray._private import utils as ray_utils
 
-    on_term = signal.getsignal(signal.SIGTERM)
     before = {child.pid for child in psutil.Process().children()}
-    enabled = ray_constants.ENABLE_RAY_CLUSTER
+    enabled, set_handler = ray_constants.ENABLE_RAY_CLUSTER, ray_utils.set_sigterm_handler
     # Read by Ray when it picks this node's address; its processes get that address from Ray, and the variable
     # set in serve_environment for any that look it up themselves.
-    ray_constants.ENABLE_RAY_CLUSTER = not _is_loopback(config.http.host)
+    ray_constants.ENABLE_RAY_CLUSTER = not is_loopback(config.http.host)
+    ray_utils.set_sigterm_handler = lambda handler: None
     try:
         ray.init(
             address="local",
@@ -124,11 +150,12 @@ def _start_ray(
             log_to_driver=show_logs,
             runtime_env={"worker_process_setup_hook": WORKER_SETUP},
         )
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = enabled
-    if threading.current_thread() is threading.main_thread() and on_term is not None:
+    finally:  # what Ray started is the instance's, even if it failed to start
+        ray_constants.ENABLE_RAY_CLUSTER, ray_utils.set_sigterm_handler = enabled, set_handler
+        instance.adopt(child for child in psutil.Process().children() if child.pid not in before)
+    on_term = signal.getsignal(signal.SIGTERM)
+    if on_term is not None and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_term)
-    instance.adopt(child for child in psutil.Process().children() if child.pid not in before)
     try:
         fitted = fit(config, ray.cluster_resources())
     except DoesNotFit as exc:
@@ -148,7 +175,7 @@ def serve_environment(config: ServiceConfig, folder: Path) -> dict[str, str | No
         INSTANCE_DIR_ENV: str(folder),
         # Ray's switch for a one-machine instance (made for laptops): its node address becomes 127.0.0.1, where
         # its processes then listen.
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0" if _is_loopback(host) else None,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0" if is_loopback(host) else None,
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if haproxy else "0",
         "RAY_SERVE_ENABLE_HA_PROXY": "1" if haproxy else "0",
     }
@@ -261,27 +288,18 @@ def run_until_signalled(
     the service could not start."""
     drain_timeout_s = DRAIN_TIMEOUT_S if drain_timeout_s is None else drain_timeout_s
     stopping = threading.Event()
-    starting = True
-
-    def on_signal(signum: int, frame: object) -> None:
-        first = not stopping.is_set()
-        stopping.set()
-        if starting and first:  # unwind the start (which then stops what it had started); once
-            raise StopRequested
 
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+        signal.signal(sig, lambda signum, frame: stopping.set())
     started = time.monotonic()
     try:
-        url = start(config, dashboard=dashboard, num_cpus=num_cpus, show_logs=True)
-    except (StopRequested, SystemExit):  # SystemExit: Ray's own SIGTERM handler, while Ray starts
+        url = start(config, dashboard=dashboard, num_cpus=num_cpus, show_logs=True, stopping=stopping)
+    except StopRequested:
         print("stopped while starting", flush=True)
         return 0
     except (StartFailed, InstanceBusy) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
-    finally:
-        starting = False
     print(
         f"Kosmos-2 ({config.served_model_name}) is ready at {url}/v1 after {time.monotonic() - started:.0f} s; "
         "Ctrl-C or SIGTERM stops it.",
@@ -297,7 +315,7 @@ def run_until_signalled(
     return 0
 
 
-def _wait_until_ready(url: str, app_name: str, *, own: bool) -> None:
+def _wait_until_ready(url: str, app_name: str, *, own: bool, stopping: threading.Event) -> None:
     """Wait until the application runs and, on this instance's own Ray, ``url``/health answers 200. Raises
     ``StartFailed`` when it fails to deploy. A deployment whose replicas wait to be scheduled (Serve says so
     after 30 s: a cluster short of resources, or workers slow to start on a loaded machine) is reported once,
@@ -320,7 +338,8 @@ def _wait_until_ready(url: str, app_name: str, *, own: bool) -> None:
                 return
         if _instance is not None:
             _instance.record()
-        time.sleep(POLL_S)
+        if stopping.wait(POLL_S):
+            raise StopRequested
 
 
 def _healthy(url: str) -> bool:
@@ -349,24 +368,6 @@ def _put(key: str, value: str | None) -> None:
         os.environ.pop(key, None)
     else:
         os.environ[key] = value
-
-
-def free_port(host: str) -> int:
-    """A port nothing listens on at ``host`` now."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a name: what it resolves to
-        try:
-            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-        except OSError:
-            return False
 
 
 def _address(host: str) -> str:
