@@ -6,6 +6,8 @@ one call per request from here, and only small records reach this process. A str
 ``Preprocessor.stream``, whose first event says whether it passed its checks before the stream opens (so bad
 input still gets a plain error); its text is then relayed as server-sent events. Every error, from here or
 from a replica, leaves through ``serve.errors.error_response``; every request leaves one structured log line.
+Until both tiers have answered once, and while its instance drains before a stop (``serve.app.launch``), it
+answers ``/health`` and requests with a 503 and ``Retry-After`` at once.
 """
 
 from __future__ import annotations

@@ -84,11 +84,13 @@ def start(
     200. Raises ``StartFailed`` or ``InstanceBusy``, or ``StopRequested`` once ``stopping`` is set (checked
     between steps and while waiting), having stopped whatever it had started.
 
-    Ray is imported here, after the environment is set: Serve also reads it where handles are made.
+    Serve reads its switches from the environment of the processes Ray starts, so they are set before Ray
+    starts, and taken back by ``stop``.
     """
-    stopping = stopping or threading.Event()
     global _instance
     import ray
+
+    stopping = stopping or threading.Event()
 
     if config.http.port == 0:
         config = config.model_copy(
