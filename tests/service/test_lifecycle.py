@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -53,6 +54,7 @@ class Launched:
         )
         self.lines: list[str] = []
         self.seen: dict[int, psutil.Process] = {}  # every process of the instance seen, by pid
+        self.signalled = 0.0
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -101,13 +103,21 @@ class Launched:
                 alive.append(process)
         return alive
 
+    def terminate(self) -> None:
+        """SIGTERM to the launcher, its processes noted first."""
+        self.processes()
+        self.signalled = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+
+    def wait_exit(self) -> float:
+        """Wait for the launcher to exit, with 0; returns the seconds since the SIGTERM."""
+        assert self.process.wait(timeout=STOP_S) == 0, self.output[-3000:]
+        return time.monotonic() - self.signalled
+
     def stop(self) -> float:
         """SIGTERM; returns the seconds until the launcher exited (with 0)."""
-        self.processes()
-        sent = time.monotonic()
-        self.process.send_signal(signal.SIGTERM)
-        assert self.process.wait(timeout=STOP_S) == 0, self.output[-3000:]
-        return time.monotonic() - sent
+        self.terminate()
+        return self.wait_exit()
 
     def kill(self) -> None:
         """End the launcher's session and every process of the instance seen: the tests' own cleanup."""
@@ -191,54 +201,81 @@ def test_served_on_loopback_nothing_listens_elsewhere(pair):
 def test_sigterm_under_load_loses_no_request_and_leaves_nothing(tiny_dir):
     with launched(tiny_dir, "--config", str(ROOT / "configs/local.yaml")) as instance:
         instance.wait_ready()
-        results, stopped_at, took = asyncio.run(load_through_a_stop(instance))
-        statuses = [r[0] for r in results]
+        results, open_at_signal = asyncio.run(load_through_a_stop(instance))
+        took = instance.wait_exit()
+        outcomes = [outcome for outcome, _ in results]
         print(
-            f"\nSIGTERM under load: launcher exited 0 in {took:.1f} s; {statuses.count(200)} requests served, "
-            f"{statuses.count(503)} refused with 503, {statuses.count('refused')} clients refused at connect"
+            f"\nSIGTERM under load: launcher exited 0 {took:.1f} s after the signal; {outcomes.count('served')} "
+            f"streams served whole ({len(open_at_signal)} of them open at the signal), "
+            f"{outcomes.count('shutting_down')} refused with 503, {outcomes.count('refused')} refused at connect"
         )
-        lost = [r for r in results if r[0] not in (200, 503, "refused")]
-        assert lost == []  # each request was answered, or refused before it was accepted
-        assert all(r[2].get("retry-after") for r in results if r[0] == 503)
-        assert {r[3] for r in results if r[0] == 503} <= {"shutting_down"}
-        in_flight = [r for r in results if r[1] < stopped_at - 0.5 and r[4] > stopped_at]
-        assert in_flight and all(r[0] == 200 for r in in_flight)  # those in flight at the signal finished
+        assert [r for r in results if r[0] not in ("served", "shutting_down", "refused")] == []  # none lost
+        outcome_of = {number: outcome for outcome, number in results}
+        assert open_at_signal and all(outcome_of[number] == "served" for number in open_at_signal)
         assert_left_nothing(instance)
 
 
-async def load_through_a_stop(instance: Launched) -> tuple[list[tuple], float, float]:
-    """Eight clients send requests of 128 tokens in a loop (after a 503, they wait as its Retry-After says);
-    after 3 s the launcher gets SIGTERM; each client stops when the port refuses it. Returns (status or
-    "refused" or the error, sent, headers, error code, done) per request, when the signal was sent, and how
-    long the launcher took to exit."""
-    results: list[tuple] = []
-    finished = asyncio.Event()
+def whole(events: list[str]) -> bool:
+    """Whether a stream's events end with the usage of 128 tokens, then [DONE]."""
+    if len(events) < 2 or events[-1] != "[DONE]":
+        return False
+    usage = json.loads(events[-2]).get("usage") or {}
+    return usage.get("completion_tokens") == 128
+
+
+async def load_through_a_stop(instance: Launched) -> tuple[list[tuple[str, int]], set[int]]:
+    """Eight clients stream answers of 128 tokens in a loop (after a 503 they wait as its Retry-After says),
+    until the port refuses them. The launcher gets SIGTERM while streams are open: those the clients have
+    begun to read. Returns (outcome, request number) per request: "served" (every token, then [DONE]),
+    "shutting_down" (a 503 with Retry-After), "refused" (at connect), or what else happened; and the numbers
+    of the streams open at the signal."""
+    results: list[tuple[str, int]] = []
+    reading: set[int] = set()
+    began = asyncio.Event()
+    numbers = iter(range(1_000_000))
+
+    async def one(http: httpx.AsyncClient, number: int) -> tuple[str, float]:
+        request = body(max_tokens=128, ignore_eos=True, stream=True)
+        async with http.stream("POST", f"{instance.url}/v1/chat/completions", json=request) as response:
+            if response.status_code != 200:
+                answer = (await response.aread()).decode(errors="replace")
+                retry_after = response.headers.get("retry-after")
+                if response.status_code == 503 and retry_after and '"shutting_down"' in answer:
+                    return "shutting_down", float(retry_after)
+                return f"{response.status_code} {answer[:200]}", 0.0
+            events = []
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(line.removeprefix("data: "))
+                    reading.add(number)
+                    began.set()
+            reading.discard(number)
+            return ("served" if whole(events) else f"cut after {len(events)} events: {events[-1:]}"), 0.0
 
     async def client(http: httpx.AsyncClient) -> None:
-        while not finished.is_set():
-            sent = time.monotonic()
+        while True:
+            number = next(numbers)
             try:
-                request = body(max_tokens=128, ignore_eos=True)
-                response = await http.post(f"{instance.url}/v1/chat/completions", json=request)
+                outcome, wait = await one(http, number)
             except httpx.ConnectError:
-                results.append(("refused", sent, {}, None, time.monotonic()))
+                results.append(("refused", number))
                 return
-            except httpx.HTTPError as exc:  # accepted, then dropped: lost
-                results.append((repr(exc), sent, {}, None, time.monotonic()))
-                continue
-            code = response.json()["error"]["code"] if response.status_code != 200 else None
-            results.append((response.status_code, sent, dict(response.headers), code, time.monotonic()))
-            if response.status_code == 503:
-                await asyncio.sleep(float(response.headers.get("retry-after", 1)))
+            except httpx.HTTPError as exc:  # accepted, then dropped
+                outcome, wait = repr(exc), 0.0
+            results.append((outcome, number))
+            await asyncio.sleep(wait)
 
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_keepalive_connections=0)) as http:
         clients = [asyncio.create_task(client(http)) for _ in range(8)]
-        await asyncio.sleep(3)
-        stopped_at = time.monotonic()
-        took = await asyncio.to_thread(instance.stop)
-        finished.set()
-        await asyncio.wait_for(asyncio.gather(*clients), timeout=60)
-    return results, stopped_at, took
+        while True:  # once each client had a stream served, signal while some are being read (no await between)
+            await asyncio.wait_for(began.wait(), timeout=120)
+            began.clear()
+            open_at_signal = set(reading)
+            if open_at_signal and [outcome for outcome, _ in results].count("served") >= len(clients):
+                instance.terminate()
+                break
+        await asyncio.wait_for(asyncio.gather(*clients), timeout=STOP_S)
+    return results, open_at_signal
 
 
 def test_a_start_after_sigkill_cleans_up_and_serves_on_the_same_port(tiny_dir):
