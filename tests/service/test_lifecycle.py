@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -120,7 +121,8 @@ class Launched:
         return self.wait_exit()
 
     def kill(self) -> None:
-        """End the launcher's session and every process of the instance seen: the tests' own cleanup."""
+        """End the launcher's session, every process of the instance seen and its state folder: the tests' own
+        cleanup, whatever happened."""
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.process.pid, signal.SIGKILL)
         for process in self.survivors():
@@ -128,6 +130,7 @@ class Launched:
                 process.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=10)
+        shutil.rmtree(state_folder(self.port), ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -170,6 +173,11 @@ def pair(tiny_dir):
         default.wait_ready()
         local.wait_ready()
         yield default, local
+        for instance in (default, local):
+            instance.terminate()
+        for instance in (default, local):
+            instance.wait_exit()
+            assert_left_nothing(instance)
 
 
 def test_the_default_config_serves_on_two_cpus(pair):
