@@ -53,7 +53,9 @@ def test_a_config_that_fits_is_left_alone():
 
 
 def test_starting_replicas_count_in_the_request():
-    config = ServiceConfig.model_validate({"preprocessor": {"autoscaling_config": {"min_replicas": 3, "max_replicas": 4}}})
+    config = ServiceConfig.model_validate(
+        {"preprocessor": {"autoscaling_config": {"min_replicas": 3, "max_replicas": 4}}}
+    )
     fitted = fit(config, {"CPU": 2.0})  # 0.5 + 3 x 1 + 1 = 4.5
     assert (
         fitted.config.preprocessor.num_cpus * 3 + fitted.config.ingress.num_cpus + fitted.config.generator.num_cpus <= 2
@@ -62,7 +64,9 @@ def test_starting_replicas_count_in_the_request():
 
 def test_a_gpu_the_machine_lacks_stops_the_start_naming_the_deployment_and_the_setting():
     config = ServiceConfig.model_validate({"cpu_fallback": False})
-    with pytest.raises(DoesNotFit, match=r"Generator deployment asks for 1 GPU and Ray has 0.*generator\.ray_actor_options\.num_gpus"):
+    with pytest.raises(
+        DoesNotFit, match=r"Generator deployment asks for 1 GPU and Ray has 0.*generator\.ray_actor_options\.num_gpus"
+    ):
         fit(config, {"CPU": 4.0})
     assert fit(ServiceConfig(), {"CPU": 4.0, "GPU": 1.0}).note is None
 
