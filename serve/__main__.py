@@ -1,6 +1,7 @@
 """Command line of the service (``kosmos2-serve``, or ``python -m serve``).
 
 kosmos2-serve run --model microsoft/kosmos-2-patch14-224 [--host 127.0.0.1] [--port 8000] [--config FILE]
+                  [--num-cpus N] [--drain-timeout SECONDS]
 kosmos2-serve build [--config FILE] [-o FILE]   # the Serve config file (args and deployments:), as serve build
 kosmos2-serve tiny DIR [--real-size]            # the tiny offline model (or the real architecture's config)
 kosmos2-serve demo [--engine pixels]            # tiny model, local service, one request per task, drawn, then stop
@@ -15,6 +16,7 @@ Exit codes: 0 done, 1 a failure (a model that cannot be found, a service that ca
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -49,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="serve in the foreground until Ctrl-C or SIGTERM")
     add_config_options(run)
     run.add_argument("--dashboard", action="store_true", help="start Ray's dashboard (Serve's REST API) too")
+    run.add_argument(
+        "--num-cpus", type=int, help="CPUs of the Ray this starts (default: the machine's); requests are fitted to it"
+    )
+    run.add_argument(
+        "--drain-timeout",
+        type=float,
+        help="on SIGTERM or Ctrl-C, how long requests in flight may take to finish (default 30 s)",
+    )
 
     build = commands.add_parser("build", help="print the Serve config file of a config, as `serve build` writes it")
     add_config_options(build)
@@ -101,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         return demo_main(args.port, args.engine, args.out)
     if args.command == "batch":
         return batch_main(args, parser)
+    if args.command == "run":
+        for sig in (signal.SIGINT, signal.SIGTERM):  # nothing is started yet: a stop is an exit
+            signal.signal(sig, lambda signum, frame: sys.exit(0))
     from serve.app.config import ConfigError, load_config
 
     try:
@@ -125,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     except ModelUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return FAILURE
-    run_until_signalled(config, dashboard=args.dashboard)
-    return 0
+    return run_until_signalled(
+        config, dashboard=args.dashboard, num_cpus=args.num_cpus, drain_timeout_s=args.drain_timeout
+    )
 
 
 def write_serve_config(config, output: Path | None) -> int:

@@ -7,16 +7,21 @@ one call per request from here, and only small records reach this process. A str
 input still gets a plain error); its text is then relayed as server-sent events (``serve.app.streaming``).
 Bodies are read and answers written by ``serve.app.responses``. Every error, from here or from a replica,
 leaves through ``serve.errors.error_response``; every request leaves one structured log line and its metrics.
+Until both tiers have answered once, and while its instance drains before a stop (``serve.app.launch``), it
+answers ``/health`` and requests with a 503 and ``Retry-After`` at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
+import os
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -25,6 +30,7 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from serve.app.config import ServiceConfig
+from serve.app.instance import DRAIN_FLAG, INSTANCE_DIR_ENV
 from serve.app.messages import Finished, Started, job_from_request
 from serve.app.metrics import RequestMetrics
 from serve.app.protocol import ChatCompletionRequest, ModelCard, ModelList, completion_id
@@ -41,6 +47,9 @@ from serve.errors import (
 )
 
 log = logging.getLogger("ray.serve")
+
+READY_WAIT_S = 0.5
+"""How long a request waits for the tiers' first answers before a 503 (the round trip when they are up)."""
 
 api = FastAPI(title="Kosmos-2", description="Grounded vision-language completions, OpenAI-compatible.")
 
@@ -100,10 +109,17 @@ class Ingress:
         self.created = int(time.time())
         self.inflight = 0
         self.metrics = RequestMetrics()
+        self.ready = False  # both tiers have answered once
+        self._probe: asyncio.Future[bool] | None = None
+        instance = os.environ.get(INSTANCE_DIR_ENV)
+        self.drain_flag = Path(instance, DRAIN_FLAG) if instance else None
 
     @api.get("/health")
     async def health(self) -> Response:
-        """200 when both tiers answer, else 503."""
+        """200 when both tiers answer; 503 while the service starts (at once) or drains, or a tier is lost."""
+        refusal = await self._refusal()
+        if refusal is not None:
+            return _error(refusal)
         try:
             await asyncio.wait_for(
                 asyncio.gather(self.preprocessor.ready.remote(), self.generator.ready.remote()), timeout=10
@@ -111,6 +127,28 @@ class Ingress:
         except Exception:
             return _error(Unavailable("the service is not ready", code="not_ready", retry_after=5))
         return JSONResponse({"status": "ok"})
+
+    async def _refusal(self) -> Unavailable | None:
+        """Why a request is answered 503 at once: the instance is draining before a stop (its launcher made the
+        flag, ``serve.app.instance``), or the tiers have not answered yet; None when neither."""
+        if self.drain_flag is not None and self.drain_flag.exists():
+            retry_after = self.config.limits.retry_after_s
+            return Unavailable("the service is shutting down", code="shutting_down", retry_after=retry_after)
+        if self.ready:
+            return None
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._await_tiers())
+        with contextlib.suppress(asyncio.TimeoutError):  # the first answers take a round trip when the tiers are up
+            await asyncio.wait_for(asyncio.shield(self._probe), READY_WAIT_S)
+        return None if self.ready else Unavailable("the service is starting", code="not_ready", retry_after=5)
+
+    async def _await_tiers(self) -> bool:
+        try:
+            await asyncio.gather(self.preprocessor.ready.remote(), self.generator.ready.remote())
+        except Exception:  # a replica lost on the way: the next request asks again
+            return False
+        self.ready = True
+        return True
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> Response:
@@ -138,14 +176,15 @@ class Ingress:
     async def chat_completions(self, request: Request) -> Response:
         started, request_id = time.monotonic(), completion_id()
         record: dict[str, Any] = {"id": request_id, "task": None, "stream": False}
-        if self.inflight >= self.config.limits.max_inflight:
-            response = _error(
-                Unavailable(
-                    "the service is at capacity; retry shortly",
-                    code="overloaded",
-                    retry_after=self.config.limits.retry_after_s,
-                )
+        refusal = await self._refusal()
+        if refusal is None and self.inflight >= self.config.limits.max_inflight:
+            refusal = Unavailable(
+                "the service is at capacity; retry shortly",
+                code="overloaded",
+                retry_after=self.config.limits.retry_after_s,
             )
+        if refusal is not None:
+            response = _error(refusal)
             self._log(record, response.status_code, started)
             return response
         self.inflight += 1
