@@ -14,8 +14,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from bench.provenance import provenance
 from serve.batch.output import PartStats
+from serve.provenance import provenance
 
 KIND_BATCH = "batch"
 
