@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cpu-ms-per-request",
         type=float,
         help="the service's CPU ms a request (default: cpu_per_request.json in or above each service run, "
-        "the load generator left out)",
+        "the load generator left out; a batch run's summary holds its own)",
     )
     price.add_argument(
         "--cpu-instance",

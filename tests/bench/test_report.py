@@ -160,8 +160,15 @@ def test_price_command_prices_runs_on_their_instances(tmp_path, capsys):
         engine / "summary.json",
         {"kind": "engine", "gpu": "NVIDIA H200", "config": config, "points": points, "continuous": loops},
     )
+    batch = {"label": "batch", "images_per_s": 700.0, "error_rate": 0.0, "cpu_ms_per_request": 20.0}
+    batch["completion_tokens_mean"] = 21.5
+    (tmp_path / "batch").mkdir()
+    write_json(
+        tmp_path / "batch" / "summary.json",
+        {"kind": "batch", "hardware": {"gpus": ["NVIDIA H200"]}, "config": {}, "points": [batch]},
+    )
     out = tmp_path / "pricing"
-    args = ["price", *(str(tmp_path / d) for d in ("a10", "h100", "engine")), "--out", str(out)]
+    args = ["price", *(str(tmp_path / d) for d in ("a10", "h100", "engine", "batch")), "--out", str(out)]
     args += ["--margin", "0.4", "--utilization", "0.5,1", "--max-error-rate", "0.2", "--slo-p99", "1.0"]
     args += ["--nodes", f"{tmp_path / 'a10'}=g5.xlarge", "--nodes", f"{tmp_path / 'h100'}=p5.48xlarge/gpu"]
     assert main([*args, "--cpu-ms-per-request", "10"]) == 0
@@ -185,7 +192,12 @@ def test_price_command_prices_runs_on_their_instances(tmp_path, capsys):
         assert float(row["usd_per_hour"]) == pytest.approx(price.gpu_usd_per_hour)
         assert row["offer_source"] == price.source and row["offer_date"].startswith(price.date)
         assert float(row["cpu_usd_per_hour"]) == 0  # the engine alone: no CPU tier
+    batch_rows = [r for r in rows if r["figure_run"] == "batch"]
+    assert len(batch_rows) == len(h200)
+    for row in batch_rows:  # 14 cores beside each GPU (20 ms x 700 images/s): its own CPU, not the flag's 10 ms
+        assert row["figure_kind"] == "batch" and float(row["cpu_cores_needed"]) == pytest.approx(14.0)
     report = (out / "report.md").read_text()
+    assert "## Batch: cost per 1,000 images" in report and "## The CPU tier of the batch" in report
     assert "$0.626 per 1,000 images" in report and "2026-11" in report and "set at launch" in report
     assert "## Service: cost per 1,000 images" in report
     assert "## Engine only, static batch: cost per 1,000 images" in report and "not the service" in report
