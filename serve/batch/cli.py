@@ -13,13 +13,25 @@ failure, 2 a usage error (bad options, an output that holds another run), 130 in
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
 from serve.kosmos2.tasks import Task
 
 INTERRUPTED = 130
-IMAGE_OPTIONS = ("task", "text", "region", "max_tokens", "temperature", "top_p", "seed", "no_repeat_ngram_size", "stop")
+IMAGE_OPTIONS = (
+    "task",
+    "text",
+    "region",
+    "max_tokens",
+    "ignore_eos",
+    "temperature",
+    "top_p",
+    "seed",
+    "no_repeat_ngram_size",
+    "stop",
+)
 """The chat request fields an images run gives every image (the table's own task, text and region win)."""
 
 
@@ -46,6 +58,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     images.add_argument("--text", help="the question (vqa), the expression (ground) or the prompt (raw)")
     images.add_argument("--region", type=_region, help="describe_region's box: x1,y1,x2,y2 in [0, 1]")
     images.add_argument("--max-tokens", type=int, help="new tokens at most (default: the config's)")
+    images.add_argument(
+        "--ignore-eos", action="store_true", default=None, help="exactly --max-tokens new tokens (for benchmarks)"
+    )
     images.add_argument("--temperature", type=float, help="0 (the default) is greedy")
     images.add_argument("--top-p", type=float)
     images.add_argument("--seed", type=int)
@@ -53,8 +68,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     images.add_argument("--stop", action="append", help="a stop string (repeatable, at most 4)")
     run = batch.add_argument_group("run")
     run.add_argument("--rows-per-file", type=int, default=1000, help="rows a part file holds at least (%(default)s)")
-    run.add_argument("--engines", type=int, help="engine actors (default: one per GPU of the cluster, else one)")
+    run.add_argument(
+        "--engines",
+        type=int,
+        help="engine actors, each with the Generator's resources, GPUs included: an autoscaling cluster adds the "
+        "GPU nodes (default: one per GPU the cluster has, else one on the CPU)",
+    )
     run.add_argument("--num-cpus", type=int, help="CPUs of the Ray this command starts (default: all)")
+    run.add_argument("--summary", help="also write the run's summary.json to this file (for python -m bench price)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -116,6 +137,10 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             import ray
 
             ray.shutdown()
+    if args.summary:
+        os.makedirs(os.path.dirname(os.path.abspath(args.summary)), exist_ok=True)
+        with open(args.summary, "w") as out:
+            json.dump(summary, out, indent=2)
     point = summary["points"][0]
     print(
         f"{job.output}: {point['requests']} rows this run ({point['answered']} answers, {point['errors']} errors), "

@@ -144,8 +144,11 @@ def run(job: BatchJob, config: ServiceConfig, worker: type = EngineWorker, progr
 
 def _generate(items: ray.data.Dataset, job: BatchJob, config: ServiceConfig, worker: type) -> ray.data.Dataset:
     """The generation operator: ``worker`` actors with the Generator's resources, each fed ``ENGINE_CALLS`` blocks
-    of half the engine's batch at a time."""
-    resources = generator_resources(config).ray_actor_options
+    of half the engine's batch at a time. Without ``job.engines``, one engine per GPU the cluster has (on the CPU
+    where it has none and ``cpu_fallback`` is on); with it, that many engines with the Generator's resources as
+    configured, GPUs included, which an autoscaling cluster adds if it has none yet."""
+    explicit = job.engines is not None and config.engine.kind != "pixels"
+    resources = (config.generator if explicit else generator_resources(config)).ray_actor_options
     engines = job.engines
     if engines is None:
         gpus = ray.cluster_resources().get("GPU", 0)
