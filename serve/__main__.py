@@ -114,18 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         for sig in (signal.SIGINT, signal.SIGTERM):  # nothing is started yet: a stop is an exit
             signal.signal(sig, lambda signum, frame: sys.exit(0))
-    from serve.app.config import ConfigError, load_config
+    from serve.app.config import ConfigError, config_from_args
 
     try:
-        config = load_config(
-            args.config,
-            model__source=args.model,
-            model__dtype=args.dtype,
-            model__load_format=args.load_format,
-            http__host=args.host,
-            http__port=args.port,
-            engine__kind=args.engine,
-        )
+        config = config_from_args(args, http__host=args.host, http__port=args.port)
     except (ConfigError, OSError) as exc:
         parser.exit(USAGE_ERROR, f"{parser.prog}: error: {exc}\n")
     if args.command == "build":

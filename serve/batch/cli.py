@@ -90,7 +90,7 @@ def _region(text: str) -> list[float]:
 
 
 def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from serve.app.config import ConfigError, load_config
+    from serve.app.config import ConfigError, config_from_args
     from serve.batch.job import BatchError, BatchJob, run
     from serve.batch.sources import SourceError
     from serve.engine.model import ModelUnavailable, load_processor
@@ -101,13 +101,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.rows_per_file < 1 or (args.engines is not None and args.engines < 1):
         parser.error("--rows-per-file and --engines take a positive number")
     try:
-        config = load_config(
-            args.config,
-            model__source=args.model,
-            model__dtype=args.dtype,
-            model__load_format=args.load_format,
-            engine__kind=args.engine,
-        )
+        config = config_from_args(args)
     except (ConfigError, OSError) as exc:
         parser.error(str(exc))
     try:
