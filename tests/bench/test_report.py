@@ -231,3 +231,20 @@ def test_price_command_needs_a_price_for_the_gpu(tmp_path, capsys):
     assert "no point to price" in capsys.readouterr().err
     assert main([*args, "--utilization", "0,1"]) == 2
     assert "fractions in (0, 1]" in capsys.readouterr().err
+
+
+def test_a_batch_run_is_reported_and_priced_on_the_nodes_given(tmp_path, capsys):
+    point = {"requests": 1010, "answered": 1000, "errors": 10, "images_per_s": 50.0, "wall_images_per_s": 40.0}
+    memory = {"driver_rss_mib": 700.0, "tree_pss_mib": 4000.0, "processes": 20}
+    job = {"source": "requests.jsonl", "output": "results.jsonl", "images": False}
+    summary = {"kind": "batch", "config": {"job": job}, "started_at": "2026-12-06T10:00:00+0000"}
+    write_json(tmp_path / "summary.json", {**summary, "points": [point], "memory_peak": memory})
+    assert main(["report", str(tmp_path), "--nodes", "g5.xlarge", "--utilization", "0.5"]) == 0
+    with open(tmp_path / "summary.csv") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert float(row["cost_per_1k_images_usd"]) == pytest.approx(1.006 / (50 * 3.6))
+    assert float(row["cost_per_1k_images_usd_at_utilization"]) == pytest.approx(2 * 1.006 / (50 * 3.6))
+    report = (tmp_path / "report.md").read_text()
+    assert "# Kosmos-2 batch run" in report and "| 1010 | 1000 | 10 |" in report and "`g5.xlarge`" in report
+    assert "driver rss 700.0 MiB" in report and "over 20 processes" in report
+    assert main(["report", str(tmp_path)]) == 0 and "Not priced" in (tmp_path / "report.md").read_text()
