@@ -2,10 +2,12 @@
 
 A batch that starts its own Ray on this machine is the parent of all of Ray's processes (GCS, raylet, the workers
 that read, prepare, generate, finish and write, the engine processes), so the driver's process tree is the whole
-batch. :class:`TreeUsage` samples its memory while the batch runs (the driver's RSS, the largest worker's RSS, and
-the proportional set size of the whole tree, which counts the object store's shared pages once) and its CPU time at
-the start and the end (processes that exit meanwhile are counted in their parent's reaped children's time).
-Where there is no ``/proc``, the figures are null.
+batch. :class:`TreeUsage` samples the tree every half second: its memory (the driver's RSS, the largest worker's
+RSS, and the proportional set size of the whole tree, which counts the object store's shared pages once) and
+each process's own CPU time, keyed by its pid and start time. A process's CPU counts as last sampled, less what
+it had at the start: one that exits loses at most the time since its last sample, and none is counted twice
+(children's reaped time, which Ray's and the engines' exits make unreliable, is not used). Where there is no
+``/proc``, the figures are null.
 """
 
 from __future__ import annotations
@@ -39,13 +41,13 @@ def tree(root: int) -> list[int]:
     return found
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User and system time of ``pids`` and of the children they reaped."""
-    total = 0
+def cpu_ticks(pids: list[int]) -> dict[tuple[int, int], int]:
+    """Each process's own user and system time (clock ticks), keyed by its pid and start time."""
+    found = {}
     for pid in pids:
         if (fields := _stat(pid)) is not None:
-            total += sum(int(fields[i]) for i in (11, 12, 13, 14))
-    return total / TICKS
+            found[(pid, int(fields[19]))] = int(fields[11]) + int(fields[12])
+    return found
 
 
 def _kib(pid: int, name: str, file: str) -> int:
@@ -68,7 +70,8 @@ class TreeUsage:
         self.every_s = every_s
         self.peaks = {"driver_rss_mib": 0.0, "largest_worker_rss_mib": 0.0, "tree_pss_mib": 0.0, "processes": 0}
         self._stopped = threading.Event()
-        self._cpu_start = cpu_seconds(tree(self.root)) if self.available else 0.0
+        self._cpu_start = cpu_ticks(tree(self.root)) if self.available else {}
+        self._cpu_last = dict(self._cpu_start)
         self._thread = threading.Thread(target=self._sample_until_stopped, name="batch-usage", daemon=True)
         if self.available:
             self._thread.start()
@@ -79,6 +82,7 @@ class TreeUsage:
 
     def sample(self) -> None:
         pids = tree(self.root)
+        self._cpu_last.update(cpu_ticks(pids))
         rss = {pid: _kib(pid, "VmRSS", "status") / 1024 for pid in pids}
         pss = sum(_kib(pid, "Pss", "smaps_rollup") for pid in pids) / 1024
         workers = [value for pid, value in rss.items() if pid != self.root]
@@ -97,5 +101,5 @@ class TreeUsage:
         self._stopped.set()
         self._thread.join()
         self.sample()
-        cpu = cpu_seconds(tree(self.root)) - self._cpu_start
+        cpu = sum(ticks - self._cpu_start.get(key, 0) for key, ticks in self._cpu_last.items()) / TICKS
         return {**{name: round(value, 1) for name, value in self.peaks.items()}, "cpu_s": round(cpu, 2)}
