@@ -144,13 +144,18 @@ def _measured_section(figures: Sequence[Figure], settings: PriceSettings) -> lis
     admissible = f"error rate at most {settings.max_error_rate:.1%}" + (
         f", p99 within {settings.slo_p99_s:g} s" if settings.slo_p99_s is not None else ""
     )
+    batch = (
+        "; a batch figure is its run's answers over the span from the engines taking the first request to giving "
+        "the last answer"
+        if any(f.kind == BATCH for f in figures)
+        else ""
+    )
     return [
         "## What was measured",
         "",
         f"Output lengths measured: {', '.join(map(str, lengths)) or 'none fixed'} new tokens; no other length is "
         "priced from these runs (see *By task*). The service figure is its fastest point with an "
-        f"{admissible}; a batch figure is its run's answers over the span from the engines taking the first request "
-        "to giving the last answer. Engine-only figures (static batches, closed loops at the engine) leave out "
+        f"{admissible}{batch}. Engine-only figures (static batches, closed loops at the engine) leave out "
         "HTTP, Ray, image decoding and the CPU tier: they bound what a service on that GPU could reach and are "
         "priced apart, never as the service.",
         "",
