@@ -12,7 +12,9 @@
 3. Each run's ``summary.json`` (throughput, CPU, the peak memory of the driver, of the largest worker and of the
    whole process tree) is kept; running again at 10x the input shows whether memory stays bounded.
 
-``check.json`` holds the counts and the verdicts; the steps' commands are in it too.
+``check.json`` holds the counts and the verdicts, and the steps' commands (``WORK`` is the temporary folder of
+the inputs, the model and the logs, removed when the check passes and kept, with its path printed, when a step
+fails).
 """
 
 from __future__ import annotations
@@ -248,10 +250,10 @@ def main() -> None:
     requests, results = work / "requests.jsonl", work / "results.jsonl"
     requests.write_bytes(b"\n".join(lines) + b"\n")
     commands = [
-        batch(model, "-i", str(requests), "-o", str(results), log=out / "file.log", summary=out / "file-summary.json")
+        batch(model, "-i", str(requests), "-o", str(results), log=work / "file.log", summary=out / "file-summary.json")
     ]
     service = (
-        None if args.no_compare else start_service(["--model", str(model)], CONFIG, args.port, out / "service.log")
+        None if args.no_compare else start_service(["--model", str(model)], CONFIG, args.port, work / "service.log")
     )
     try:
         url = None if service is None else f"http://127.0.0.1:{args.port}"
@@ -282,10 +284,10 @@ def main() -> None:
             "25",
             "--no-progress",
         ]
-        first, code = interrupted(command, parquet, args.images // 2, out / "folder-interrupted.log")
+        first, code = interrupted(command, parquet, args.images // 2, work / "folder-interrupted.log")
         commands.append(command)
     commands.append(
-        batch(model, *options, "--rows-per-file", "25", log=out / "folder.log", summary=out / "folder-summary.json")
+        batch(model, *options, "--rows-per-file", "25", log=work / "folder.log", summary=out / "folder-summary.json")
     )
     table = pq.read_table(parquet, columns=["id", "error"])
     ids = table.column("id").to_pylist()
@@ -297,7 +299,7 @@ def main() -> None:
         "distinct_ids": len(set(ids)),
         "errors": len(ids) - table.column("error").null_count,
     }
-    check["commands"] = [" ".join(c) for c in commands]
+    check["commands"] = [" ".join(c).replace(sys.executable, "python").replace(str(work), "WORK") for c in commands]
     (out / "check.json").write_text(json.dumps(check, indent=2) + "\n")
     print(json.dumps({k: v for k, v in check.items() if k != "commands"}, indent=2))
     shutil.rmtree(work, ignore_errors=True)
