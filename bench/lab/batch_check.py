@@ -299,7 +299,10 @@ def main() -> None:
         "distinct_ids": len(set(ids)),
         "errors": len(ids) - table.column("error").null_count,
     }
-    check["commands"] = [" ".join(c).replace(sys.executable, "python").replace(str(work), "WORK") for c in commands]
+    check["commands"] = [
+        " ".join(c).replace(sys.executable, "python").replace(str(work), "WORK").replace(f"{ROOT}/", "")
+        for c in commands
+    ]
     (out / "check.json").write_text(json.dumps(check, indent=2) + "\n")
     print(json.dumps({k: v for k, v in check.items() if k != "commands"}, indent=2))
     shutil.rmtree(work, ignore_errors=True)
