@@ -7,7 +7,7 @@ on several instance types into a pricing estimate, ``report`` remakes a run's re
 command lines).
 
 Every output folder (``--out DIR``) holds a ``summary.json`` that starts with ``schema_version``, ``config``,
-``git_commit``, ``versions`` and ``hardware`` (``bench.provenance``), then the results in ``points``:
+``git_commit``, ``versions`` and ``hardware`` (``serve.provenance``), then the results in ``points``:
 
 - ``run``: ``requests.jsonl`` (one ``bench.records.RequestRecord`` per request), ``replicas.jsonl`` (Serve's
   replica counts over time, with ``--serve-api``), ``summary.json``, ``summary.csv``, ``vllm_bench_serve.jsonl``

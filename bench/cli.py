@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cpu-ms-per-request",
         type=float,
         help="the service's CPU ms a request (default: cpu_per_request.json in or above each service run, "
-        "the load generator left out)",
+        "the load generator left out; a batch run's summary holds its own)",
     )
     price.add_argument(
         "--cpu-instance",
@@ -298,9 +298,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="price table row whose price a vCPU prices the CPU tier's missing cores (%(default)s)",
     )
 
-    report = commands.add_parser("report", help="make a run folder's report and plots again from its files")
+    report = commands.add_parser(
+        "report", help="make a run folder's report and plots again from its files (or a batch run's, priced)"
+    )
     report.add_argument("run_dir", type=Path)
     report.add_argument("--engine-baseline", type=Path)
+    report.add_argument("--nodes", help="a batch run's node set to price it on, as bench run's --nodes")
+    report.add_argument("--utilization", type=float, default=1.0, help="a batch run's utilization (%(default)s)")
 
     demo = commands.add_parser("demo", help="serve the tiny model here, run a short closed-loop sweep, stop")
     demo.add_argument("--out", type=Path, required=True, help="output folder")

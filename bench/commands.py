@@ -238,13 +238,19 @@ def _money(value: float | None) -> str:
 
 
 def command_report(args: argparse.Namespace) -> int:
+    from bench.batch_report import write_batch_report
     from bench.engine_report import write_engine_report, write_preprocess_report
     from bench.records import read_json
     from bench.report import write_run_report
 
     writers = {"engine": write_engine_report, "preprocess": write_preprocess_report}
     kind = read_json(args.run_dir / "summary.json").get("kind")
-    report = writers[kind](args.run_dir) if kind in writers else write_run_report(args.run_dir, args.engine_baseline)
+    if kind == "batch":
+        report = write_batch_report(args.run_dir, args.nodes, args.utilization)
+    elif kind in writers:
+        report = writers[kind](args.run_dir)
+    else:
+        report = write_run_report(args.run_dir, args.engine_baseline)
     print(f"wrote {report}")
     return 0
 

@@ -48,7 +48,6 @@ from tqdm import tqdm
 from bench.cost import NodeSpec, PriceTable
 from bench.engine_loops import time_closed_loop, time_open_loop
 from bench.metrics import BatchRecord, compute_engine_metrics
-from bench.provenance import provenance
 from bench.records import write_json, write_jsonl
 from bench.summary import KIND_ENGINE, costs, pricing_header
 from bench.workload import WorkItem, WorkloadConfig, build_workload
@@ -59,6 +58,7 @@ from serve.engine.model import LoadedModel, load_model
 from serve.engine.requests import GenerationRequest, SamplingParams
 from serve.kosmos2.pipeline import Pipeline, Query
 from serve.kosmos2.tasks import Task
+from serve.provenance import provenance
 
 PATHS: dict[str, dict[str, str]] = {
     "hf": {"kind": "hf"},

@@ -38,12 +38,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from bench.provenance import provenance
 from bench.records import write_json
 from bench.workload import WorkloadConfig, build_workload
 from serve.app.config import LimitsConfig
 from serve.engine.model import load_processor
 from serve.kosmos2.images import prepare_image
+from serve.provenance import provenance
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import pandas as pd
 
 from bench import plots
 from bench.cost import PriceTable
-from bench.pricing import KINDS, SERVICE, Figure, PriceRow
+from bench.pricing import BATCH, KINDS, SERVICE, WITH_CPU_TIER, Figure, PriceRow
 from bench.tables import markdown_table
 from bench.task_cost import TASK_NAMES, task_price
 
@@ -90,9 +90,8 @@ def write_price_report(
         "the measured throughput may cost to match the reference.",
         "",
         *_measured_section(figures, settings),
-        *_cost_section(rows, SERVICE, settings, middle),
-        *[line for kind in KINDS[1:] for line in _cost_section(rows, kind, settings, middle)],
-        *_cpu_section(rows, settings),
+        *[line for kind in KINDS for line in _cost_section(rows, kind, settings, middle)],
+        *[line for kind in WITH_CPU_TIER for line in _cpu_section(rows, kind, settings)],
         *_task_section(tasks, task_lengths, settings, middle),
         *_break_even_section(rows, table, settings),
         *_prices_section(table),
@@ -132,7 +131,8 @@ def _measured_section(figures: Sequence[Figure], settings: PriceSettings) -> lis
                 "what": f.kind,
                 "point": f.point,
                 "measured on": f.gpu,
-                "new tokens": f.new_tokens if f.new_tokens else f"variable (mean {f.tokens_per_request:.3g})",
+                "new tokens": f.new_tokens
+                or (f"variable (mean {f.tokens_per_request:.3g})" if f.tokens_per_request else "variable"),
                 "images/s": f.images_per_s,
                 "p99 (s)": f.latency_p99_s,
                 "CPU ms/request": f.cpu_ms_per_request,
@@ -144,14 +144,20 @@ def _measured_section(figures: Sequence[Figure], settings: PriceSettings) -> lis
     admissible = f"error rate at most {settings.max_error_rate:.1%}" + (
         f", p99 within {settings.slo_p99_s:g} s" if settings.slo_p99_s is not None else ""
     )
+    batch = (
+        "; a batch figure is its run's answers over the span from the engines taking the first request to giving "
+        "the last answer"
+        if any(f.kind == BATCH for f in figures)
+        else ""
+    )
     return [
         "## What was measured",
         "",
         f"Output lengths measured: {', '.join(map(str, lengths)) or 'none fixed'} new tokens; no other length is "
         "priced from these runs (see *By task*). The service figure is its fastest point with an "
-        f"{admissible}. Engine-only figures (static batches, closed loops at the engine) leave out HTTP, Ray, "
-        "image decoding and the CPU tier: they bound what a service on that GPU could reach and are priced apart, "
-        "never as the service.",
+        f"{admissible}{batch}. Engine-only figures (static batches, closed loops at the engine) leave out "
+        "HTTP, Ray, image decoding and the CPU tier: they bound what a service on that GPU could reach and are "
+        "priced apart, never as the service.",
         "",
         markdown_table(frame),
         "",
@@ -162,8 +168,13 @@ def _cost_section(rows: Sequence[PriceRow], kind: str, settings: PriceSettings, 
     mine = [r for r in rows if r.figure.kind == kind]
     if not mine:
         return []
-    lines = [f"## {'Service' if kind == SERVICE else kind.capitalize()}: cost per 1,000 images", ""]
-    if kind != SERVICE:
+    lines = [f"## {kind.capitalize()}: cost per 1,000 images", ""]
+    if kind == BATCH:
+        lines += [
+            "The batch mode (`python -m serve batch`): the engine fed by Ray Data, no HTTP; with its CPU tier.",
+            "",
+        ]
+    elif kind != SERVICE:
         lines += ["Engine alone, not the service: no CPU tier, no HTTP or Ray; an upper bound on throughput.", ""]
     for figure in dict.fromkeys(r.figure for r in mine):
         frame = pd.DataFrame(
@@ -174,7 +185,7 @@ def _cost_section(rows: Sequence[PriceRow], kind: str, settings: PriceSettings, 
                     "pricing": r.offer.pricing,
                     "region": r.offer.region,
                     "$/GPU-h": _money(r.offer.usd_per_hour, r.offer.derived),
-                    **({"CPU tier $/h": _money(r.cpu_usd_per_hour)} if kind == SERVICE else {}),
+                    **({"CPU tier $/h": _money(r.cpu_usd_per_hour)} if kind in WITH_CPU_TIER else {}),
                     **{f"$/1k @{_pct(u)}": r.cost_usd[u] for u in settings.utilizations},
                     f"of the reference @{_pct(middle)}": _share(r.vs_reference[middle]),
                     f"break-even $/GPU-h @{_pct(middle)}": r.break_even_usd_per_gpu_hour[middle],
@@ -189,13 +200,19 @@ def _cost_section(rows: Sequence[PriceRow], kind: str, settings: PriceSettings, 
     return lines
 
 
-def _cpu_section(rows: Sequence[PriceRow], settings: PriceSettings) -> list[str]:
-    service = [r for r in rows if r.figure.kind == SERVICE and r.offer.cpu_tier]
+def _cpu_section(rows: Sequence[PriceRow], kind: str, settings: PriceSettings) -> list[str]:
+    service = [r for r in rows if r.figure.kind == kind and r.offer.cpu_tier]
     if not service:
         return []
     figure = service[0].figure
+    title = f"## The CPU tier of the {kind}"
     if figure.cpu_ms_per_request is None:
-        return ["## The CPU tier", "", "No CPU a request was measured for the service runs: not priced.", ""]
+        return [title, "", f"No CPU a request was measured for the {kind} runs: not priced.", ""]
+    processes = (
+        "Ingress, Preprocessor, Generator, engine process, Ray; the load generator left out"
+        if kind == SERVICE
+        else "the driver and its Ray: reading, preparing, the engine actors and processes, finishing, writing"
+    )
     frame = pd.DataFrame(
         [
             {
@@ -208,10 +225,9 @@ def _cpu_section(rows: Sequence[PriceRow], settings: PriceSettings) -> list[str]
         ]
     )
     return [
-        "## The CPU tier",
+        title,
         "",
-        f"The service spent {figure.cpu_ms_per_request:.3g} CPU ms a request in its own processes (Ingress, "
-        "Preprocessor, Generator, engine process, Ray; the load generator left out), so at "
+        f"The {kind} spent {figure.cpu_ms_per_request:.3g} CPU ms a request in its own processes ({processes}), so at "
         f"{figure.images_per_s:.4g} images/s a GPU needs {figure.cpu_ms_per_request * figure.images_per_s / 1000:.3g}"
         " cores beside it. An instance whose vCPUs a GPU cover them adds nothing; the cores short (all of them "
         f"where the vCPUs are not stated) are priced at `{settings.cpu_instance}`'s price a vCPU.",

@@ -5,6 +5,9 @@ Figures come from the runs' ``summary.json``, labelled by what they measured:
 
 - ``service``: the whole service under load (``python -m bench run``), its fastest point with an error rate of
   at most ``max_error_rate`` and, with an SLO, a p99 latency within it; priced with its CPU tier;
+- ``batch``: the batch mode (``python -m serve batch``, its ``summary.json``): the engine fed by Ray Data, with
+  the service's CPU work and no HTTP; priced with its CPU tier like the service, from the CPU its own processes
+  spent a row;
 - ``engine only, static batch`` and ``engine only, closed loop`` (``python -m bench engine``): the engine alone,
   the fastest static batch and the fastest closed loop at each output length. No HTTP, no Ray, no image
   decoding: an upper bound on what a service on that GPU can do, never its price.
@@ -38,9 +41,12 @@ from bench.cost import (
 )
 
 SERVICE = "service"
+BATCH = "batch"
 ENGINE_STATIC = "engine only, static batch"
 ENGINE_LOOP = "engine only, closed loop"
-KINDS = (SERVICE, ENGINE_LOOP, ENGINE_STATIC)
+KINDS = (SERVICE, BATCH, ENGINE_LOOP, ENGINE_STATIC)
+WITH_CPU_TIER = (SERVICE, BATCH)
+"""The kinds whose figures include the CPU work beside the GPU (priced as the CPU tier)."""
 
 
 def best_point(
@@ -93,8 +99,9 @@ def figures_of(
     slo_p99_s: float | None = None,
     max_error_rate: float = 0.01,
 ) -> list[Figure]:
-    """The figures a run's summary holds: the service's best admissible point, or the engine's best static batch
-    and best closed loop at each output length."""
+    """The figures a run's summary holds: the service's best admissible point, a batch run's throughput, or the
+    engine's best static batch and best closed loop at each output length. ``cpu_ms_per_request`` is the service's
+    (a batch summary holds its own)."""
     config = summary.get("config", {})
     workload = config.get("workload", {})
     fixed = bool(config.get("output_lengths") or workload.get("ignore_eos"))
@@ -129,12 +136,15 @@ def figures_of(
                 )
         return figures
     hardware = summary.get("hardware") or {}
-    point = best_point(summary["points"], slo_p99_s, max_error_rate)
+    batch = summary.get("kind") == BATCH
+    point = best_point(summary["points"], None if batch else slo_p99_s, max_error_rate)
     if point is None:
         return []
+    if batch:
+        cpu_ms_per_request = point.get("cpu_ms_per_request")
     return [
         Figure(
-            kind=SERVICE,
+            kind=BATCH if batch else SERVICE,
             point=point.get("label", ""),
             gpu=bench_host(hardware),
             images_per_s=point["images_per_s"],
@@ -265,7 +275,7 @@ def price_row(
     gpu_usd = offer.usd_per_hour * (figure.gpus if offer.cpu_tier else 1)
     cores = figure.cpu_ms_per_request * figure.images_per_s / 1000 / figure.gpus if figure.cpu_ms_per_request else None
     cpu_usd = 0.0
-    if figure.kind == SERVICE and offer.cpu_tier:
+    if figure.kind in WITH_CPU_TIER and offer.cpu_tier:
         if cores is None:
             notes.append("CPU tier unknown: no CPU a request was measured")
         else:

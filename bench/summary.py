@@ -18,7 +18,7 @@ from bench.cost import NodeSpec, PriceTable, cost_per_1k_images
 from bench.latency import DEFAULT_PERCENTILES
 from bench.load import LoadRun
 from bench.metrics import compute_metrics
-from bench.provenance import provenance
+from serve.provenance import provenance
 
 KIND_SERVICE = "service"
 KIND_ENGINE = "engine"

@@ -5,6 +5,8 @@ kosmos2-serve run --model microsoft/kosmos-2-patch14-224 [--host 127.0.0.1] [--p
 kosmos2-serve build [--config FILE] [-o FILE]   # the Serve config file (args and deployments:), as serve build
 kosmos2-serve tiny DIR [--real-size]            # the tiny offline model (or the real architecture's config)
 kosmos2-serve demo [--engine pixels]            # tiny model, local service, one request per task, drawn, then stop
+kosmos2-serve batch -i requests.jsonl -o results.jsonl   # OpenAI's batch file format, on Ray Data
+kosmos2-serve batch --images DIR -o OUT --task caption   # a folder, glob or table of images to Parquet
 
 API keys are read from the environment only (KOSMOS_API_KEYS, comma-separated), never from the command line.
 Exit codes: 0 done, 1 a failure (a model that cannot be found, a service that cannot start), 2 a usage error
@@ -18,6 +20,9 @@ import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from serve.batch.cli import add_parser as add_batch_parser
+from serve.batch.cli import main as batch_main
 
 USAGE_ERROR = 2
 FAILURE = 1
@@ -73,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine", choices=["fast", "hf", "pixels"], help="the config's (fast) or pixels: answers that box a red disc"
     )
     demo.add_argument("--out", type=Path, default=Path("out/demo.png"), help="the drawing (%(default)s)")
+    add_batch_parser(commands)
     return parser
 
 
@@ -103,21 +109,15 @@ def main(argv: list[str] | None = None) -> int:
         from serve.app.demo import main as demo_main
 
         return demo_main(args.port, args.engine, args.out)
+    if args.command == "batch":
+        return batch_main(args, parser)
     if args.command == "run":
         for sig in (signal.SIGINT, signal.SIGTERM):  # nothing is started yet: a stop is an exit
             signal.signal(sig, lambda signum, frame: sys.exit(0))
-    from serve.app.config import ConfigError, load_config
+    from serve.app.config import ConfigError, config_from_args
 
     try:
-        config = load_config(
-            args.config,
-            model__source=args.model,
-            model__dtype=args.dtype,
-            model__load_format=args.load_format,
-            http__host=args.host,
-            http__port=args.port,
-            engine__kind=args.engine,
-        )
+        config = config_from_args(args, http__host=args.host, http__port=args.port)
     except (ConfigError, OSError) as exc:
         parser.exit(USAGE_ERROR, f"{parser.prog}: error: {exc}\n")
     if args.command == "build":

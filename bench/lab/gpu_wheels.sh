@@ -2,7 +2,7 @@
 # The wheels a GPU host without a package index needs to serve the project: its image has Python 3.12, CUDA
 # builds of torch and transformers and their usual company (PREINSTALLED below), but no Ray.
 #
-#   bash bench/lab/gpu_wheels.sh [build] [requirement ...]   # here, online; default: "ray[serve]==2.60.0" httpx
+#   bash bench/lab/gpu_wheels.sh [build] [requirement ...]   # here, online; default: "ray[serve,data]==2.60.0" httpx
 #   bash bench/lab/gpu_wheels.sh install TARGET               # there, offline, from the repository root
 #
 # build: fills .whl/ in the repository root (ignored by git) with `pip download` of the requirements and their
@@ -77,7 +77,7 @@ PY
 
 build() {
   local requirements=("$@") pins wheel
-  [ ${#requirements[@]} -gt 0 ] || requirements=("ray[serve]==2.60.0" httpx)
+  [ ${#requirements[@]} -gt 0 ] || requirements=("ray[serve,data]==2.60.0" httpx)
   rm -rf "$WHEELS" && mkdir -p "$WHEELS"
   pins=$(mktemp) && printf '%s\n' "$PINS" > "$pins"
   python3 -m pip download -q -c "$pins" --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -11,6 +11,10 @@
 #   KERNELS=1 PROFILE=1 KERNELS_TIMEOUT=150 PERF_TIMEOUT=300 PERF_ARGS="--engine-only --rates 650" bash bench/lab/perf_gpu.sh
 #   # the service against the fast engine, about 4 minutes:
 #   GPU_TESTS=0 PERF_ARGS="--paths fast --batch-sizes 1,1024 --concurrency 1,1024" bash bench/lab/perf_gpu.sh
+#   # the same, then the batch mode on 30,000 images of the same workload (python -m bench price sets it beside
+#   # the service); the batch step is not yet timed on a GPU, so give it PERF_TIMEOUT to spare:
+#   GPU_TESTS=0 PERF_TIMEOUT=560 PERF_ARGS="--paths fast --batch-sizes 1,1024 --concurrency 1,1024 --batch 30000" \
+#     bash bench/lab/perf_gpu.sh
 #   # the price of an image by its answer's length (python -m bench price): the engine at 16, 32, 64 and 128 new
 #   # tokens (about 3 minutes), the service at 32 and its busiest point again at 16, 64 and 128 (about 5 more):
 #   GPU_TESTS=0 PERF_TIMEOUT=520 PERF_ARGS="--paths fast --batch-sizes 1,1024 --in-engine 1024 --rates 650 \
@@ -37,7 +41,7 @@ fi
 rm -rf /tmp/perf  # files left there by an earlier run would pass for this one's
 timeout "${PERF_TIMEOUT:-480}" python3 -m bench.lab.perf_run --out /tmp/perf ${PERF_ARGS:-} > "$OUT/perf_run.log" 2>&1
 echo "perf_run exit $?"; tail -30 "$OUT/perf_run.log"
-tar czf "$OUT/perf.tgz" -C /tmp/perf --exclude='*.png' --exclude='requests.jsonl' . 2>/dev/null
+tar czf "$OUT/perf.tgz" -C /tmp/perf --exclude='*.png' --exclude='requests.jsonl' --exclude='batch-input' . 2>/dev/null
 # The CUDA tests last, so that a run short of time loses them rather than the figures.
 if [ "${GPU_TESTS:-1}" = 1 ]; then
   timeout "${GPU_TEST_TIMEOUT:-100}" python3 -m pytest -q ${GPU_TEST_ARGS:--m gpu tests/engine} 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"

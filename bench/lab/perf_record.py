@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.provenance import provenance
+from serve.provenance import provenance
 
 GOAL_TOKENS = 32
 """New tokens a request of the performance goals' workload (``bench.lab.perf_run.WORKLOAD``)."""
@@ -108,3 +108,15 @@ def service_record(out: Path, engine_best: float, engine_single: float | None) -
         "single_over_engine": alone["latency_p50_s"] / engine_single if engine_single else None,
     }
     return record, headline
+
+
+def batch_record(out: Path, headline: dict[str, Any]) -> dict[str, Any]:
+    """The batch mode's part of the record (``batch/summary.json``), its figures put in ``headline`` beside the
+    engine's and the service's."""
+    summary = json.loads((out / "batch" / "summary.json").read_text())
+    point = summary["points"][0]
+    headline["batch_images_per_s"] = point["images_per_s"]
+    headline["batch_over_engine"] = point["images_per_s"] / headline["engine_fast_images_per_s"]
+    if headline.get("service_images_per_s"):
+        headline["batch_over_service"] = point["images_per_s"] / headline["service_images_per_s"]
+    return {"batch": {**point, "memory_peak": summary.get("memory_peak")}}

@@ -18,6 +18,9 @@ commands that made them. The CPU each process spends a request is counted over t
 busiest point runs again while py-spy (a dev dependency) samples the Python stacks of one Generator replica, its
 engine process, one Ingress and one Preprocessor (``py-spy-<role>.txt``, collapsed).
 
+``--batch N`` runs the batch mode (``python -m serve batch``) last, on a table of N images of the same
+workload (``batch/``, its ``summary.json`` priced by ``python -m bench price`` beside the service's).
+
 For the price of an image by the length of its answer (``python -m bench price``), ``--output-lengths`` measures
 the engine at each of those exact numbers of new tokens in turn (``engine/``), and ``--service-lengths`` runs the
 service's busiest point again at each of those (``service-<n>tokens/``).
@@ -38,8 +41,9 @@ from pathlib import Path
 
 import httpx
 
+from bench.lab.batch_input import batch_command
 from bench.lab.cpu_usage import one_of_each, per_request_ms, snapshot
-from bench.lab.perf_record import GOAL_TOKENS, combine
+from bench.lab.perf_record import GOAL_TOKENS, batch_record, combine
 from bench.lab.request_log import markdown, read, windows
 from serve.kosmos2.tiny import write_tiny
 
@@ -128,6 +132,7 @@ def main() -> None:
     parser.add_argument(
         "--service-lengths", help="run the service's busiest point again at each of these numbers of new tokens"
     )
+    parser.add_argument("--batch", type=int, help="then the batch mode on this many images of the workload")
     parser.add_argument("--no-profile", action="store_true", help="skip where the fast engine's time goes")
     parser.add_argument("--engine-only", action="store_true", help="the engine paths and the profile: no service")
     args = parser.parse_args()
@@ -199,10 +204,16 @@ def main() -> None:
     if not args.engine_only:
         lengths = [int(n) for n in args.service_lengths.split(",")] if args.service_lengths else []
         steps += measure_service(out, model, config, args.port, duration, concurrency, lengths, tiny=args.tiny)
+    if args.batch:
+        batch = batch_command(out, model, config, args.batch, GOAL_TOKENS)
+        run(batch, out / "batch.log")
+        steps.append(batch)
     if not args.no_profile:  # last: the goals' figures come first where time is short
         run(profile, out / "profile.log")
         steps.append(profile)
     perf = combine(out, [" ".join(c) for c in steps], vars(args), with_service=not args.engine_only)
+    if args.batch:
+        perf |= batch_record(out, perf["headline"])
     (out / "perf.json").write_text(json.dumps(perf, indent=2) + "\n")
     print(json.dumps(perf["headline"], indent=2))
 

@@ -31,7 +31,7 @@ APP_NAME = "kosmos2"
 def build_app(args: ServiceConfig | dict[str, Any] | None = None) -> Application:
     """Bind the three deployments from a config (or the dict of a Serve config file's ``args``)."""
     config = args if isinstance(args, ServiceConfig) else ServiceConfig.model_validate(args)
-    return _bind(config, _gpu_or_fallback(config))
+    return _bind(config, generator_resources(config))
 
 
 def _bind(config: ServiceConfig, generator_resources: DeploymentConfig) -> Application:
@@ -48,9 +48,9 @@ def _deployment(cls: type, name: str, resources: DeploymentConfig, access_log: b
     return serve.deployment(cls, name=name, logging_config=log_config, **resources.serve_options())
 
 
-def _gpu_or_fallback(config: ServiceConfig) -> DeploymentConfig:
-    """The Generator's resources; without GPUs in a running cluster (and fallback on), CPU ones. The pixel engine
-    runs on the CPU: it takes no GPU."""
+def generator_resources(config: ServiceConfig) -> DeploymentConfig:
+    """The Generator's resources (the batch mode's engine actors take the same); without GPUs in a running cluster
+    (and fallback on), CPU ones. The pixel engine runs on the CPU: it takes no GPU."""
     resources = config.generator
     if resources.num_gpus == 0:
         return resources

@@ -260,3 +260,16 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> ServiceConf
         section, _, key = dotted.partition("__")
         data.setdefault(section, {})[key] = value
     return ServiceConfig.model_validate(data)
+
+
+def config_from_args(args: Any, **overrides: Any) -> ServiceConfig:
+    """The config a command line names: ``args.config`` with the model and engine options the commands share
+    (``--model``, ``--dtype``, ``--load-format``, ``--engine``) and ``overrides`` on top."""
+    return load_config(
+        args.config,
+        model__source=args.model,
+        model__dtype=args.dtype,
+        model__load_format=args.load_format,
+        engine__kind=args.engine,
+        **overrides,
+    )

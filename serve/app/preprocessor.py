@@ -9,7 +9,9 @@ entities. ``stream`` does the same around the Generator's token stream, yielding
 generation is cancelled as soon as a stop string appears rather than run to ``max_tokens``.
 The pixels thus cross one hop, to the Generator, whichever transport Serve uses between deployments (its gRPC
 transport resolves a response chained through the Ingress in the Ingress, by value). Bad input comes back as a
-``ServiceError`` value (so replicas do not log it as a crash).
+``ServiceError`` value (so replicas do not log it as a crash). The batch mode (``serve.batch``) prepares and
+finishes its requests with this module's functions (``image_bytes``, ``finished_of``), so that it answers as the
+service does.
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ from serve.app.config import ServiceConfig
 from serve.app.messages import Finished, Job, Started, TextPiece
 from serve.app.remote_images import fetch_image
 from serve.engine.model import load_processor
-from serve.engine.requests import GenerationResult
 from serve.errors import InvalidImage, InvalidRequest, PayloadTooLarge, ServiceError
-from serve.kosmos2.decoding import Decoding, Outcome, Release
+from serve.kosmos2.decoding import Decoding, Outcome, Release, follow
 from serve.kosmos2.images import compile_resize
 from serve.kosmos2.pipeline import Pipeline, Prepared
 
@@ -63,18 +64,10 @@ class Preprocessor:
         """Build the prompt, then fetch, decode and check the image; or the error naming what is wrong with them."""
         try:
             self.pipeline.prompt(job.query)  # bad text or length fails before any image is fetched
-            data = await self._image_bytes(job.image_url)
+            data = await image_bytes(job.image_url, self.config)
             return await asyncio.to_thread(self.pipeline.prepare, job.query, data)
         except ServiceError as exc:
             return exc
-
-    async def _image_bytes(self, url: str) -> bytes:
-        max_bytes = self.pipeline.limits.max_bytes
-        if url.startswith("data:"):
-            return decode_data_uri(url, max_bytes)
-        if url.startswith(("http://", "https://")):
-            return await fetch_image(url, self.config.http, max_bytes)
-        raise InvalidRequest("image_url.url must be a data URI (or an http(s) URL where enabled)", param="image_url")
 
     async def complete(self, job: Job) -> Finished | ServiceError:
         """The whole request: prepare, generate on a Generator replica, then the answer (or the error)."""
@@ -89,7 +82,7 @@ class Preprocessor:
                 outcome = item
         else:
             outcome = decoding.finish(await self.generator.generate.remote(prepared.request))
-        return _finished(outcome, prepared, queued_s, sent - began, time.perf_counter() - sent)
+        return finished_of(outcome, prepared, queued_s, sent - began, time.perf_counter() - sent)
 
     async def stream(self, job: Job) -> AsyncIterator[Started | ServiceError | TextPiece | Finished]:
         """Prepare, then stream: ``Started`` (or the error, alone), text pieces, the finished answer."""
@@ -111,22 +104,24 @@ class Preprocessor:
             release = item.rest if isinstance(item, Outcome) else item
             if release.text or release.tokens:
                 yield _piece(release)
-        yield _finished(item, prepared, queued_s, sent - began, time.perf_counter() - sent, first_token_s)
+        yield finished_of(item, prepared, queued_s, sent - began, time.perf_counter() - sent, first_token_s)
 
-    async def _generate(self, prepared: Prepared, decoding: Decoding) -> AsyncIterator[Release | Outcome]:
+    def _generate(self, prepared: Prepared, decoding: Decoding) -> AsyncIterator[Release | Outcome]:
         """Stream the tokens from a Generator into ``decoding``: what each makes certain, then the outcome. The
         generation is cancelled once a stop string has ended the text."""
         responses = self.generator.options(stream=True).stream.remote(prepared.request)
-        async for item in responses:
-            if isinstance(item, GenerationResult):
-                yield decoding.finish(item)
-                return
-            yield decoding.push(item.token_ids, item.logprobs)
-            if decoding.stopped:
-                responses.cancel()
-                yield decoding.finish(None)
-                return
-        raise RuntimeError("the Generator's stream ended without a result")
+        return follow(decoding, responses, responses.cancel)
+
+
+async def image_bytes(url: str, config: ServiceConfig) -> bytes:
+    """The encoded image a request's ``image_url`` holds: a base64 data URI, or a remote URL where ``config``
+    allows them; raises ``InvalidRequest``, ``InvalidImage`` or ``PayloadTooLarge``."""
+    max_bytes = config.limits.max_image_bytes
+    if url.startswith("data:"):
+        return decode_data_uri(url, max_bytes)
+    if url.startswith(("http://", "https://")):
+        return await fetch_image(url, config.http, max_bytes)
+    raise InvalidRequest("image_url.url must be a data URI (or an http(s) URL where enabled)", param="image_url")
 
 
 def _queued(job: Job) -> float:
@@ -138,14 +133,15 @@ def _piece(release: Release) -> TextPiece:
     return TextPiece(release.text, tuple(release.tokens))
 
 
-def _finished(
+def finished_of(
     outcome: Outcome,
     prepared: Prepared,
-    queued_s: float,
-    prepare_s: float,
-    generate_s: float,
+    queued_s: float = 0.0,
+    prepare_s: float = 0.0,
+    generate_s: float = 0.0,
     first_token_s: float | None = None,
 ) -> Finished:
+    """The answer the Ingress writes out, from a request's outcome and where its time went."""
     return Finished(
         outcome.answer,
         outcome.finish_reason,

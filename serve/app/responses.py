@@ -1,9 +1,10 @@
 """What the Ingress reads and writes besides routes: the request body in, the completion out, errors named.
 
-:func:`parse_body` turns the raw body into the request model or an ``InvalidRequest`` naming the field;
-:func:`completion` and :func:`logprobs_of` turn a :class:`~serve.app.messages.Finished` answer into the OpenAI
-response; :func:`translate` turns an exception raised here or in a replica (Ray wraps those) into the service's
-own, which ``serve.errors.error_response`` then writes as the OpenAI error envelope.
+:func:`parse_body` turns the raw body into the request model or an ``InvalidRequest`` naming the field
+(:func:`parse_request` a body already decoded, as a batch file's lines are); :func:`completion` and
+:func:`logprobs_of` turn a :class:`~serve.app.messages.Finished` answer into the OpenAI response; :func:`translate`
+turns an exception raised here or in a replica (Ray wraps those) into the service's own, which
+``serve.errors.error_response`` then writes as the OpenAI error envelope.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ def parse_body(body: bytes) -> ChatCompletionRequest:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest("the body is not valid JSON") from None
+    return parse_request(data)
+
+
+def parse_request(data: object) -> ChatCompletionRequest:
+    """The request model of a decoded JSON body (``parse_body``'s second half, for bodies that arrive decoded:
+    a batch file's lines)."""
     if not isinstance(data, dict):
         raise InvalidRequest("the body must be a JSON object")
     try:

@@ -6,7 +6,8 @@ can change (``serve.kosmos2.text.AnswerStream``), less an end of it that could s
 Once a stop string appears, the text ends before it and :attr:`Decoding.stopped` turns true, so that the
 caller can cancel the generation. :meth:`Decoding.finish` gives the :class:`Outcome`: the answer (cut at the
 stop string, the entities whose span passes the cut dropped), why it ended, and the last release. Streamed or
-not, an answer goes through the same steps, so both are the same.
+not, an answer goes through the same steps, so both are the same. :func:`follow` drives a decoding from an
+engine's token stream, wherever the stream comes from (a Generator replica, an engine in this process).
 
 Stop strings apply to the generated text, never to the prompt's own words that an echo task's answer begins
 with ("An image of" of a caption); the first stop string to appear ends the text (of several completed by one
@@ -20,10 +21,10 @@ equal the answer's text after the prompt's own words.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
-from serve.engine.requests import FinishReason, GenerationResult, TokenLogprobs
+from serve.engine.requests import FinishReason, Generated, GenerationResult, TokenLogprobs
 from serve.kosmos2.tasks import Prompt
 from serve.kosmos2.text import Answer, AnswerStream, TextCodec
 
@@ -196,3 +197,20 @@ class Decoding:
             tokens.append(piece.token(self.cut))
             self.given += 1
         return Release(text, tokens)
+
+
+async def follow(
+    decoding: Decoding, items: AsyncIterable[Generated | GenerationResult], cancel: Callable[[], object]
+) -> AsyncIterator[Release | Outcome]:
+    """Push an engine's stream into ``decoding``: what each step makes certain, then the outcome. Once a stop string
+    has ended the text, ``cancel`` stops the generation and the outcome comes from the tokens pushed."""
+    async for item in items:
+        if isinstance(item, GenerationResult):
+            yield decoding.finish(item)
+            return
+        yield decoding.push(item.token_ids, item.logprobs)
+        if decoding.stopped:
+            cancel()
+            yield decoding.finish(None)
+            return
+    raise RuntimeError("the engine's stream ended without a result")

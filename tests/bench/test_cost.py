@@ -17,6 +17,7 @@ from bench.cost import (
     parse_nodes,
 )
 from bench.pricing import (
+    BATCH,
     ENGINE_LOOP,
     ENGINE_STATIC,
     SERVICE,
@@ -215,6 +216,25 @@ def test_a_service_row_adds_the_cpu_cores_its_instance_lacks():
     record = box.to_dict()
     assert record["cost_per_1k_usd_at_50pct"] == box.cost_usd[0.5] and record["figure_kind"] == SERVICE
     assert record["offer_name"] == "h200-box" and record["offer_derived"] is False
+
+
+BATCH_SUMMARY = {
+    "kind": "batch",
+    "hardware": {"gpus": ["NVIDIA H200"]},
+    "config": {"job": {"source": "requests.jsonl"}, "service": {}},
+    "points": [{"label": "batch", "images_per_s": 80.0, "error_rate": 0.005, "cpu_ms_per_request": 25.0}],
+}
+
+
+def test_a_batch_run_is_priced_with_the_cpu_its_own_processes_spent():
+    [figure] = figures_of("b", BATCH_SUMMARY, slo_p99_s=0.1)  # a batch has no latency goal
+    assert (figure.kind, figure.images_per_s, figure.cpu_ms_per_request, figure.new_tokens) == (BATCH, 80.0, 25.0, None)
+    assert figures_of("b", BATCH_SUMMARY, cpu_ms_per_request=50.0)[0].cpu_ms_per_request == 25.0  # its own
+    row = price_row(figure, Offer.of(TABLE.price("h200-box")), (1.0,), 0.3, 0.626, 0.0408)
+    assert row.cpu_cores_needed == pytest.approx(2.0)  # 25 ms x 80 images/s, within the box's 4 vCPUs a GPU
+    assert row.cpu_usd_per_hour == 0 and row.cost_usd[1.0] == pytest.approx(6.0 / (80 * 3.6))
+    failing = {**BATCH_SUMMARY, "points": [{**BATCH_SUMMARY["points"][0], "error_rate": 0.5}]}
+    assert figures_of("f", failing) == []  # half its rows failed: no price
 
 
 def test_a_node_set_is_priced_as_given():

@@ -160,8 +160,15 @@ def test_price_command_prices_runs_on_their_instances(tmp_path, capsys):
         engine / "summary.json",
         {"kind": "engine", "gpu": "NVIDIA H200", "config": config, "points": points, "continuous": loops},
     )
+    batch = {"label": "batch", "images_per_s": 700.0, "error_rate": 0.0, "cpu_ms_per_request": 20.0}
+    batch["completion_tokens_mean"] = 21.5
+    (tmp_path / "batch").mkdir()
+    write_json(
+        tmp_path / "batch" / "summary.json",
+        {"kind": "batch", "hardware": {"gpus": ["NVIDIA H200"]}, "config": {}, "points": [batch]},
+    )
     out = tmp_path / "pricing"
-    args = ["price", *(str(tmp_path / d) for d in ("a10", "h100", "engine")), "--out", str(out)]
+    args = ["price", *(str(tmp_path / d) for d in ("a10", "h100", "engine", "batch")), "--out", str(out)]
     args += ["--margin", "0.4", "--utilization", "0.5,1", "--max-error-rate", "0.2", "--slo-p99", "1.0"]
     args += ["--nodes", f"{tmp_path / 'a10'}=g5.xlarge", "--nodes", f"{tmp_path / 'h100'}=p5.48xlarge/gpu"]
     assert main([*args, "--cpu-ms-per-request", "10"]) == 0
@@ -185,7 +192,12 @@ def test_price_command_prices_runs_on_their_instances(tmp_path, capsys):
         assert float(row["usd_per_hour"]) == pytest.approx(price.gpu_usd_per_hour)
         assert row["offer_source"] == price.source and row["offer_date"].startswith(price.date)
         assert float(row["cpu_usd_per_hour"]) == 0  # the engine alone: no CPU tier
+    batch_rows = [r for r in rows if r["figure_run"] == "batch"]
+    assert len(batch_rows) == len(h200)
+    for row in batch_rows:  # 14 cores beside each GPU (20 ms x 700 images/s): its own CPU, not the flag's 10 ms
+        assert row["figure_kind"] == "batch" and float(row["cpu_cores_needed"]) == pytest.approx(14.0)
     report = (out / "report.md").read_text()
+    assert "## Batch: cost per 1,000 images" in report and "## The CPU tier of the batch" in report
     assert "$0.626 per 1,000 images" in report and "2026-11" in report and "set at launch" in report
     assert "## Service: cost per 1,000 images" in report
     assert "## Engine only, static batch: cost per 1,000 images" in report and "not the service" in report
@@ -219,3 +231,20 @@ def test_price_command_needs_a_price_for_the_gpu(tmp_path, capsys):
     assert "no point to price" in capsys.readouterr().err
     assert main([*args, "--utilization", "0,1"]) == 2
     assert "fractions in (0, 1]" in capsys.readouterr().err
+
+
+def test_a_batch_run_is_reported_and_priced_on_the_nodes_given(tmp_path, capsys):
+    point = {"requests": 1010, "answered": 1000, "errors": 10, "images_per_s": 50.0, "wall_images_per_s": 40.0}
+    memory = {"driver_rss_mib": 700.0, "tree_pss_mib": 4000.0, "processes": 20}
+    job = {"source": "requests.jsonl", "output": "results.jsonl", "images": False}
+    summary = {"kind": "batch", "config": {"job": job}, "started_at": "2026-12-06T10:00:00+0000"}
+    write_json(tmp_path / "summary.json", {**summary, "points": [point], "memory_peak": memory})
+    assert main(["report", str(tmp_path), "--nodes", "g5.xlarge", "--utilization", "0.5"]) == 0
+    with open(tmp_path / "summary.csv") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert float(row["cost_per_1k_images_usd"]) == pytest.approx(1.006 / (50 * 3.6))
+    assert float(row["cost_per_1k_images_usd_at_utilization"]) == pytest.approx(2 * 1.006 / (50 * 3.6))
+    report = (tmp_path / "report.md").read_text()
+    assert "# Kosmos-2 batch run" in report and "| 1010 | 1000 | 10 |" in report and "`g5.xlarge`" in report
+    assert "driver rss 700.0 MiB" in report and "over 20 processes" in report
+    assert main(["report", str(tmp_path)]) == 0 and "Not priced" in (tmp_path / "report.md").read_text()

@@ -22,6 +22,7 @@ from ray.serve.schema import ServeDeploySchema
 import serve.app.metrics as metrics_module
 from bench.cli import build_parser as bench_parser
 from eval.__main__ import build_parser as eval_parser
+from serve.__main__ import build_parser as serve_parser
 from serve.app.config import load_config
 
 tomllib = pytest.importorskip("tomllib")
@@ -76,6 +77,12 @@ def jobs() -> dict[str, dict[str, Any]]:
     return {doc["metadata"]["name"]: doc for doc in documents(DEPLOY / "kuberay" / "rayjob.yaml")}
 
 
+@pytest.fixture(scope="module")
+def batch_job() -> dict[str, Any]:
+    (doc,) = documents(DEPLOY / "kuberay" / "batch-rayjob.yaml")
+    return doc
+
+
 def validate(document: dict[str, Any], schema: dict[str, Any]) -> None:
     jsonschema.Draft7Validator(schema).validate(document)
 
@@ -93,9 +100,9 @@ def test_the_rayservice_passes_kuberays_schema(service, rayservice_schema):
     validate(service, rayservice_schema)
 
 
-def test_the_rayjobs_pass_kuberays_schema(jobs, rayjob_schema):
+def test_the_rayjobs_pass_kuberays_schema(jobs, batch_job, rayjob_schema):
     assert set(jobs) == {"kosmos2-eval", "kosmos2-bench"}
-    for job in jobs.values():
+    for job in [*jobs.values(), batch_job]:
         assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
         validate(job, rayjob_schema)
 
@@ -193,13 +200,31 @@ def test_the_jobs_commands_are_valid_command_lines(jobs, service):
         assert job["spec"]["shutdownAfterJobFinishes"] is True
 
 
+def test_the_batch_job_has_an_engine_on_each_gpu_worker_and_its_data_on_every_pod(batch_job):
+    words = command(batch_job)
+    assert words[:2] == ["kosmos2-serve", "batch"]
+    args = serve_parser().parse_args(words[1:])
+    assert (args.images, args.output, args.task) == ("/data/images", "/results/captions", "caption")
+    cluster = batch_job["spec"]["rayClusterSpec"]
+    groups = {group["groupName"]: group for group in cluster["workerGroupSpecs"]}
+    gpu = groups["gpu"]
+    assert gpu["replicas"] == gpu["minReplicas"] == args.engines  # the engines' GPUs exist when the job starts
+    (worker,) = gpu["template"]["spec"]["containers"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    for container in containers(cluster):  # the prepare tasks read the images wherever they run
+        assert "/data" in {mount["mountPath"] for mount in container["volumeMounts"]}
+    (head,) = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    assert "/results" in {mount["mountPath"] for mount in head["volumeMounts"]}  # the driver's writes
+    assert batch_job["spec"]["shutdownAfterJobFinishes"] is True
+
+
 # The image
 
 
 def test_the_dockerfile_builds_on_rays_image_of_the_pinned_version():
     text = (DEPLOY / "Dockerfile").read_text()
-    pinned = next(d for d in PROJECT["dependencies"] if d.startswith("ray[serve]=="))
-    assert pinned == f"ray[serve]=={ray.__version__}"
+    pinned = next(d for d in PROJECT["dependencies"] if d.startswith("ray["))
+    assert pinned == f"ray[serve,data]=={ray.__version__}"
     (image,) = re.findall(r"^ARG RAY_IMAGE=(\S+)$", text, re.MULTILINE)
     assert image == f"rayproject/ray:{ray.__version__}-py311-gpu"
     assert re.search(r"^FROM \$\{RAY_IMAGE\}$", text, re.MULTILINE)

@@ -225,13 +225,13 @@ def test_client_errors_do_not_raise_in_the_client_helpers(service_url):
 
 def test_generator_falls_back_to_the_cpu_without_gpus(service):
     """This cluster has no GPU: a Generator asking for one runs on CPUs (with a warning), unless told not to."""
-    from serve.app.builder import _gpu_or_fallback
+    from serve.app.builder import generator_resources
 
     generator = service.model_dump()["generator"]
     generator["ray_actor_options"]["num_gpus"] = 1.0
     wants_gpu = ServiceConfig.model_validate({**service.model_dump(), "generator": generator})
-    assert _gpu_or_fallback(wants_gpu).num_gpus == 0
+    assert generator_resources(wants_gpu).num_gpus == 0
     strict = wants_gpu.model_copy(update={"cpu_fallback": False})
-    assert _gpu_or_fallback(strict).num_gpus == 1
+    assert generator_resources(strict).num_gpus == 1
     pixels = strict.model_copy(update={"engine": strict.engine.model_copy(update={"kind": "pixels"})})
-    assert _gpu_or_fallback(pixels).num_gpus == 0  # the pixel engine runs on the CPU
+    assert generator_resources(pixels).num_gpus == 0  # the pixel engine runs on the CPU

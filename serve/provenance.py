@@ -1,7 +1,7 @@
 """Where a result came from: schema version, git commit, package versions and hardware.
 
-Every result file the bench writes starts from :func:`provenance`, so a number can always be traced to the
-code, the libraries and the machine that produced it. Nothing here imports torch or Ray: versions are read
+Every result file the bench and the batch mode write starts from :func:`provenance`, so a number can always be
+traced to the code, the libraries and the machine that produced it. Nothing here imports torch or Ray: versions are read
 from the installed packages' metadata, and the GPU name from torch only when it is already imported (the
 engine modes), else from ``nvidia-smi`` when it is on the PATH.
 
@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
-"""Version of the layout of every file under a bench output folder; bump it when a field changes meaning."""
+"""Version of the layout of every result file (bench output folders, batch summaries); bump it when a field changes
+meaning."""
 
 PACKAGES = ("torch", "transformers", "ray", "aiohttp", "httpx", "numpy", "pillow", "kosmos2-serve")
 """Packages whose versions every result records (absent ones are recorded as null)."""
