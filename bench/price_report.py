@@ -201,10 +201,10 @@ def _cost_section(rows: Sequence[PriceRow], kind: str, settings: PriceSettings, 
 
 
 def _cpu_section(rows: Sequence[PriceRow], kind: str, settings: PriceSettings) -> list[str]:
-    service = [r for r in rows if r.figure.kind == kind and r.offer.cpu_tier]
-    if not service:
+    mine = [r for r in rows if r.figure.kind == kind and r.offer.cpu_tier]
+    if not mine:
         return []
-    figure = service[0].figure
+    figure = mine[0].figure
     title = f"## The CPU tier of the {kind}"
     if figure.cpu_ms_per_request is None:
         return [title, "", f"No CPU a request was measured for the {kind} runs: not priced.", ""]
@@ -221,7 +221,7 @@ def _cpu_section(rows: Sequence[PriceRow], kind: str, settings: PriceSettings) -
                 "cores needed a GPU": r.cpu_cores_needed,
                 "extra CPU $/h": r.cpu_usd_per_hour,
             }
-            for r in service
+            for r in mine
         ]
     )
     return [

@@ -39,7 +39,7 @@ from serve.batch.engine_worker import EngineWorker
 from serve.batch.output import PartsSink, done_keys, drop_duplicates, merge_lines, remove_temporaries
 from serve.batch.sources import RequestLines, filesystem, image_table
 from serve.batch.summary import batch_summary
-from serve.batch.usage import TreeUsage, tree
+from serve.batch.usage import TreeUsage
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def run(job: BatchJob, config: ServiceConfig, worker: type = EngineWorker, progr
         merge_lines(job.parts, job.output)
         fs, path = filesystem(job.parts)
         fs.delete_dir(path)
-    measured = any(_command(pid) == "raylet" for pid in tree(usage.root))
+    measured = usage.includes("raylet")
     record = {"job": asdict(job), "service": config.model_dump(mode="json")}
     summary = batch_summary(record, sink.written, skipped, time.time() - began, usage.stop(), measured)
     _write(f"{job.state}/summary.json", json.dumps(summary, indent=2) + "\n")
@@ -204,11 +204,3 @@ def _write(location: str, text: str) -> None:
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(path) as stream:
         stream.write(text.encode())
-
-
-def _command(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as comm:
-            return comm.read().strip()
-    except OSError:
-        return ""

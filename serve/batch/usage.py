@@ -21,33 +21,35 @@ PROC = Path("/proc")
 TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
-def _stat(pid: int) -> list[str] | None:
+def _stat(pid: int) -> tuple[str, list[str]] | None:
+    """The command name of ``pid`` and the fields of its ``stat`` after it (state, ppid, ...)."""
     try:
-        return (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        head, rest = (PROC / str(pid) / "stat").read_text().rsplit(")", 1)
+    except (OSError, ValueError):
         return None
+    return head.split("(", 1)[1], rest.split()
 
 
-def tree(root: int) -> list[int]:
-    """``root`` and its descendants, now."""
+def _pids() -> list[int]:
+    return [int(entry.name) for entry in PROC.iterdir() if entry.name.isdigit()]
+
+
+def tree(root: int) -> dict[int, tuple[str, list[str]]]:
+    """``root`` and its descendants now, each with its command name and ``stat`` fields."""
+    stats = {pid: found for pid in _pids() if (found := _stat(pid)) is not None}
     children: dict[int, list[int]] = defaultdict(list)
-    for entry in PROC.iterdir():
-        if entry.name.isdigit() and (fields := _stat(int(entry.name))) is not None:
-            children[int(fields[1])].append(int(entry.name))
+    for pid, (_, fields) in stats.items():
+        children[int(fields[1])].append(pid)
     found, frontier = [root], [root]
     while frontier:
         frontier = [child for pid in frontier for child in children.get(pid, ())]
         found += frontier
-    return found
+    return {pid: stats[pid] for pid in found if pid in stats}
 
 
-def cpu_ticks(pids: list[int]) -> dict[tuple[int, int], int]:
+def cpu_ticks(stats: dict[int, tuple[str, list[str]]]) -> dict[tuple[int, int], int]:
     """Each process's own user and system time (clock ticks), keyed by its pid and start time."""
-    found = {}
-    for pid in pids:
-        if (fields := _stat(pid)) is not None:
-            found[(pid, int(fields[19]))] = int(fields[11]) + int(fields[12])
-    return found
+    return {(pid, int(fields[19])): int(fields[11]) + int(fields[12]) for pid, (_, fields) in stats.items()}
 
 
 def _kib(pid: int, name: str, file: str) -> int:
@@ -79,6 +81,10 @@ class TreeUsage:
     def _sample_until_stopped(self) -> None:
         while not self._stopped.wait(self.every_s):
             self.sample()
+
+    def includes(self, command: str) -> bool:
+        """Whether a process named ``command`` runs in the tree now (``raylet``: this batch started its Ray)."""
+        return self.available and any(name == command for name, _ in tree(self.root).values())
 
     def sample(self) -> None:
         pids = tree(self.root)

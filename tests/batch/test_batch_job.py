@@ -16,6 +16,7 @@ import httpx
 import pandas as pd
 import pytest
 
+from bench.lab.batch_check import same
 from serve.app.client import chat_request
 from serve.batch import job as batch_job
 from serve.batch.engine_worker import EngineWorker
@@ -115,17 +116,6 @@ BAD_LINES = [
 
 def without_ids(body: dict) -> dict:
     return {k: v for k, v in body.items() if k not in ("id", "created")}
-
-
-def same(mine, live) -> bool:
-    """Equal, but for log-probabilities, which a batch of other requests may round differently (1e-4)."""
-    if isinstance(mine, float) and isinstance(live, float):
-        return mine == pytest.approx(live, abs=1e-4)
-    if isinstance(mine, dict) and isinstance(live, dict):
-        return mine.keys() == live.keys() and all(same(mine[k], live[k]) for k in mine)
-    if isinstance(mine, list) and isinstance(live, list):
-        return len(mine) == len(live) and all(same(a, b) for a, b in zip(mine, live))
-    return mine == live
 
 
 def test_a_batch_file_is_answered_as_the_service_answers(service, service_url, tmp_path):
